@@ -1,0 +1,122 @@
+"""Writes random-weight XLM-RoBERTa reranker checkpoints around the real tokenizer.
+
+Real weights cannot be downloaded everywhere; tests, benchmarks and offline trials use
+these. The directory is a normal Hugging Face checkpoint (config.json, model.safetensors,
+tokenizer.json), loadable by this server and by ``transformers`` alike.
+
+    python -m server.checkpoint --size tiny --out checkpoints/tiny
+    python -m server.checkpoint --size full --out checkpoints/full   # bge-reranker-v2-m3 shapes
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+TOKENIZER_FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "xlm-roberta-tokenizer.json.gz"
+
+# bge-reranker-v2-m3's config.json, less the fields transformers fills by default.
+FULL = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+
+
+def hf_config(**overrides) -> dict:
+    config = {
+        "architectures": ["XLMRobertaForSequenceClassification"],
+        "model_type": "xlm-roberta",
+        "vocab_size": 250002,
+        **FULL,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1,
+        "max_position_embeddings": 8194,
+        "type_vocab_size": 1,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-5,
+        "pad_token_id": 1,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "position_embedding_type": "absolute",
+        "id2label": {"0": "LABEL_0"},
+        "label2id": {"LABEL_0": 0},
+        "torch_dtype": "float32",
+    }
+    config.update(overrides)
+    return config
+
+
+def random_state_dict(config: dict, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Hugging Face tensor names -> random tensors. LayerNorm weights scatter around 1 and
+    biases around 0 (not their init values), so a forward that drops one of them fails parity."""
+    g = torch.Generator().manual_seed(seed)
+    H, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+
+    def randn(*shape: int, mean: float = 0.0, std: float = 0.02) -> torch.Tensor:
+        return (torch.randn(shape, generator=g) * std + mean).to(dtype)
+
+    def norm(prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.weight": randn(H, mean=1.0, std=0.1), f"{prefix}.bias": randn(H, std=0.1)}
+
+    def linear(prefix: str, out_features: int, in_features: int) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.weight": randn(out_features, in_features), f"{prefix}.bias": randn(out_features, std=0.05)}
+
+    e = "roberta.embeddings"
+    sd = {
+        f"{e}.word_embeddings.weight": randn(V, H),
+        f"{e}.position_embeddings.weight": randn(config["max_position_embeddings"], H),
+        f"{e}.token_type_embeddings.weight": randn(config["type_vocab_size"], H),
+        **norm(f"{e}.LayerNorm"),
+    }
+    for i in range(config["num_hidden_layers"]):
+        p = f"roberta.encoder.layer.{i}"
+        for name in ("query", "key", "value"):
+            sd.update(linear(f"{p}.attention.self.{name}", H, H))
+        sd.update(linear(f"{p}.attention.output.dense", H, H))
+        sd.update(norm(f"{p}.attention.output.LayerNorm"))
+        sd.update(linear(f"{p}.intermediate.dense", I, H))
+        sd.update(linear(f"{p}.output.dense", H, I))
+        sd.update(norm(f"{p}.output.LayerNorm"))
+    sd.update(linear("classifier.dense", H, H))
+    sd["classifier.out_proj.weight"] = randn(1, H, std=0.5)
+    sd["classifier.out_proj.bias"] = randn(1, std=0.5)
+    return sd
+
+
+def write_random_checkpoint(out: Path, size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
+                            **overrides) -> Path:
+    """Writes config.json, model.safetensors and the tokenizer files into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = hf_config(**(TINY if size == "tiny" else FULL), **overrides)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    save_file(random_state_dict(config, seed, dtype), out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    with gzip.open(TOKENIZER_FIXTURE, "rb") as src, open(out / "tokenizer.json", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "XLMRobertaTokenizer", "model_max_length": config["max_position_embeddings"] - 2,
+        "bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>",
+        "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>",
+    }, indent=2))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path, help="directory to write")
+    parser.add_argument("--size", choices=("tiny", "full"), default="tiny",
+                        help="tiny: 2 layers, hidden 64; full: bge-reranker-v2-m3 shapes (568M parameters)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    args = parser.parse_args()
+    path = write_random_checkpoint(args.out, args.size, args.seed, getattr(torch, args.dtype))
+    print(f"wrote a random {args.size} checkpoint to {path}")
+
+
+if __name__ == "__main__":
+    main()

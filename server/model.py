@@ -1,0 +1,261 @@
+"""XLM-RoBERTa cross-encoder over unpadded variable-length batches.
+
+Every pair's tokens are concatenated into one ``(total_tokens, hidden)`` tensor
+described by ``cu_seqlens`` (batch + 1,) int32 and ``max_seqlen``: no padding, so
+no FLOP is spent on it, and every GEMM sees all pairs' tokens in its M dimension.
+The memory-bound glue and attention are called through ``kernels.Ops`` (PyTorch on
+the CPU, Triton/FlashAttention on CUDA); the GEMMs are ``F.linear``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kernels import Ops
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("XLMRobertaForSequenceClassification", "RobertaForSequenceClassification")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint is not a one-label (XLM-)RoBERTa sequence classifier."""
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    layer_norm_eps: float
+    pad_token_id: int
+    bos_token_id: int
+    eos_token_id: int
+    # RoBERTa numbers positions from padding_idx + 1; a BERT-style model would use 0.
+    position_offset: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def max_tokens(self) -> int:
+        """Longest sequence the position table covers (8192 for bge-reranker-v2-m3)."""
+        return self.max_position_embeddings - self.position_offset
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "EncoderConfig":
+        """Reads a Hugging Face ``config.json`` dict; refuses what this forward cannot run."""
+        archs = hf.get("architectures") or []
+        if not any(a in SUPPORTED_ARCHITECTURES for a in archs) or hf.get("model_type") not in ("xlm-roberta", "roberta"):
+            raise UnsupportedModelError(
+                f"unsupported model (architectures={archs}, model_type={hf.get('model_type')!r}): "
+                f"this server runs one-label {' / '.join(SUPPORTED_ARCHITECTURES)} cross-encoders"
+            )
+        num_labels = len(hf["id2label"]) if "id2label" in hf else hf.get("num_labels", 2)
+        if num_labels != 1:
+            raise UnsupportedModelError(f"a reranker has one output label; this checkpoint has {num_labels}")
+        if hf.get("hidden_act", "gelu") != "gelu":
+            raise UnsupportedModelError(f"hidden_act {hf['hidden_act']!r} is not supported (only exact 'gelu')")
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise UnsupportedModelError("only absolute position embeddings are supported")
+        if hf["hidden_size"] % hf["num_attention_heads"]:
+            raise UnsupportedModelError("hidden_size must be a multiple of num_attention_heads")
+        pad = hf.get("pad_token_id", 1)
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            intermediate_size=hf["intermediate_size"],
+            max_position_embeddings=hf["max_position_embeddings"],
+            type_vocab_size=hf.get("type_vocab_size", 1),
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
+            pad_token_id=pad,
+            bos_token_id=hf.get("bos_token_id", 0),
+            eos_token_id=hf.get("eos_token_id", 2),
+            position_offset=pad + 1,
+        )
+
+
+@dataclass
+class Layer:
+    """One post-norm encoder block; Q, K and V are fused into one (3 * hidden, hidden) GEMM."""
+
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor
+    out_weight: torch.Tensor
+    out_bias: torch.Tensor
+    attn_norm_weight: torch.Tensor
+    attn_norm_bias: torch.Tensor
+    up_weight: torch.Tensor
+    up_bias: torch.Tensor
+    down_weight: torch.Tensor
+    down_bias: torch.Tensor
+    ffn_norm_weight: torch.Tensor
+    ffn_norm_bias: torch.Tensor
+
+
+class CrossEncoder:
+    """``forward(input_ids, cu_seqlens, max_seqlen) -> logits (batch,) float32``."""
+
+    def __init__(self, config: EncoderConfig, ops: Ops, device: torch.device, dtype: torch.dtype):
+        c, self.config, self.ops, self.device, self.dtype = config, config, ops, device, dtype
+        H, I = c.hidden_size, c.intermediate_size
+
+        def empty(*shape: int) -> torch.Tensor:
+            return torch.empty(shape, device=device, dtype=dtype)
+
+        self.word_embeddings = empty(c.vocab_size, H)
+        self.position_embeddings = empty(c.max_position_embeddings, H)
+        self.token_type_embeddings = empty(c.type_vocab_size, H)
+        self.embed_norm_weight, self.embed_norm_bias = empty(H), empty(H)
+        self.layers = [
+            Layer(empty(3 * H, H), empty(3 * H), empty(H, H), empty(H), empty(H), empty(H),
+                  empty(I, H), empty(I), empty(H, I), empty(H), empty(H), empty(H))
+            for _ in range(c.num_layers)
+        ]
+        self.head_dense_weight, self.head_dense_bias = empty(H, H), empty(H)
+        self.head_out_weight, self.head_out_bias = empty(1, H), empty(1)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """input_ids (total,) int64, cu_seqlens (batch + 1,) int32 on the model's device."""
+        c, ops = self.config, self.ops
+        x = ops.embed_layernorm(
+            input_ids, cu_seqlens, self.word_embeddings, self.position_embeddings,
+            self.token_type_embeddings[0], self.embed_norm_weight, self.embed_norm_bias,
+            c.layer_norm_eps, c.position_offset,
+        )
+        for layer in self.layers[:-1]:
+            x = self._block(layer, x, cu_seqlens, max_seqlen)
+        # Only each sequence's <s> row feeds the head: the last block computes queries,
+        # attention output and FFN for those rows alone (keys and values from all tokens).
+        x = self._block(self.layers[-1], x, cu_seqlens, max_seqlen, first_token_only=True)
+        h = torch.tanh(F.linear(x, self.head_dense_weight, self.head_dense_bias))
+        return F.linear(h, self.head_out_weight, self.head_out_bias).squeeze(-1).float()
+
+    __call__ = forward
+
+    def _block(self, p: Layer, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+               first_token_only: bool = False) -> torch.Tensor:
+        """x (total, hidden) -> (total, hidden), or (batch, hidden) with first_token_only."""
+        c, ops, H = self.config, self.ops, self.config.hidden_size
+        heads, dim = c.num_heads, c.head_dim
+        total = x.shape[0]
+        if first_token_only:
+            rows = cu_seqlens[:-1].long()
+            residual = x[rows]
+            q = F.linear(residual, p.qkv_weight[:H], p.qkv_bias[:H]).view(-1, heads, dim)
+            kv = F.linear(x, p.qkv_weight[H:], p.qkv_bias[H:]).view(total, 2, heads, dim)
+            k, v = kv[:, 0], kv[:, 1]
+            cu_q = torch.arange(rows.shape[0] + 1, device=x.device, dtype=torch.int32)
+            max_q = 1
+        else:
+            residual = x
+            qkv = F.linear(x, p.qkv_weight, p.qkv_bias).view(total, 3, heads, dim)
+            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+            cu_q, max_q = cu_seqlens, max_seqlen
+        attn = ops.varlen_attention(q, k, v, cu_q, cu_seqlens, max_q, max_seqlen, 1.0 / math.sqrt(dim))
+        attn = F.linear(attn.reshape(-1, H), p.out_weight, p.out_bias)
+        x = ops.add_layernorm(attn, residual, p.attn_norm_weight, p.attn_norm_bias, c.layer_norm_eps)
+        up = ops.bias_gelu(F.linear(x, p.up_weight), p.up_bias)
+        down = F.linear(up, p.down_weight, p.down_bias)
+        return ops.add_layernorm(down, x, p.ffn_norm_weight, p.ffn_norm_bias, c.layer_norm_eps)
+
+    def named_weights(self):
+        """(name, tensor) for every weight, in a stable order."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                yield name, value
+        for i, layer in enumerate(self.layers):
+            for name, value in vars(layer).items():
+                yield f"layers.{i}.{name}", value
+
+    def destination(self, name: str) -> torch.Tensor | None:
+        """The slice of our weights that the Hugging Face tensor ``name`` fills (None: unused)."""
+        m = re.fullmatch(r"(?:roberta\.)?encoder\.layer\.(\d+)\.(.+)\.(weight|bias)", name)
+        if m:
+            index, module, kind = int(m.group(1)), m.group(2), m.group(3)
+            if index >= len(self.layers):
+                return None
+            layer, H = self.layers[index], self.config.hidden_size
+            qkv = {"attention.self.query": 0, "attention.self.key": 1, "attention.self.value": 2}
+            if module in qkv:
+                fused = layer.qkv_weight if kind == "weight" else layer.qkv_bias
+                return fused[qkv[module] * H:(qkv[module] + 1) * H]
+            field = {
+                "attention.output.dense": "out", "attention.output.LayerNorm": "attn_norm",
+                "intermediate.dense": "up", "output.dense": "down", "output.LayerNorm": "ffn_norm",
+            }.get(module)
+            return getattr(layer, f"{field}_{kind}") if field else None
+        field = {
+            "embeddings.word_embeddings.weight": "word_embeddings",
+            "embeddings.position_embeddings.weight": "position_embeddings",
+            "embeddings.token_type_embeddings.weight": "token_type_embeddings",
+            "embeddings.LayerNorm.weight": "embed_norm_weight",
+            "embeddings.LayerNorm.bias": "embed_norm_bias",
+            "classifier.dense.weight": "head_dense_weight",
+            "classifier.dense.bias": "head_dense_bias",
+            "classifier.out_proj.weight": "head_out_weight",
+            "classifier.out_proj.bias": "head_out_bias",
+        }.get(name.removeprefix("roberta."))
+        return getattr(self, field) if field else None
+
+
+# safetensors dtype names -> torch dtypes
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
+
+
+def load_cross_encoder(model_dir: Path, ops: Ops, device: torch.device, dtype: torch.dtype) -> CrossEncoder:
+    """Builds the model from ``config.json`` and fills it from ``*.safetensors``.
+
+    Each tensor is read from the file straight into its destination slice (through one
+    per-tensor staging buffer when the dtype or device differs), so peak memory is the
+    weights plus the largest single tensor: no second copy of the model, no mmap of the
+    whole file (which would keep its pages resident beside the weights)."""
+    config = EncoderConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    model = CrossEncoder(config, ops, device, dtype)
+    filled: dict[int, int] = {}  # id(weight) -> elements written (Q, K and V each fill a third)
+    for file in files:
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+            header.pop("__metadata__", None)
+            for name, meta in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+                dest = model.destination(name)
+                if dest is None:
+                    log.debug("ignoring checkpoint tensor %s", name)
+                    continue
+                shape, (begin, end) = tuple(meta["shape"]), meta["data_offsets"]
+                if shape != tuple(dest.shape):
+                    raise UnsupportedModelError(f"{name}: checkpoint shape {shape} != expected {tuple(dest.shape)}")
+                src_dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
+                direct = src_dtype == dtype and dest.device.type == "cpu"
+                staging = dest if direct else torch.empty(shape, dtype=src_dtype)
+                f.seek(8 + header_len + begin)
+                if f.readinto(memoryview(staging.view(torch.uint8).numpy()).cast("B")) != end - begin:
+                    raise ValueError(f"{file}: truncated data for {name}")
+                if not direct:
+                    dest.copy_(staging)
+                owner = dest if dest._base is None else dest._base
+                filled[id(owner)] = filled.get(id(owner), 0) + dest.numel()
+    missing = [name for name, t in model.named_weights() if filled.get(id(t), 0) != t.numel()]
+    if missing:
+        raise UnsupportedModelError(f"checkpoint in {model_dir} lacks tensors for: {', '.join(missing[:8])}")
+    return model
