@@ -32,3 +32,83 @@ def embed_layernorm_torch(
     pos_ids = positions_from_cu_seqlens(cu_seqlens, input_ids.shape[0], position_offset)
     x = word[input_ids].float() + position[pos_ids].float() + token_type.float()
     return F.layer_norm(x, (x.shape[-1],), weight.float(), bias.float(), eps).to(word.dtype)
+
+
+# ----------------------------------------------------------------------------- Triton
+
+from kernels._triton import next_power_of_2, require_triton, tl, triton  # noqa: E402
+
+
+@triton.jit
+def _embed_layernorm_kernel(
+    ids_ptr, cu_seqlens_ptr, word_ptr, position_ptr, token_type_ptr, weight_ptr, bias_ptr, out_ptr,
+    batch, hidden, word_stride, position_stride, out_stride, eps, position_offset,
+    BLOCK_H: tl.constexpr,
+):
+    """One program per token: gather three rows, LayerNorm in fp32, one downcast at the store."""
+    row = tl.program_id(0)
+    # The token's sequence is the last i with cu_seqlens[i] <= row: a binary search over
+    # (batch + 1,) offsets costs log2(batch) scalar loads and no host-side position tensor.
+    lo = 0
+    hi = batch
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tl.load(cu_seqlens_ptr + mid) <= row:
+            lo = mid
+        else:
+            hi = mid - 1
+    pos = row - tl.load(cu_seqlens_ptr + lo) + position_offset
+
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < hidden
+    token = tl.load(ids_ptr + row).to(tl.int64)  # vocab * hidden can pass 2**31
+    x = tl.load(word_ptr + token * word_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    x += tl.load(position_ptr + pos.to(tl.int64) * position_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    x += tl.load(token_type_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+
+    mean = tl.sum(x, axis=0) / hidden
+    centered = tl.where(mask, x - mean, 0.0)  # padding lanes must not enter the variance
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / hidden + eps)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = centered * rstd * w + b
+    tl.store(out_ptr + row.to(tl.int64) * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _embed_layernorm_launch(input_ids, cu_seqlens, word, position, token_type, weight, bias, eps, position_offset):
+    total, hidden = input_ids.shape[0], word.shape[1]
+    out = torch.empty((total, hidden), device=word.device, dtype=word.dtype)
+    if total == 0:
+        return out
+    BLOCK_H = next_power_of_2(hidden)
+    # One warp per 256 lanes keeps each thread at a few elements (hidden 1024 -> 4 warps).
+    num_warps = min(max(BLOCK_H // 256, 1), 16)
+    _embed_layernorm_kernel[(total,)](
+        input_ids, cu_seqlens, word, position, token_type, weight, bias, out,
+        cu_seqlens.shape[0] - 1, hidden, word.stride(0), position.stride(0), out.stride(0), eps, position_offset,
+        BLOCK_H=BLOCK_H, num_warps=num_warps,
+    )
+    return out
+
+
+def embed_layernorm_triton(
+    input_ids: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    word: torch.Tensor,
+    position: torch.Tensor,
+    token_type: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    position_offset: int,
+) -> torch.Tensor:
+    """Fused kernel, same contract as ``embed_layernorm_torch``: input_ids (total,) int64,
+    cu_seqlens (batch + 1,) int32, word (vocab, hidden), position (max_positions, hidden),
+    token_type (hidden,), weight/bias (hidden,) -> (total, hidden) in word's dtype."""
+    require_triton()
+    # Rows are gathered by their stride; the columns of every table must be dense.
+    word, position = (t if t.stride(-1) == 1 else t.contiguous() for t in (word, position))
+    return _embed_layernorm_launch(
+        input_ids.contiguous(), cu_seqlens.contiguous(), word, position, token_type.contiguous(),
+        weight.contiguous(), bias.contiguous(), eps, position_offset,
+    )

@@ -1,0 +1,76 @@
+"""Command-line flags, each also readable from an environment variable RERANK_<FLAG>."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str
+    served_model_name: list[str]
+    host: str
+    http_port: int
+    grpc_port: int
+    max_length: int | None
+    device: str
+    attention: str | None
+    max_batch_tokens: int
+    max_queued_tokens: int
+    max_documents: int
+    max_request_bytes: int
+    shutdown_grace: float
+    log_level: str
+
+
+def _env(flag: str, default):
+    return os.environ.get("RERANK_" + flag.upper().replace("-", "_"), default)
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Rerank service: gRPC and REST in one process. Every flag can also be set by "
+                    "an environment variable RERANK_<FLAG> (e.g. RERANK_HTTP_PORT=8000).")
+    add = p.add_argument
+    add("--model", default=_env("model", "BAAI/bge-reranker-v2-m3"),
+        help="local checkpoint directory or Hugging Face hub id (default: %(default)s)")
+    add("--served-model-name", nargs="+", default=_env("served-model-name", None),
+        help="name(s) clients must send as `model`; the first is reported in responses "
+             "(default: the --model value). Env: comma-separated")
+    add("--host", default=_env("host", "0.0.0.0"))
+    add("--http-port", type=int, default=int(_env("http-port", 8000)))
+    add("--grpc-port", type=int, default=int(_env("grpc-port", 50051)))
+    add("--max-length", type=int, default=_env("max-length", None),
+        help="tokens per (query, document) pair after truncation (default: the model's, 8192)")
+    add("--device", choices=("auto", "cpu", "cuda"), default=_env("device", "auto"))
+    add("--attention", default=_env("attention", None),
+        help="force an attention backend (flash-attn, torch-varlen, triton, torch-sdpa); default: best available")
+    add("--max-batch-tokens", type=int, default=int(_env("max-batch-tokens", 16384)),
+        help="real tokens per forward batch (at least --max-length)")
+    add("--max-queued-tokens", type=int, default=int(_env("max-queued-tokens", 2_000_000)),
+        help="tokens waiting for the model beyond which new requests get 429 / RESOURCE_EXHAUSTED")
+    add("--max-documents", type=int, default=int(_env("max-documents", 1000)), help="documents per request")
+    add("--max-request-bytes", type=int, default=int(_env("max-request-bytes", 16 * 1024 * 1024)),
+        help="largest REST body / gRPC message accepted (413 / RESOURCE_EXHAUSTED beyond)")
+    add("--shutdown-grace", type=float, default=float(_env("shutdown-grace", 30)),
+        help="seconds to finish accepted requests after SIGTERM/SIGINT")
+    add("--log-level", default=_env("log-level", "INFO"))
+    a = p.parse_args(argv)
+    names = a.served_model_name
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    max_length = int(a.max_length) if a.max_length is not None else None
+    if max_length is not None and max_length > a.max_batch_tokens:
+        p.error(f"--max-batch-tokens ({a.max_batch_tokens}) must be at least --max-length ({max_length})")
+    for flag in ("max_batch_tokens", "max_queued_tokens", "max_documents", "max_request_bytes"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    return Config(
+        model=a.model, served_model_name=names or [a.model], host=a.host, http_port=a.http_port,
+        grpc_port=a.grpc_port, max_length=max_length, device=a.device, attention=a.attention,
+        max_batch_tokens=a.max_batch_tokens, max_queued_tokens=a.max_queued_tokens,
+        max_documents=a.max_documents, max_request_bytes=a.max_request_bytes,
+        shutdown_grace=a.shutdown_grace, log_level=a.log_level.upper(),
+    )

@@ -1,0 +1,104 @@
+"""Model + tokenizer on one device: token-id lists in, logits out.
+
+``Engine.forward`` is the one entry point that takes pairs and returns scores; the
+scheduler calls it from its forward thread, one batch at a time.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from itertools import accumulate, chain
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kernels import select_ops
+from server.model import CrossEncoder, load_cross_encoder
+from server.tokenization import PairTokenizer
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFoundError(RuntimeError):
+    """The --model value is neither a directory nor a hub id we can resolve."""
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local directory as is; otherwise a Hugging Face hub id through the HF cache
+    (``HF_HOME``, ``HF_HUB_OFFLINE`` honoured by huggingface_hub)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelNotFoundError(f"--model {model!r} is not a directory with config.json and *.safetensors")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors"]))
+    except LocalEntryNotFoundError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0")
+        raise ModelNotFoundError(
+            f"model {model!r} is not in the Hugging Face cache (HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}) "
+            f"and could not be downloaded (HF_HUB_OFFLINE={offline}): download it where the hub is reachable, "
+            f"or pass --model /path/to/dir holding config.json, tokenizer.json and *.safetensors ({e.__class__.__name__})"
+        ) from None
+    except HFValidationError as e:
+        raise ModelNotFoundError(f"--model {model!r} is neither a directory nor a valid hub id: {e}") from None
+
+
+@dataclass
+class Engine:
+    model: CrossEncoder
+    tokenizer: PairTokenizer
+    model_dir: Path
+
+    @classmethod
+    def load(cls, model: str, device: str = "auto", max_length: int | None = None,
+             attention: str | None = None) -> "Engine":
+        started = time.perf_counter()
+        model_dir = resolve_model_dir(model)
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                           ("cpu" if device == "auto" else device))
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+        ops = select_ops(dev, attention)
+        encoder = load_cross_encoder(model_dir, ops, dev, dtype)
+        limit = encoder.config.max_tokens
+        if max_length is not None and not 8 <= max_length <= limit:
+            raise ValueError(f"--max-length must be between 8 and the model's {limit}, got {max_length}")
+        tokenizer_file = model_dir / "tokenizer.json"
+        if not tokenizer_file.exists():
+            raise ModelNotFoundError(f"{model_dir} has no tokenizer.json (the fast tokenizer is required)")
+        c = encoder.config
+        tokenizer = PairTokenizer(tokenizer_file, max_length or limit, c.bos_token_id, c.eos_token_id)
+        n_params = sum(t.numel() for _, t in encoder.named_weights())
+        log.info("loaded %s from %s: %d layers, hidden %d, %.0fM parameters, %s on %s, attention %s, "
+                 "max length %d, in %.1fs", model, model_dir, c.num_layers, c.hidden_size, n_params / 1e6,
+                 str(dtype).removeprefix("torch."), dev, ops.attention_backend, tokenizer.max_length,
+                 time.perf_counter() - started)
+        return cls(encoder, tokenizer, model_dir)
+
+    @property
+    def max_length(self) -> int:
+        return self.tokenizer.max_length
+
+    def forward(self, pairs: list[list[int]]) -> list[float]:
+        """Token-id lists -> one logit each, as one unpadded batch.
+        ``cu_seqlens`` is built on the host, so nothing waits on the device before the forward."""
+        lengths = [len(p) for p in pairs]
+        total = sum(lengths)
+        ids = torch.from_numpy(np.fromiter(chain.from_iterable(pairs), dtype=np.int64, count=total))
+        cu_seqlens = torch.tensor([0, *accumulate(lengths)], dtype=torch.int32)
+        device = self.model.device
+        if device.type != "cpu":
+            ids, cu_seqlens = ids.pin_memory().to(device, non_blocking=True), cu_seqlens.pin_memory().to(device, non_blocking=True)
+        return self.model(ids, cu_seqlens, max(lengths)).tolist()
+
+    def warm_up(self) -> None:
+        """One short and one long forward, so first requests pay no allocation or compile cost."""
+        short = self.tokenizer.encode_pairs("warm-up query", ["warm-up document"])
+        self.forward(short * 4)
+        self.forward([short[0] + [5] * (min(self.max_length, 512) - len(short[0]))])

@@ -1,0 +1,100 @@
+"""grpc-gateway style REST shim: routes come from the proto's ``google.api.http``
+annotations; JSON is transcoded with protobuf's JSON mapping (proto field names); errors
+are ``{"code", "message", "details"}`` with the HTTP status mapped from the gRPC code."""
+from __future__ import annotations
+
+import json
+import logging
+
+import grpc
+from aiohttp import web
+from google.protobuf import json_format, message_factory
+
+from server.schema import http_bindings
+from server.service import ApiError, RerankService
+
+log = logging.getLogger(__name__)
+
+# grpc-gateway's mapping of gRPC codes to HTTP statuses.
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.FAILED_PRECONDITION: 400,
+}
+# aiohttp's own refusals, expressed as gRPC codes for the error body.
+_HTTP_TO_CODE = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED,
+                 413: grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def error_response(code: grpc.StatusCode, message: str, status: int | None = None) -> web.Response:
+    return web.json_response({"code": code.value[0], "message": message, "details": []},
+                             status=status or HTTP_STATUS.get(code, 500))
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return error_response(e.code, e.message, e.http_status)
+    except web.HTTPRequestEntityTooLarge as e:
+        return error_response(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"request body is larger than the limit of {e.max_size} bytes (--max-request-bytes)", 413)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = _HTTP_TO_CODE.get(e.status, grpc.StatusCode.INVALID_ARGUMENT)
+        return error_response(code, f"{request.method} {request.path}: {e.reason}", e.status)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+def _json_body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "request body must be a JSON object")
+    return body
+
+
+def build_app(service: RerankService, max_request_bytes: int) -> web.Application:
+    app = web.Application(client_max_size=max_request_bytes, middlewares=[error_middleware])
+    handlers = {"Rerank": service.rerank}
+
+    def route(method_descriptor):
+        call = handlers[method_descriptor.name]
+        request_class = message_factory.GetMessageClass(method_descriptor.input_type)
+
+        async def handle(request: web.Request) -> web.Response:
+            if "Content-Type" in request.headers and not _is_json(request.content_type):
+                raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"Content-Type must be application/json, got {request.content_type!r}", 415)
+            body = _json_body(await request.read())
+            try:
+                message = json_format.ParseDict(body, request_class(), ignore_unknown_fields=True)
+            except json_format.ParseError as e:
+                raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            reply = await call(message)
+            return web.json_response(json_format.MessageToDict(
+                reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
+        return handle
+
+    for verb, path, method in http_bindings():
+        app.router.add_route(verb, path, route(method))
+
+    async def health(_: web.Request) -> web.Response:
+        if service.ready:
+            return web.json_response({"status": "SERVING"})
+        return web.json_response({"status": "NOT_SERVING"}, status=503)
+
+    app.router.add_get("/health", health)
+    return app

@@ -1,0 +1,114 @@
+"""The one place a rerank request is validated, scored and ranked; the gRPC servicer and
+the REST shim both call ``RerankService.rerank`` with the proto request.
+
+validation -> tokenize (thread pool) -> scheduler queue -> batched forward -> rank, top_n.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from google.protobuf import struct_pb2
+
+from server.engine import Engine
+from server.scheduler import QueueFullError, Scheduler
+from server.schema import pb
+
+
+class ApiError(Exception):
+    """A request the service refuses: a gRPC status code and a sentence naming the field."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, http_status: int | None = None):
+        super().__init__(message)
+        self.code, self.message = code, message
+        self.http_status = http_status  # only where HTTP is more precise than the code's mapping
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def document_text(doc: struct_pb2.Value, index: int) -> str:
+    """A document is a string, or an object whose "text" field is a string (Cohere style)."""
+    kind = doc.WhichOneof("kind")
+    if kind == "string_value":
+        return doc.string_value
+    if kind == "struct_value":
+        text = doc.struct_value.fields.get("text")
+        if text is not None and text.WhichOneof("kind") == "string_value":
+            return text.string_value
+        raise invalid(f'documents[{index}] is an object without a string field "text"')
+    raise invalid(f'documents[{index}] must be a string or an object {{"text": string}}, '
+                  f"got {kind.removesuffix('_value') if kind else 'nothing'}")
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+class RerankService:
+    def __init__(self, served_model_names: list[str], max_documents: int):
+        self.model_id = served_model_names[0]
+        self.served_names = set(served_model_names)
+        self.max_documents = max_documents
+        self.engine: Engine | None = None
+        self.scheduler: Scheduler | None = None
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+
+    @property
+    def ready(self) -> bool:
+        return self.scheduler is not None
+
+    def attach(self, engine: Engine, scheduler: Scheduler) -> None:
+        """Called once the model is loaded and warmed: from here on requests are served."""
+        self.engine, self.scheduler = engine, scheduler
+
+    def validate(self, request: pb.RerankRequest) -> list[str]:
+        """-> the documents' texts; raises ApiError naming the offending field."""
+        if not request.model:
+            raise invalid("model is required: name the served model, e.g. " + repr(self.model_id))
+        if request.model not in self.served_names:
+            raise ApiError(grpc.StatusCode.NOT_FOUND,
+                           f"model {request.model!r} is not served here; served: {', '.join(sorted(self.served_names))}")
+        if not request.query:
+            raise invalid("query is required and must be a non-empty string")
+        if not request.documents:
+            raise invalid("documents is required and must hold at least one document")
+        if len(request.documents) > self.max_documents:
+            raise invalid(f"documents has {len(request.documents)} entries; the limit is {self.max_documents} "
+                          "(--max-documents)")
+        if request.HasField("top_n") and request.top_n < 1:
+            raise invalid(f"top_n must be an integer >= 1, got {request.top_n}")
+        return [document_text(d, i) for i, d in enumerate(request.documents)]
+
+    async def rerank(self, request: pb.RerankRequest) -> pb.RerankResponse:
+        created = int(time.time())
+        texts = self.validate(request)
+        if not self.ready:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+        loop = asyncio.get_running_loop()
+        pairs = await loop.run_in_executor(self._tokenize_pool, self.engine.tokenizer.encode_pairs, request.query, texts)
+        try:
+            logits = await self.scheduler.score(pairs)
+        except QueueFullError as e:
+            raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except RuntimeError as e:
+            raise ApiError(grpc.StatusCode.INTERNAL, str(e)) from None
+        scores = logits if request.raw_scores else [sigmoid(x) for x in logits]
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        if request.HasField("top_n"):
+            order = order[: request.top_n]
+        tokens = sum(len(p) for p in pairs)
+        response = pb.RerankResponse(
+            object="rerank", id=f"rerank-{uuid.uuid4().hex}", model=self.model_id, created=created,
+            usage=pb.Usage(prompt_tokens=tokens, total_tokens=tokens),
+        )
+        for i in order:
+            result = response.results.add(index=i, relevance_score=scores[i])
+            if request.return_documents:
+                result.document.CopyFrom(request.documents[i])
+        return response
