@@ -1,14 +1,25 @@
 """The ops the model calls, chosen once per device: PyTorch references on the CPU,
 fused Triton kernels and FlashAttention varlen on CUDA."""
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from kernels.attention import varlen_attention_torch
-from kernels.embeddings import embed_layernorm_torch
-from kernels.gelu import bias_gelu_torch
-from kernels.layernorm import add_layernorm_torch
+from kernels._triton import HAS_TRITON
+from kernels.attention import (
+    ATTENTION_BACKENDS,
+    available_attention_backends,
+    select_attention,
+    varlen_attention_torch,
+)
+from kernels.embeddings import embed_layernorm_torch, embed_layernorm_triton
+from kernels.gelu import bias_gelu_torch, bias_gelu_triton
+from kernels.layernorm import add_layernorm_torch, add_layernorm_triton
+
+__all__ = ["ATTENTION_BACKENDS", "Ops", "TORCH_OPS", "available_attention_backends", "select_ops"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,10 +40,17 @@ TORCH_OPS = Ops(
 )
 
 
-def select_ops(device: torch.device, attention: str | None = None) -> Ops:
-    """The single place that picks kernels for a device. ``attention`` forces a backend."""
-    if device.type == "cpu":
-        if attention not in (None, "torch-sdpa"):
-            raise ValueError(f"attention backend {attention!r} needs CUDA; the CPU has 'torch-sdpa'")
+def select_ops(device: torch.device | str, attention: str | None = None, *, dtype: torch.dtype | None = None) -> Ops:
+    """The single place that picks kernels for a device.
+
+    ``attention`` forces a backend by name (see ``ATTENTION_BACKENDS``); an unknown or
+    unusable one raises ValueError. ``dtype`` (default: fp16 on CUDA) rules out the
+    FlashAttention backends for fp32 models. On CUDA the glue ops are Triton kernels."""
+    device = torch.device(device)
+    name, attn = select_attention(device, attention, dtype)
+    if device.type != "cuda":
         return TORCH_OPS
-    raise NotImplementedError("CUDA kernels are not wired yet")
+    if not HAS_TRITON:
+        log.warning("triton is not installed: CUDA runs the PyTorch reference LayerNorm/GELU/embedding ops")
+        return Ops(embed_layernorm_torch, add_layernorm_torch, bias_gelu_torch, attn, name)
+    return Ops(embed_layernorm_triton, add_layernorm_triton, bias_gelu_triton, attn, name)

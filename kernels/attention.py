@@ -4,6 +4,9 @@ Queries and keys may use different offsets: the last encoder layer asks only
 each sequence's first token (``cu_seqlens_q = arange(batch + 1)``, ``max_seqlen_q = 1``)
 against all of its keys.
 """
+import functools
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -33,3 +36,206 @@ def varlen_attention_torch(
         )
         out[qs:qe] = o.transpose(0, 1)
     return out
+
+
+# ----------------------------------------------------------------------------- Triton
+
+from kernels._triton import HAS_TRITON, require_triton, tl, triton  # noqa: E402
+
+
+@triton.jit
+def _varlen_attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, o_stride_t, o_stride_h,
+    qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    """FlashAttention forward for one (query block, sequence, head): scores never leave
+    registers; the softmax is computed online over key blocks with fp32 statistics."""
+    block_m, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    if block_m * BLOCK_M >= q_len:  # the grid covers max_seqlen_q; shorter sequences stop here
+        return
+    k_start = tl.load(cu_seqlens_k_ptr + seq)
+    k_len = tl.load(cu_seqlens_k_ptr + seq + 1) - k_start
+
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    # Token offsets in int64: total_tokens * 3 * hidden can pass 2**31.
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * q_stride_t + head * q_stride_h + offs_d[None, :],
+                mask=(offs_m < q_len)[:, None], other=0.0)
+    k_base = k_ptr + k_start.to(tl.int64) * k_stride_t + head * k_stride_h
+    v_base = v_ptr + k_start.to(tl.int64) * v_stride_t + head * v_stride_h
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for n0 in range(0, k_len, BLOCK_N):
+        cols = n0 + offs_n
+        valid = cols < k_len
+        k = tl.load(k_base + cols.to(tl.int64)[:, None] * k_stride_t + offs_d[None, :],
+                    mask=valid[:, None], other=0.0)
+        if IEEE:  # fp32 inputs (tests): no TF32 rounding
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        # qk_scale folds in log2(e): exp2 is the native instruction.
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every block has a valid key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + cols.to(tl.int64)[:, None] * v_stride_t + offs_d[None, :],
+                    mask=valid[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no keys: zeros, not NaN
+    tl.store(out_ptr + q_rows[:, None] * o_stride_t + head * o_stride_h + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(offs_m < q_len)[:, None])
+
+
+def _varlen_attention_launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale):
+    total_q, heads, head_dim = q.shape
+    out = torch.empty_like(q)
+    batch = cu_seqlens_q.shape[0] - 1
+    if total_q == 0 or batch == 0:
+        return out
+    # tl.dot needs 16 rows; the last layer (one query per sequence) takes the smallest tile.
+    BLOCK_M = 16 if max_seqlen_q <= 16 else (64 if max_seqlen_q <= 64 or head_dim > 64 else 128)
+    BLOCK_N = 64 if head_dim <= 64 else 32
+    num_warps = 4 if BLOCK_M <= 64 else 8
+    grid = (triton.cdiv(max_seqlen_q, BLOCK_M), batch, heads)
+    _varlen_attention_kernel[grid](
+        q, k, v, out, cu_seqlens_q, cu_seqlens_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        scale * 1.4426950408889634,  # log2(e)
+        HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IEEE=q.dtype == torch.float32,
+        num_warps=num_warps, num_stages=2,
+    )
+    return out
+
+
+def varlen_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+) -> torch.Tensor:
+    """Triton FlashAttention-style forward, same contract as ``varlen_attention_torch``:
+    q (total_q, heads, head_dim), k/v (total_k, heads, head_dim) (any token/head strides,
+    e.g. views into a fused QKV), cu_seqlens_* (batch + 1,) int32 -> (total_q, heads, head_dim).
+    head_dim must be a power of two >= 16. ``max_seqlen_k`` is unused (each program reads
+    its own key length) and kept for the common signature."""
+    require_triton()
+    head_dim = q.shape[-1]
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"triton varlen attention needs a power-of-two head_dim >= 16, got {head_dim}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _varlen_attention_launch(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+                                    max_seqlen_q, scale)
+
+
+# ----------------------------------------------------------------------------- dispatch
+# The one place that knows which varlen attention runs where. Every backend takes the
+# reference signature (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale).
+
+# Preference order on CUDA; the CPU (and any other device) has only the reference.
+ATTENTION_BACKENDS = ("flash-attn", "torch-varlen", "triton", "torch-sdpa")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn_varlen_func():
+    """flash_attn.flash_attn_varlen_func, or the reason it is unusable (a str)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception as e:  # ImportError, or a build that does not match this torch (undefined symbol)
+        return f"the flash-attn package does not import ({e.__class__.__name__}: {e})"
+    return flash_attn_varlen_func
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_varlen_attn():
+    """torch.nn.attention.varlen.varlen_attn (torch >= 2.10), or the reason it is unusable."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen (needs torch >= 2.10)"
+    if not torch.backends.cuda.is_flash_attention_available():
+        return f"this torch build ({torch.__version__}) has no FlashAttention kernels"
+    return varlen_attn
+
+
+def varlen_attention_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale):
+    """flash-attn's varlen forward (fp16/bf16, CUDA)."""
+    return _flash_attn_varlen_func()(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                     softmax_scale=scale, causal=False)
+
+
+def varlen_attention_torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale):
+    """PyTorch's own FlashAttention varlen forward (fp16/bf16, CUDA sm80+)."""
+    return _torch_varlen_attn()(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale)
+
+
+_ATTENTION_FUNCTIONS = {
+    "flash-attn": varlen_attention_flash_attn,
+    "torch-varlen": varlen_attention_torch_varlen,
+    "triton": varlen_attention_triton,
+    "torch-sdpa": varlen_attention_torch,
+}
+
+
+def attention_unavailable_reason(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` with ``dtype`` (None: the model's
+    CUDA dtype, fp16), or None when it can. Unknown names raise ValueError."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    device = torch.device(device)
+    if name == "torch-sdpa":
+        return None
+    if device.type != "cuda":
+        return f"it needs CUDA (device is {device.type}; the CPU has 'torch-sdpa')"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if name == "triton":
+        return None if HAS_TRITON else "the triton package is not installed"
+    if dtype is not None and dtype not in _HALF:
+        return f"it runs fp16/bf16 only, not {dtype}"
+    if name == "flash-attn":
+        found = _flash_attn_varlen_func()
+    else:
+        found = _torch_varlen_attn()
+        major, _ = torch.cuda.get_device_capability(device)
+        if not isinstance(found, str) and major < 8:
+            found = f"its FlashAttention kernels need compute capability 8.0+, this GPU has {major}.x"
+    return found if isinstance(found, str) else None
+
+
+def available_attention_backends(device: torch.device | str, dtype: torch.dtype | None = None) -> list[str]:
+    """Backends that run on ``device`` (and ``dtype``), best first."""
+    return [name for name in ATTENTION_BACKENDS if attention_unavailable_reason(name, device, dtype) is None]
+
+
+def select_attention(device: torch.device | str, name: str | None = None,
+                     dtype: torch.dtype | None = None) -> tuple[str, Callable]:
+    """(backend name, function): ``name`` when given and usable (else ValueError saying why),
+    otherwise the best available (CUDA: flash-attn > torch-varlen > triton; CPU: torch-sdpa)."""
+    device = torch.device(device)
+    if name is None:
+        name = available_attention_backends(device, dtype)[0]
+    else:
+        reason = attention_unavailable_reason(name, device, dtype)
+        if reason is not None:
+            raise ValueError(f"attention backend {name!r} is unavailable on {device}: {reason}; "
+                             f"available: {', '.join(available_attention_backends(device, dtype))}")
+    return name, _ATTENTION_FUNCTIONS[name]

@@ -49,14 +49,13 @@ def _embed_layernorm_kernel(
     row = tl.program_id(0)
     # The token's sequence is the last i with cu_seqlens[i] <= row: a binary search over
     # (batch + 1,) offsets costs log2(batch) scalar loads and no host-side position tensor.
-    lo = 0
-    hi = batch
+    lo = tl.zeros((), tl.int32)
+    hi = tl.zeros((), tl.int32) + batch
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if tl.load(cu_seqlens_ptr + mid) <= row:
-            lo = mid
-        else:
-            hi = mid - 1
+        right = tl.load(cu_seqlens_ptr + mid) <= row
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid - 1)
     pos = row - tl.load(cu_seqlens_ptr + lo) + position_offset
 
     cols = tl.arange(0, BLOCK_H)

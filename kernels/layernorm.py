@@ -9,3 +9,56 @@ def add_layernorm_torch(
     """Reference. x, residual (rows, hidden) -> LayerNorm(x + residual), statistics in fp32."""
     h = x.float() + residual.float()
     return F.layer_norm(h, (h.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- Triton
+
+from kernels._triton import next_power_of_2, require_triton, tl, triton  # noqa: E402
+
+
+@triton.jit
+def _add_layernorm_kernel(
+    x_ptr, residual_ptr, weight_ptr, bias_ptr, out_ptr,
+    hidden, x_stride, residual_stride, out_stride, eps,
+    BLOCK_H: tl.constexpr,
+):
+    """One program per row: add, fp32 statistics, one downcast at the store."""
+    row = tl.program_id(0).to(tl.int64)  # rows * stride can pass 2**31
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < hidden
+    h = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    h += tl.load(residual_ptr + row * residual_stride + cols, mask=mask, other=0.0).to(tl.float32)
+
+    mean = tl.sum(h, axis=0) / hidden
+    centered = tl.where(mask, h - mean, 0.0)  # padding lanes must not enter the variance
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / hidden + eps)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = centered * rstd * w + b
+    tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _add_layernorm_launch(x, residual, weight, bias, eps):
+    rows, hidden = x.shape
+    out = torch.empty((rows, hidden), device=x.device, dtype=x.dtype)
+    if rows == 0:
+        return out
+    BLOCK_H = next_power_of_2(hidden)
+    num_warps = min(max(BLOCK_H // 256, 1), 16)  # a few elements per thread
+    _add_layernorm_kernel[(rows,)](
+        x, residual, weight, bias, out,
+        hidden, x.stride(0), residual.stride(0), out.stride(0), eps,
+        BLOCK_H=BLOCK_H, num_warps=num_warps,
+    )
+    return out
+
+
+def add_layernorm_triton(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Fused kernel, same contract as ``add_layernorm_torch``: x, residual (rows, hidden),
+    weight/bias (hidden,) -> LayerNorm(x + residual) (rows, hidden) in x's dtype."""
+    require_triton()
+    # Rows are addressed by their stride; each row's columns must be dense.
+    x, residual = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, residual))
+    return _add_layernorm_launch(x, residual, weight.contiguous(), bias.contiguous(), eps)

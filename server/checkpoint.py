@@ -92,7 +92,7 @@ def write_random_checkpoint(out: Path, size: str = "tiny", seed: int = 0, dtype:
     """Writes config.json, model.safetensors and the tokenizer files into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = hf_config(**(TINY if size == "tiny" else FULL), **overrides)
+    config = hf_config(**{**(TINY if size == "tiny" else FULL), **overrides})
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     save_file(random_state_dict(config, seed, dtype), out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))

@@ -39,9 +39,9 @@ async def error_middleware(request: web.Request, handler):
         return await handler(request)
     except ApiError as e:
         return error_response(e.code, e.message, e.http_status)
-    except web.HTTPRequestEntityTooLarge as e:
+    except web.HTTPRequestEntityTooLarge:
         return error_response(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"request body is larger than the limit of {e.max_size} bytes (--max-request-bytes)", 413)
+                              f"request body is larger than the limit of {request.client_max_size} bytes (--max-request-bytes)", 413)
     except web.HTTPException as e:
         if e.status < 400:
             raise

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 
 class PairTokenizer:
@@ -17,6 +17,14 @@ class PairTokenizer:
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
+        if isinstance(self.tokenizer.model, models.Unigram):
+            # SentencePiece drops leading, trailing and repeated whitespace before segmenting
+            # (remove_extra_whitespaces); older tokenizer.json files (a bare Metaspace) keep a
+            # trailing "▁" token instead. Split on whitespace first, as transformers does.
+            self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.WhitespaceSplit(),
+                pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+            ])
         self.max_length, self.bos, self.eos = max_length, bos_id, eos_id
         self.max_query_tokens = min(max_length * 3 // 4, max_length - 4)
 

@@ -1,0 +1,1 @@
+"""Forward and end-to-end benchmarks against the Hugging Face baseline."""

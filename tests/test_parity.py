@@ -1,0 +1,77 @@
+"""Our unpadded forward against transformers' XLMRobertaForSequenceClassification on the
+same weights: fp32 logits within 1e-4, same order, over random lengths up to long sequences."""
+import pytest
+import torch
+from transformers import XLMRobertaForSequenceClassification
+
+from kernels import TORCH_OPS
+from server.checkpoint import write_random_checkpoint
+from server.model import load_cross_encoder
+
+CONFIGS = {
+    # the default tiny shape
+    "tiny": dict(size="tiny", seed=11),
+    # odd sizes: 3 layers, 6 heads of 16, FFN 200
+    "odd": dict(size="tiny", seed=12, hidden_size=96, num_attention_heads=6, num_hidden_layers=3,
+                intermediate_size=200),
+}
+
+
+def random_batch(lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    # real sequences start with <s> (0) and end with </s> (2); ids in between are ordinary pieces
+    seqs = [torch.cat([torch.tensor([0]), torch.randint(5, 250000, (n - 2,), generator=g), torch.tensor([2])])
+            if n >= 2 else torch.tensor([0]) for n in lengths]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return seqs, torch.cat(seqs), cu
+
+
+def hf_logits(hf, seqs):
+    with torch.inference_mode():
+        return torch.stack([hf(input_ids=s[None]).logits[0, 0] for s in seqs])
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def models(request, tmp_path_factory):
+    spec = dict(CONFIGS[request.param])
+    path = write_random_checkpoint(tmp_path_factory.mktemp(request.param), spec.pop("size"), spec.pop("seed"), **spec)
+    ours = load_cross_encoder(path, TORCH_OPS, torch.device("cpu"), torch.float32)
+    hf = XLMRobertaForSequenceClassification.from_pretrained(path, attn_implementation="eager").eval()
+    return ours, hf
+
+
+def test_random_lengths_match_transformers(models):
+    ours, hf = models
+    g = torch.Generator().manual_seed(3)
+    lengths = [1, 2, 3, 2048 + 77] + torch.randint(4, 700, (12,), generator=g).tolist()
+    seqs, ids, cu = random_batch(lengths, seed=5)
+    got = ours(ids, cu, max(lengths))
+    want = hf_logits(hf, seqs)
+    assert got.shape == (len(lengths),)
+    diff = (got - want).abs().max().item()
+    assert diff <= 1e-4, f"max abs logit diff {diff}"
+    assert torch.equal(torch.argsort(got, descending=True, stable=True), torch.argsort(want, descending=True, stable=True))
+    assert want.std() > 1e-3  # the check means something only if the logits differ
+
+
+def test_padded_hf_batch_matches_unpadded(models):
+    """HF's own padded batch (attention mask) agrees with our concatenated one."""
+    ours, hf = models
+    lengths = [5, 40, 9, 130]
+    seqs, ids, cu = random_batch(lengths, seed=7)
+    padded = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=1)
+    mask = (torch.arange(padded.shape[1])[None] < torch.tensor(lengths)[:, None]).long()
+    with torch.inference_mode():
+        want = hf(input_ids=padded, attention_mask=mask).logits[:, 0]
+    assert (ours(ids, cu, max(lengths)) - want).abs().max().item() <= 1e-4
+
+
+def test_full_context_8192_tokens(tmp_path):
+    """The last position embedding (8193) is used by an 8192-token pair: positions start at 2."""
+    path = write_random_checkpoint(tmp_path, "tiny", seed=13, hidden_size=32, num_attention_heads=2,
+                                   num_hidden_layers=1, intermediate_size=64)
+    ours = load_cross_encoder(path, TORCH_OPS, torch.device("cpu"), torch.float32)
+    hf = XLMRobertaForSequenceClassification.from_pretrained(path, attn_implementation="sdpa").eval()
+    lengths = [8192, 3]
+    seqs, ids, cu = random_batch(lengths, seed=9)
+    assert (ours(ids, cu, 8192) - hf_logits(hf, seqs)).abs().max().item() <= 1e-4
