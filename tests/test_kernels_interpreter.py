@@ -1,49 +1,36 @@
 """Every Triton kernel under the Triton interpreter (CPU, no GPU) against its PyTorch reference.
 
-``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates a kernel, not at launch, and
-other test modules may already have imported ``kernels`` (compiled-kernel mode) in this
-process. So this module execs private copies of the kernel files with the variable set,
-then restores it: the copies hold interpreted kernels, everything else is untouched
-(GPU tests in the same run still get compiled kernels). The interpreter has no bf16 and is
-slow: shapes are tiny and odd. Also here, still without a GPU: the kernels compile to
-cubin for sm_80 and sm_90, and ``kernels`` imports without triton installed.
+``TRITON_INTERPRET=1`` only takes effect if it is set before ``import triton``: it is read
+when ``@triton.jit`` decorates a function, and triton's own library functions (``tl.sum``,
+``tl.max``, ...) are decorated at import. Other test modules in this process may already
+have imported triton in compiled mode (and the GPU tests need it so), so the kernels run in
+one child process started with the variable set: the parent builds every case's inputs,
+the child runs them all and hands the outputs back through ``torch.save`` (which keeps
+views and strides), and each test compares its output with the reference here.
+The interpreter has no bf16 and is slow: shapes are tiny and odd. Also here, still
+without a GPU: the kernels compile to cubin for sm_80 and sm_90, and ``kernels`` imports
+without triton installed.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
+import kernels.attention as attention  # noqa: E402  (references; the Triton ops run in the child)
+import kernels.embeddings as embeddings  # noqa: E402
+import kernels.gelu as gelu  # noqa: E402
+import kernels.layernorm as layernorm  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_interpreted(name: str):
-    """A private copy of kernels/<name>.py whose @triton.jit kernels are interpreted."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location(f"_interpreted_kernels_{name}", ROOT / "kernels" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    return module
-
-
-attention = _load_interpreted("attention")
-embeddings = _load_interpreted("embeddings")
-gelu = _load_interpreted("gelu")
-layernorm = _load_interpreted("layernorm")
 
 DTYPES = [torch.float32, torch.float16]  # the interpreter has no bf16
 # (atol, rtol) per dtype. Glue ops: both sides compute in fp32 and round once, so fp16 may
@@ -81,137 +68,163 @@ def random_cu_seqlens(seed: int, batch: int = 6, longest: int = 70) -> tuple[tor
     return cu, int(lengths.max())
 
 
-# ----------------------------------------------------------------------------- glue ops
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("hidden", [48, 80, 1024])
-@pytest.mark.parametrize("position_offset", [2, 0])
-def test_embed_layernorm(dtype, hidden, position_offset):
-    torch.manual_seed(hidden)
-    cu, longest = random_cu_seqlens(hidden, longest=70 if hidden < 1024 else 9)
-    total, vocab = int(cu[-1]), 97
-    ids = torch.randint(0, vocab, (total,))
-    word = torch.randn(vocab, hidden).to(dtype)
-    position = torch.randn(longest + position_offset + 3, hidden).to(dtype)
-    token_type = torch.randn(2, hidden).to(dtype)[0]
-    weight, bias = (1 + 0.1 * torch.randn(hidden)).to(dtype), (0.1 * torch.randn(hidden)).to(dtype)
-    args = (ids, cu, word, position, token_type, weight, bias, 1e-5, position_offset)
-    out = embeddings.embed_layernorm_triton(*args)
-    assert out.dtype == dtype
-    assert_close(out, embeddings.embed_layernorm_torch(*args), *GLUE_TOL[dtype], what="embed_layernorm")
+def cu_from_lengths(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
-def test_embed_layernorm_positions_restart_per_sequence():
-    """Zero word/type rows and an identity-like position table: the output reveals the ids used."""
-    hidden, offset = 16, 2
-    cu = torch.tensor([0, 1, 4, 5, 9], dtype=torch.int32)
-    position = torch.zeros(16, hidden)
-    position[torch.arange(16), torch.arange(16)] = 10.0  # row p has its spike in column p
-    zeros = torch.zeros(hidden)
-    out = embeddings.embed_layernorm_triton(torch.zeros(9, dtype=torch.long), cu, torch.zeros(3, hidden), position,
-                                            zeros, torch.ones(hidden), zeros, 1e-5, offset)
-    assert out.argmax(1).tolist() == [2, 2, 3, 4, 2, 2, 3, 4, 5]
+# ----------------------------------------------------------------------------- cases
+
+@dataclass
+class Case:
+    """One call of ``kernels.<module>.<function>_triton(*args)`` in the interpreter."""
+
+    module: str
+    function: str
+    args: tuple
+    reference: Callable | None = None  # same args -> expected tensor
+    tol: tuple[float, float] = (0.0, 0.0)
+    error: str | None = None  # expected exception text instead of an output
+    check: Callable | None = None  # extra assertion on the output
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows,hidden", [(1, 48), (37, 80), (5, 1024)])
-def test_add_layernorm(dtype, rows, hidden):
-    torch.manual_seed(rows * hidden)
-    x = (3 * torch.randn(rows, hidden) + 1).to(dtype)
-    residual = torch.randn(rows, hidden).to(dtype)
-    weight, bias = (1 + 0.1 * torch.randn(hidden)).to(dtype), (0.1 * torch.randn(hidden)).to(dtype)
-    out = layernorm.add_layernorm_triton(x, residual, weight, bias, 1e-5)
-    assert out.dtype == dtype
-    assert_close(out, layernorm.add_layernorm_torch(x, residual, weight, bias, 1e-5), *GLUE_TOL[dtype],
-                 what="add_layernorm")
+CASES: dict[str, Case] = {}
 
-
-def test_add_layernorm_strided_rows():
-    """A row-sliced residual (e.g. x[rows] views, or a wider buffer) is read by its stride."""
-    torch.manual_seed(0)
-    wide = torch.randn(7, 96)
-    x, residual = torch.randn(7, 48), wide[:, 8:56]
-    weight, bias = torch.randn(48), torch.randn(48)
-    assert_close(layernorm.add_layernorm_triton(x, residual, weight, bias, 1e-5),
-                 layernorm.add_layernorm_torch(x, residual, weight, bias, 1e-5), *GLUE_TOL[torch.float32],
-                 what="add_layernorm strided")
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows,features", [(1, 80), (13, 48), (9, 200)])
-def test_bias_gelu(dtype, rows, features):
-    torch.manual_seed(rows + features)
-    x = (3 * torch.randn(rows, features)).to(dtype)
-    bias = torch.randn(features).to(dtype)
-    out = gelu.bias_gelu_triton(x, bias)
-    assert out.dtype == dtype
-    assert_close(out, gelu.bias_gelu_torch(x, bias), *GLUE_TOL[dtype], what="bias_gelu")
-
-
-def test_glue_ops_accept_empty_batches():
-    empty = torch.empty(0, 48)
-    assert layernorm.add_layernorm_triton(empty, empty, torch.ones(48), torch.zeros(48), 1e-5).shape == (0, 48)
-    assert gelu.bias_gelu_triton(empty, torch.zeros(48)).shape == (0, 48)
-
-
-# ----------------------------------------------------------------------------- attention
 
 def _attention_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     """The reference on fp32 copies: the exact answer for the inputs as given."""
     return attention.varlen_attention_torch(q.float(), k.float(), v.float(), cu_q, cu_k, max_q, max_k, scale)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("heads,head_dim,longest", [(2, 16, 70), (3, 64, 150), (1, 128, 40), (2, 32, 9)])
-def test_varlen_attention(dtype, heads, head_dim, longest):
-    """Full self-attention: one long sequence spans several query and key blocks."""
-    torch.manual_seed(head_dim + longest)
-    cu, max_len = random_cu_seqlens(head_dim, longest=longest)
-    total = int(cu[-1])
-    # Q, K and V as views into one fused (total, 3, heads, dim) tensor, as the model passes them.
-    qkv = torch.randn(total, 3, heads, head_dim).to(dtype)
-    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-    scale = head_dim ** -0.5
-    out = attention.varlen_attention_triton(q, k, v, cu, cu, max_len, max_len, scale)
-    assert out.dtype == dtype and out.shape == q.shape
-    assert_close(out, _attention_reference(q, k, v, cu, cu, max_len, max_len, scale), *ATTENTION_TOL[dtype],
-                 what=f"varlen_attention {dtype}")
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_varlen_attention_first_token_queries(dtype):
-    """The last layer: one query per sequence (cu_seqlens_q = arange) against all its keys."""
+for dtype in DTYPES:
+    for hidden in (48, 80, 1024):
+        for offset in (2, 0):
+            torch.manual_seed(hidden + offset)
+            cu, longest = random_cu_seqlens(hidden, longest=70 if hidden < 1024 else 9)
+            vocab = 97
+            CASES[f"embed-{_dtype_name(dtype)}-h{hidden}-offset{offset}"] = Case(
+                "embeddings", "embed_layernorm_triton",
+                (torch.randint(0, vocab, (int(cu[-1]),)), cu, torch.randn(vocab, hidden).to(dtype),
+                 torch.randn(longest + offset + 3, hidden).to(dtype), torch.randn(2, hidden).to(dtype)[0],
+                 (1 + 0.1 * torch.randn(hidden)).to(dtype), (0.1 * torch.randn(hidden)).to(dtype), 1e-5, offset),
+                embeddings.embed_layernorm_torch, GLUE_TOL[dtype])
+
+    for rows, hidden in ((1, 48), (37, 80), (5, 1024)):
+        torch.manual_seed(rows * hidden)
+        CASES[f"add_layernorm-{_dtype_name(dtype)}-{rows}x{hidden}"] = Case(
+            "layernorm", "add_layernorm_triton",
+            ((3 * torch.randn(rows, hidden) + 1).to(dtype), torch.randn(rows, hidden).to(dtype),
+             (1 + 0.1 * torch.randn(hidden)).to(dtype), (0.1 * torch.randn(hidden)).to(dtype), 1e-5),
+            layernorm.add_layernorm_torch, GLUE_TOL[dtype])
+
+    for rows, features in ((1, 80), (13, 48), (9, 200)):
+        torch.manual_seed(rows + features)
+        CASES[f"bias_gelu-{_dtype_name(dtype)}-{rows}x{features}"] = Case(
+            "gelu", "bias_gelu_triton", ((3 * torch.randn(rows, features)).to(dtype), torch.randn(features).to(dtype)),
+            gelu.bias_gelu_torch, GLUE_TOL[dtype])
+
+    # Full self-attention; the long sequence spans several query and key blocks (150: two
+    # 128-row query blocks, three 64-key blocks). Q, K and V are views into one fused
+    # (total, 3, heads, dim) tensor, as the model passes them.
+    for heads, head_dim, longest in ((2, 16, 70), (3, 64, 150), (1, 128, 40), (2, 32, 9)):
+        torch.manual_seed(head_dim + longest)
+        cu, max_len = random_cu_seqlens(head_dim, longest=longest)
+        qkv = torch.randn(int(cu[-1]), 3, heads, head_dim).to(dtype)
+        CASES[f"attention-{_dtype_name(dtype)}-h{heads}-d{head_dim}-longest{longest}"] = Case(
+            "attention", "varlen_attention_triton",
+            (qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, max_len, max_len, head_dim ** -0.5),
+            _attention_reference, ATTENTION_TOL[dtype])
+
+    # The last layer: one query per sequence (cu_seqlens_q = arange) against all its keys.
     torch.manual_seed(1)
-    heads, head_dim = 2, 64
     cu_k, max_k = random_cu_seqlens(7, batch=5, longest=90)
-    batch, total = cu_k.shape[0] - 1, int(cu_k[-1])
-    kv = torch.randn(total, 2, heads, head_dim).to(dtype)
-    q = torch.randn(batch, heads, head_dim).to(dtype)
-    cu_q = torch.arange(batch + 1, dtype=torch.int32)
-    args = (q, kv[:, 0], kv[:, 1], cu_q, cu_k, 1, max_k, head_dim ** -0.5)
-    assert_close(attention.varlen_attention_triton(*args), _attention_reference(*args), *ATTENTION_TOL[dtype],
-                 what="first-token attention")
+    kv = torch.randn(int(cu_k[-1]), 2, 2, 64).to(dtype)
+    CASES[f"attention-{_dtype_name(dtype)}-first-token-queries"] = Case(
+        "attention", "varlen_attention_triton",
+        (torch.randn(5, 2, 64).to(dtype), kv[:, 0], kv[:, 1], torch.arange(6, dtype=torch.int32), cu_k, 1, max_k, 0.125),
+        _attention_reference, ATTENTION_TOL[dtype])
+
+# cu_seqlens_q and cu_seqlens_k are independent, an empty query range included.
+torch.manual_seed(2)
+CASES["attention-float32-q-and-k-lengths-differ"] = Case(
+    "attention", "varlen_attention_triton",
+    (torch.randn(26, 2, 16), torch.randn(83, 2, 16), torch.randn(83, 2, 16),
+     cu_from_lengths([3, 0, 1, 20, 2]), cu_from_lengths([5, 4, 1, 3, 70]), 20, 70, 0.3),
+    _attention_reference, ATTENTION_TOL[torch.float32])
+CASES["attention-rejects-head-dim-24"] = Case(
+    "attention", "varlen_attention_triton",
+    (torch.randn(4, 1, 24), torch.randn(4, 1, 24), torch.randn(4, 1, 24), cu_from_lengths([4]), cu_from_lengths([4]),
+     4, 4, 1.0), error="power-of-two head_dim")
+
+# A row-sliced residual (a view into a wider buffer) is read by its stride.
+torch.manual_seed(0)
+CASES["add_layernorm-float32-strided-residual"] = Case(
+    "layernorm", "add_layernorm_triton",
+    (torch.randn(7, 48), torch.randn(7, 96)[:, 8:56], torch.randn(48), torch.randn(48), 1e-5),
+    layernorm.add_layernorm_torch, GLUE_TOL[torch.float32])
+CASES["add_layernorm-empty"] = Case(
+    "layernorm", "add_layernorm_triton", (torch.empty(0, 48), torch.empty(0, 48), torch.ones(48), torch.zeros(48), 1e-5),
+    layernorm.add_layernorm_torch)
+CASES["bias_gelu-empty"] = Case("gelu", "bias_gelu_triton", (torch.empty(0, 48), torch.zeros(48)), gelu.bias_gelu_torch)
 
 
-def test_varlen_attention_different_query_and_key_lengths():
-    """cu_seqlens_q and cu_seqlens_k are independent, an empty query range included."""
-    torch.manual_seed(2)
-    heads, head_dim = 2, 16
-    q_lens, k_lens = [3, 0, 1, 20, 2], [5, 4, 1, 3, 70]
-    cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-    cu_k = torch.tensor([0, *torch.tensor(k_lens).cumsum(0).tolist()], dtype=torch.int32)
-    q = torch.randn(sum(q_lens), heads, head_dim)
-    k, v = torch.randn(sum(k_lens), heads, head_dim), torch.randn(sum(k_lens), heads, head_dim)
-    args = (q, k, v, cu_q, cu_k, max(q_lens), max(k_lens), 0.3)
-    assert_close(attention.varlen_attention_triton(*args), _attention_reference(*args),
-                 *ATTENTION_TOL[torch.float32], what="q/k lengths differ")
+def _spikes(hidden: int = 16) -> torch.Tensor:
+    position = torch.zeros(hidden, hidden)
+    position[torch.arange(hidden), torch.arange(hidden)] = 10.0  # row p has its spike in column p
+    return position
 
 
-def test_varlen_attention_rejects_bad_head_dim():
-    x = torch.randn(4, 1, 24)
-    cu = torch.tensor([0, 4], dtype=torch.int32)
-    with pytest.raises(ValueError, match="head_dim"):
-        attention.varlen_attention_triton(x, x, x, cu, cu, 4, 4, 1.0)
+# Positions restart at the offset in every sequence: zero word and type rows and a spiky
+# position table make the output reveal the position ids the kernel used.
+CASES["embed-positions-restart-per-sequence"] = Case(
+    "embeddings", "embed_layernorm_triton",
+    (torch.zeros(9, dtype=torch.long), cu_from_lengths([1, 3, 1, 4]), torch.zeros(3, 16), _spikes(),
+     torch.zeros(16), torch.ones(16), torch.zeros(16), 1e-5, 2),
+    embeddings.embed_layernorm_torch, GLUE_TOL[torch.float32],
+    check=lambda out: out.argmax(1).tolist() == [2, 2, 3, 4, 2, 2, 3, 4, 5])
+
+_WORKER = """
+import importlib, sys, traceback
+import torch
+cases = torch.load(sys.argv[1], weights_only=False)
+results = {}
+for name, (module, function, args) in cases.items():
+    try:
+        results[name] = getattr(importlib.import_module("kernels." + module), function)(*args)
+    except Exception as e:
+        results[name] = "".join(traceback.format_exception_only(e)).strip()
+torch.save(results, sys.argv[2])
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory) -> dict:
+    """Case name -> the kernel's output (or its error text), all run in one interpreter child."""
+    tmp = tmp_path_factory.mktemp("interpreter")
+    torch.save({name: (c.module, c.function, c.args) for name, c in CASES.items()}, tmp / "cases.pt")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", _WORKER, str(tmp / "cases.pt"), str(tmp / "out.pt")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"interpreter child failed:\n{result.stderr[-5000:]}"
+    return torch.load(tmp / "out.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_in_interpreter(name, interpreted):
+    case, out = CASES[name], interpreted[name]
+    if case.error is not None:
+        assert isinstance(out, str) and case.error in out, f"expected an error with {case.error!r}, got {out!r}"
+        return
+    if isinstance(out, str):
+        pytest.fail(f"{case.module}.{case.function} raised in the interpreter: {out}")
+    expected = case.reference(*case.args)
+    assert out.dtype == case.args[2 if case.module == "embeddings" else 0].dtype
+    assert_close(out, expected, *case.tol, what=name)
+    if case.check is not None:
+        assert case.check(out), f"{name}: extra check failed on {out}"
 
 
 # ----------------------------------------------------------------------------- without a GPU or triton
