@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
+import ssl
 import sys
 
+import grpc
 from aiohttp import web
 
 from server.config import Config, parse_args
@@ -13,39 +16,50 @@ from server.engine import Engine
 from server.grpc_server import build_grpc_server, set_serving
 from server.rest import build_app
 from server.scheduler import Scheduler
-from server.service import RerankService
+from server.service import RerankService, request_id_var
 
 log = logging.getLogger("server")
 
 
 async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
-    service = RerankService(config.served_model_name, config.max_documents)
+    limits = dict(max_request_bytes=config.max_request_bytes, http_port=config.http_port,
+                  grpc_port=config.grpc_port, auth=bool(config.api_keys), tls=bool(config.tls_cert))
+    service = RerankService(config.served_model_name, config.max_documents, config.api_keys, settings=limits)
 
-    grpc_server, health = build_grpc_server(service, f"{config.host}:{config.grpc_port}", config.max_request_bytes)
+    credentials, ssl_context = None, None
+    if config.tls_cert:
+        with open(config.tls_cert, "rb") as cert, open(config.tls_key, "rb") as key:
+            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(config.tls_cert, config.tls_key)
+    grpc_server, health = build_grpc_server(service, f"{config.host}:{config.grpc_port}",
+                                            config.max_request_bytes, credentials)
     await set_serving(health, False)
     await grpc_server.start()
-    runner = web.AppRunner(build_app(service, config.max_request_bytes), access_log=None,
+    runner = web.AppRunner(build_app(service, config.max_request_bytes, config.metrics_auth), access_log=None,
                            shutdown_timeout=config.shutdown_grace)
     await runner.setup()
-    await web.TCPSite(runner, config.host, config.http_port).start()
-    log.info("listening: REST http://%s:%d (POST /v1/rerank, /rerank; GET /health), gRPC %s:%d",
-             config.host, config.http_port, config.host, config.grpc_port)
+    await web.TCPSite(runner, config.host, config.http_port, ssl_context=ssl_context).start()
+    scheme = "https" if ssl_context else "http"
+    log.info("listening: REST %s://%s:%d (POST /v1/rerank, /rerank; GET /health, /metrics, /info), gRPC %s:%d%s; "
+             "auth %s", scheme, config.host, config.http_port, config.host, config.grpc_port,
+             " (TLS)" if credentials else "", f"on ({len(config.api_keys)} keys)" if config.api_keys else "off")
 
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    async def load() -> Scheduler:
+    async def load() -> None:
         engine = await loop.run_in_executor(
             None, lambda: Engine.load(config.model, config.device, config.max_length, config.attention))
         await loop.run_in_executor(None, engine.warm_up)
-        scheduler = Scheduler(engine.forward, config.max_batch_tokens, config.max_queued_tokens)
+        scheduler = Scheduler(engine.forward, config.max_batch_tokens, config.max_queued_tokens,
+                              on_batch=service.metrics.observe_batch)
         scheduler.start()
         service.attach(engine, scheduler)
         await set_serving(health, True)
         log.info("serving model %s (aliases: %s)", service.model_id, ", ".join(config.served_model_name[1:]) or "none")
-        return scheduler
 
     loading = asyncio.create_task(load())
     stopping = asyncio.create_task(stop.wait())
@@ -56,8 +70,9 @@ async def serve(config: Config) -> int:
         status = 2
     else:
         await stopping
-        log.info("stopping: finishing accepted requests (grace %.0fs)", config.shutdown_grace)
+        log.info("stopping: no new requests; finishing accepted ones (grace %.0fs)", config.shutdown_grace)
     loading.cancel()
+    service.draining = True
     await set_serving(health, False)
     await asyncio.gather(runner.cleanup(), grpc_server.stop(config.shutdown_grace))
     if service.scheduler:
@@ -66,9 +81,32 @@ async def serve(config: Config) -> int:
     return status
 
 
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                 "request_id": record.request_id, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(config: Config) -> None:
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(JsonFormatter() if config.log_json else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    logging.basicConfig(level=config.log_level, handlers=[handler])
+
+
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(config)
     sys.exit(asyncio.run(serve(config)))
 
 

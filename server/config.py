@@ -22,6 +22,11 @@ class Config:
     max_request_bytes: int
     shutdown_grace: float
     log_level: str
+    log_json: bool
+    api_keys: list[str]
+    metrics_auth: bool
+    tls_cert: str | None
+    tls_key: str | None
 
 
 def _env(flag: str, default):
@@ -57,7 +62,19 @@ def parse_args(argv: list[str] | None = None) -> Config:
     add("--shutdown-grace", type=float, default=float(_env("shutdown-grace", 30)),
         help="seconds to finish accepted requests after SIGTERM/SIGINT")
     add("--log-level", default=_env("log-level", "INFO"))
+    add("--log-json", action="store_true", default=_env("log-json", "") not in ("", "0", "false"),
+        help="one JSON object per log line")
+    add("--api-key", action="append", default=None,
+        help="accepted API key (repeatable; env RERANK_API_KEY, comma-separated). When set, REST needs "
+             "'Authorization: Bearer <key>' and gRPC the same 'authorization' metadata; /health stays open")
+    add("--metrics-auth", action="store_true", default=_env("metrics-auth", "") not in ("", "0", "false"),
+        help="put GET /metrics behind the API key too")
+    add("--tls-cert", default=_env("tls-cert", None), help="PEM certificate: serve both listeners over TLS")
+    add("--tls-key", default=_env("tls-key", None), help="PEM private key for --tls-cert")
     a = p.parse_args(argv)
+    api_keys = a.api_key or [k.strip() for k in _env("api-key", "").split(",") if k.strip()]
+    if bool(a.tls_cert) != bool(a.tls_key):
+        p.error("--tls-cert and --tls-key go together")
     names = a.served_model_name
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
@@ -72,5 +89,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
         grpc_port=a.grpc_port, max_length=max_length, device=a.device, attention=a.attention,
         max_batch_tokens=a.max_batch_tokens, max_queued_tokens=a.max_queued_tokens,
         max_documents=a.max_documents, max_request_bytes=a.max_request_bytes,
-        shutdown_grace=a.shutdown_grace, log_level=a.log_level.upper(),
+        shutdown_grace=a.shutdown_grace, log_level=a.log_level.upper(), log_json=a.log_json,
+        api_keys=api_keys, metrics_auth=a.metrics_auth, tls_cert=a.tls_cert, tls_key=a.tls_key,
     )

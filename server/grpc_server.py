@@ -1,12 +1,14 @@
 """The gRPC transport: the Rerank servicer, grpc.health.v1 and server reflection."""
 from __future__ import annotations
 
+import time
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server.schema import SERVICE, pb, pb_grpc
-from server.service import ApiError, RerankService
+from server.service import ApiError, Call, RerankService, request_id_var
 
 
 class RerankServicer(pb_grpc.RerankServicer):
@@ -14,13 +16,28 @@ class RerankServicer(pb_grpc.RerankServicer):
         self.service = service
 
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
+        metadata = dict(context.invocation_metadata() or ())
+        call = Call(request_id=metadata.get("x-request-id") or Call().request_id)
+        request_id_var.set(call.request_id)
+        code, error = grpc.StatusCode.CANCELLED, None  # stays CANCELLED if the caller goes away
         try:
-            return await self.service.rerank(request)
+            self.service.authenticate(metadata.get("authorization"))
+            response = await self.service.rerank(request, call)
+            code = grpc.StatusCode.OK
         except ApiError as e:
-            await context.abort(e.code, e.message)
+            code, error = e.code, e.message
+        finally:
+            context.set_trailing_metadata([("x-request-id", call.request_id)] + [
+                (f"x-{stage}-time", f"{seconds * 1000:.2f}") for stage, seconds in call.timings.items()])
+            self.service.metrics.requests.labels("grpc", "Rerank", code.name).inc()
+            self.service.metrics.request_seconds.labels("grpc").observe(time.perf_counter() - call.started)
+        if error is not None:
+            await context.abort(code, error)
+        return response
 
 
-def build_grpc_server(service: RerankService, address: str, max_message_bytes: int):
+def build_grpc_server(service: RerankService, address: str, max_message_bytes: int,
+                      credentials: grpc.ServerCredentials | None = None):
     """-> (server, health servicer). Health starts NOT_SERVING; the caller flips it."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -32,7 +49,8 @@ def build_grpc_server(service: RerankService, address: str, max_message_bytes: i
     reflection.enable_server_reflection(
         [SERVICE.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server)
-    if server.add_insecure_port(address) == 0:
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if port == 0:
         raise OSError(f"cannot listen for gRPC on {address}")
     return server, health_servicer
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import grpc
 from aiohttp import web
 from google.protobuf import json_format, message_factory
 
 from server.schema import http_bindings
-from server.service import ApiError, RerankService
+from server.service import ApiError, Call, RerankService, request_id_var
 
 log = logging.getLogger(__name__)
 
@@ -26,30 +27,12 @@ HTTP_STATUS = {
 # aiohttp's own refusals, expressed as gRPC codes for the error body.
 _HTTP_TO_CODE = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED,
                  413: grpc.StatusCode.RESOURCE_EXHAUSTED}
+OPEN_PATHS = {"/health", "/metrics"}  # never behind the API key (/metrics: unless --metrics-auth)
 
 
 def error_response(code: grpc.StatusCode, message: str, status: int | None = None) -> web.Response:
     return web.json_response({"code": code.value[0], "message": message, "details": []},
                              status=status or HTTP_STATUS.get(code, 500))
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except ApiError as e:
-        return error_response(e.code, e.message, e.http_status)
-    except web.HTTPRequestEntityTooLarge:
-        return error_response(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"request body is larger than the limit of {request.client_max_size} bytes (--max-request-bytes)", 413)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        code = _HTTP_TO_CODE.get(e.status, grpc.StatusCode.INVALID_ARGUMENT)
-        return error_response(code, f"{request.method} {request.path}: {e.reason}", e.status)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
 
 def _is_json(content_type: str) -> bool:
@@ -66,24 +49,58 @@ def _json_body(raw: bytes) -> dict:
     return body
 
 
-def build_app(service: RerankService, max_request_bytes: int) -> web.Application:
-    app = web.Application(client_max_size=max_request_bytes, middlewares=[error_middleware])
+def build_app(service: RerankService, max_request_bytes: int, metrics_auth: bool = False) -> web.Application:
+    open_paths = OPEN_PATHS - ({"/metrics"} if metrics_auth else set())
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        call = Call(request_id=request.headers.get("X-Request-Id") or Call().request_id)
+        request["call"] = call
+        request_id_var.set(call.request_id)
+        try:
+            if request.path not in open_paths:
+                service.authenticate(request.headers.get("Authorization"))
+            response = await handler(request)
+        except ApiError as e:
+            response = error_response(e.code, e.message, e.http_status)
+        except web.HTTPRequestEntityTooLarge:
+            response = error_response(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                      f"request body is larger than the limit of {request.client_max_size} bytes "
+                                      "(--max-request-bytes)", 413)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            code = _HTTP_TO_CODE.get(e.status, grpc.StatusCode.INVALID_ARGUMENT)
+            response = error_response(code, f"{request.method} {request.path}: {e.reason}", e.status)
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            response = error_response(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        response.headers["X-Request-Id"] = call.request_id
+        for stage, seconds in call.timings.items():
+            response.headers[f"X-{stage.capitalize()}-Time"] = f"{seconds * 1000:.2f}"  # milliseconds
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        service.metrics.requests.labels("http", route, str(response.status)).inc()
+        if request.path not in OPEN_PATHS:
+            service.metrics.request_seconds.labels("http").observe(time.perf_counter() - call.started)
+        return response
+
+    app = web.Application(client_max_size=max_request_bytes, middlewares=[middleware])
     handlers = {"Rerank": service.rerank}
 
     def route(method_descriptor):
-        call = handlers[method_descriptor.name]
+        call_service = handlers[method_descriptor.name]
         request_class = message_factory.GetMessageClass(method_descriptor.input_type)
 
         async def handle(request: web.Request) -> web.Response:
             if "Content-Type" in request.headers and not _is_json(request.content_type):
                 raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"Content-Type must be application/json, got {request.content_type!r}", 415)
-            body = _json_body(await request.read())
+            body = {k: v for k, v in _json_body(await request.read()).items() if v is not None}  # null: absent
             try:
                 message = json_format.ParseDict(body, request_class(), ignore_unknown_fields=True)
             except json_format.ParseError as e:
                 raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-            reply = await call(message)
+            reply = await call_service(message, request["call"])
             return web.json_response(json_format.MessageToDict(
                 reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
         return handle
@@ -96,5 +113,14 @@ def build_app(service: RerankService, max_request_bytes: int) -> web.Application
             return web.json_response({"status": "SERVING"})
         return web.json_response({"status": "NOT_SERVING"}, status=503)
 
+    async def metrics(_: web.Request) -> web.Response:
+        service.metrics.queued_tokens.set(service.scheduler.queued_tokens if service.scheduler else 0)
+        return web.Response(body=service.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    async def show_info(_: web.Request) -> web.Response:
+        return web.json_response(service.describe())
+
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/info", show_info)
     return app

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ class _Job:
     logits: list[float | None] = field(default_factory=list)
     next_pair: int = 0  # first pair not yet handed to a batch
     done: int = 0
+    enqueued: float = field(default_factory=time.perf_counter)
+    started: float | None = None  # when its first batch began
+    inference_seconds: float = 0.0  # forward time of the batches it took part in
 
     @property
     def remaining_tokens(self) -> int:
@@ -45,8 +49,9 @@ class BatchStats:
 
 class Scheduler:
     def __init__(self, forward: Callable[[list[list[int]]], list[float]], max_batch_tokens: int,
-                 max_queued_tokens: int):
+                 max_queued_tokens: int, on_batch: Callable[[int, int], None] | None = None):
         self._forward = forward
+        self._on_batch = on_batch  # (pairs, tokens) after each forward, e.g. for metrics
         self.max_batch_tokens = max_batch_tokens
         self.max_queued_tokens = max_queued_tokens
         self._jobs: deque[_Job] = deque()
@@ -65,8 +70,9 @@ class Scheduler:
             await asyncio.gather(self._task, return_exceptions=True)
         self._thread.shutdown(wait=True)
 
-    async def score(self, pairs: list[list[int]]) -> list[float]:
-        """Token-id lists (each at most max_batch_tokens long) -> one logit each."""
+    async def score(self, pairs: list[list[int]], timings: dict | None = None) -> list[float]:
+        """Token-id lists (each at most max_batch_tokens long) -> one logit each.
+        ``timings`` (if given) receives "queue" and "inference" seconds."""
         if not pairs:
             return []
         tokens = sum(len(p) for p in pairs)
@@ -79,10 +85,14 @@ class Scheduler:
         self.queued_tokens += tokens
         self._work.set()
         try:
-            return await job.future
+            logits = await job.future
         finally:
             if not job.future.done():  # the caller went away: drop what is not computed yet
                 job.future.cancel()
+        if timings is not None:
+            timings["queue"] = (job.started or job.enqueued) - job.enqueued
+            timings["inference"] = job.inference_seconds
+        return logits
 
     def _take_batch(self) -> list[tuple[_Job, int]]:
         batch, budget = [], self.max_batch_tokens
@@ -112,6 +122,9 @@ class Scheduler:
                 self._work.clear()
                 continue
             pairs = [job.pairs[i] for job, i in batch]
+            started = time.perf_counter()
+            for job, _ in batch:
+                job.started = job.started or started
             try:
                 logits = await loop.run_in_executor(self._thread, self._forward, pairs)
             except Exception as e:  # one bad batch fails its requests, not the server
@@ -120,9 +133,14 @@ class Scheduler:
                     if not job.future.done():
                         job.future.set_exception(RuntimeError(f"inference failed: {e}"))
                 continue
+            elapsed, tokens = time.perf_counter() - started, sum(len(p) for p in pairs)
             self.stats.forwards += 1
             self.stats.pairs += len(pairs)
-            self.stats.tokens += sum(len(p) for p in pairs)
+            self.stats.tokens += tokens
+            if self._on_batch:
+                self._on_batch(len(pairs), tokens)
+            for job in {job for job, _ in batch}:
+                job.inference_seconds += elapsed
             for (job, i), logit in zip(batch, logits):
                 job.logits[i] = logit
                 job.done += 1

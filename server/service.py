@@ -6,15 +6,20 @@ validation -> tokenize (thread pool) -> scheduler queue -> batched forward -> ra
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import hmac
 import math
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import struct_pb2
 
+from server import __version__
 from server.engine import Engine
+from server.metrics import Metrics
 from server.scheduler import QueueFullError, Scheduler
 from server.schema import pb
 
@@ -46,26 +51,72 @@ def document_text(doc: struct_pb2.Value, index: int) -> str:
                   f"got {kind.removesuffix('_value') if kind else 'nothing'}")
 
 
+# The id of the request being served, for log lines (see server.__main__'s log filter).
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+@dataclass
+class Call:
+    """One request's identity and per-stage timings (seconds), filled as it travels."""
+
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float = field(default_factory=time.perf_counter)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
 def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
 class RerankService:
-    def __init__(self, served_model_names: list[str], max_documents: int):
+    def __init__(self, served_model_names: list[str], max_documents: int, api_keys: list[str] = (),
+                 metrics: Metrics | None = None, settings: dict | None = None):
+        self.settings = settings or {}  # limits and listeners, reported by describe()
         self.model_id = served_model_names[0]
         self.served_names = set(served_model_names)
         self.max_documents = max_documents
+        self._api_keys = [k.encode() for k in api_keys]
+        self.metrics = metrics or Metrics()
         self.engine: Engine | None = None
+        self.draining = False  # set at shutdown: health goes NOT_SERVING, new requests 503
         self.scheduler: Scheduler | None = None
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
 
     @property
     def ready(self) -> bool:
-        return self.scheduler is not None
+        return self.scheduler is not None and not self.draining
 
     def attach(self, engine: Engine, scheduler: Scheduler) -> None:
         """Called once the model is loaded and warmed: from here on requests are served."""
         self.engine, self.scheduler = engine, scheduler
+
+    def describe(self) -> dict:
+        """What GET /info reports: the model, how it runs, and the limits."""
+        info = {"model": self.model_id, "aliases": sorted(self.served_names - {self.model_id}),
+                "ready": self.ready, "max_documents": self.max_documents,
+                "version": __version__, **self.settings}
+        if self.engine:
+            model = self.engine.model
+            info.update(device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
+                        attention_backend=model.ops.attention_backend, max_length=self.engine.max_length,
+                        model_dir=str(self.engine.model_dir), layers=model.config.num_layers,
+                        hidden_size=model.config.hidden_size)
+        if self.scheduler:
+            info.update(max_batch_tokens=self.scheduler.max_batch_tokens,
+                        max_queued_tokens=self.scheduler.max_queued_tokens)
+        return info
+
+    def authenticate(self, authorization: str | None) -> None:
+        """``authorization`` is the HTTP header / gRPC metadata value, "Bearer <key>"."""
+        if not self._api_keys:
+            return
+        if not authorization:
+            raise ApiError(grpc.StatusCode.UNAUTHENTICATED, "authorization is required: send 'Authorization: Bearer <key>'")
+        scheme, _, key = authorization.partition(" ")
+        # compare against every key, in constant time, whatever matches first
+        matched = [hmac.compare_digest(key.strip().encode(), k) for k in self._api_keys]
+        if scheme.lower() != "bearer" or not any(matched):
+            raise ApiError(grpc.StatusCode.UNAUTHENTICATED, "authorization: invalid API key")
 
     def validate(self, request: pb.RerankRequest) -> list[str]:
         """-> the documents' texts; raises ApiError naming the offending field."""
@@ -85,15 +136,18 @@ class RerankService:
             raise invalid(f"top_n must be an integer >= 1, got {request.top_n}")
         return [document_text(d, i) for i, d in enumerate(request.documents)]
 
-    async def rerank(self, request: pb.RerankRequest) -> pb.RerankResponse:
+    async def rerank(self, request: pb.RerankRequest, call: Call | None = None) -> pb.RerankResponse:
+        call = call or Call()
         created = int(time.time())
         texts = self.validate(request)
         if not self.ready:
-            raise ApiError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, "the model is not serving (loading or shutting down); retry shortly")
         loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
         pairs = await loop.run_in_executor(self._tokenize_pool, self.engine.tokenizer.encode_pairs, request.query, texts)
+        call.timings["tokenize"] = time.perf_counter() - t0
         try:
-            logits = await self.scheduler.score(pairs)
+            logits = await self.scheduler.score(pairs, call.timings)
         except QueueFullError as e:
             raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
         except RuntimeError as e:
@@ -104,11 +158,14 @@ class RerankService:
             order = order[: request.top_n]
         tokens = sum(len(p) for p in pairs)
         response = pb.RerankResponse(
-            object="rerank", id=f"rerank-{uuid.uuid4().hex}", model=self.model_id, created=created,
+            object="rerank", id=f"rerank-{call.request_id}", model=self.model_id, created=created,
             usage=pb.Usage(prompt_tokens=tokens, total_tokens=tokens),
         )
         for i in order:
             result = response.results.add(index=i, relevance_score=scores[i])
             if request.return_documents:
                 result.document.CopyFrom(request.documents[i])
+        call.timings["total"] = time.perf_counter() - call.started
+        for stage in ("tokenize", "queue", "inference"):
+            self.metrics.stage_seconds.labels(stage).observe(call.timings.get(stage, 0.0))
         return response
