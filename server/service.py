@@ -6,6 +6,7 @@ validation -> tokenize (thread pool) -> scheduler queue -> batched forward -> ra
 from __future__ import annotations
 
 import asyncio
+import json
 import contextvars
 import hmac
 import math
@@ -15,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 
 from server import __version__
 from server.engine import Engine
@@ -37,18 +38,31 @@ def invalid(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-def document_text(doc: struct_pb2.Value, index: int) -> str:
-    """A document is a string, or an object whose "text" field is a string (Cohere style)."""
+def document_text(doc: struct_pb2.Value, index: int, rank_fields: list[str]) -> str:
+    """A document is a string, or an object: ranked on its "text" field, or with
+    ``rank_fields`` on "field: value" lines built from those fields (Cohere style)."""
     kind = doc.WhichOneof("kind")
     if kind == "string_value":
         return doc.string_value
     if kind == "struct_value":
-        text = doc.struct_value.fields.get("text")
+        fields = doc.struct_value.fields
+        if rank_fields:
+            present = [f for f in rank_fields if f in fields]
+            if not present:
+                raise invalid(f"documents[{index}] has none of the rank_fields {list(rank_fields)}")
+            return "\n".join(f"{f}: {_plain(fields[f])}" for f in present)
+        text = fields.get("text")
         if text is not None and text.WhichOneof("kind") == "string_value":
             return text.string_value
-        raise invalid(f'documents[{index}] is an object without a string field "text"')
+        raise invalid(f'documents[{index}] is an object without a string field "text" (or name rank_fields)')
     raise invalid(f'documents[{index}] must be a string or an object {{"text": string}}, '
                   f"got {kind.removesuffix('_value') if kind else 'nothing'}")
+
+
+def _plain(value: struct_pb2.Value) -> str:
+    if value.WhichOneof("kind") == "string_value":
+        return value.string_value
+    return json.dumps(json_format.MessageToDict(value), ensure_ascii=False)
 
 
 # The id of the request being served, for log lines (see server.__main__'s log filter).
@@ -66,6 +80,9 @@ class Call:
 
 def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+MAX_TOTAL_CHUNKS = 10_000  # as Cohere: documents x max_chunks_per_doc
 
 
 class RerankService:
@@ -134,7 +151,15 @@ class RerankService:
                           "(--max-documents)")
         if request.HasField("top_n") and request.top_n < 1:
             raise invalid(f"top_n must be an integer >= 1, got {request.top_n}")
-        return [document_text(d, i) for i, d in enumerate(request.documents)]
+        if request.HasField("max_tokens_per_doc") and request.max_tokens_per_doc < 1:
+            raise invalid(f"max_tokens_per_doc must be an integer >= 1, got {request.max_tokens_per_doc}")
+        if request.HasField("max_chunks_per_doc"):
+            if request.max_chunks_per_doc < 1:
+                raise invalid(f"max_chunks_per_doc must be an integer >= 1, got {request.max_chunks_per_doc}")
+            if len(request.documents) * request.max_chunks_per_doc > MAX_TOTAL_CHUNKS:
+                raise invalid(f"documents x max_chunks_per_doc must be at most {MAX_TOTAL_CHUNKS}, got "
+                              f"{len(request.documents)} x {request.max_chunks_per_doc}")
+        return [document_text(d, i, request.rank_fields) for i, d in enumerate(request.documents)]
 
     async def rerank(self, request: pb.RerankRequest, call: Call | None = None) -> pb.RerankResponse:
         call = call or Call()
@@ -144,14 +169,23 @@ class RerankService:
             raise ApiError(grpc.StatusCode.UNAVAILABLE, "the model is not serving (loading or shutting down); retry shortly")
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        pairs = await loop.run_in_executor(self._tokenize_pool, self.engine.tokenizer.encode_pairs, request.query, texts)
+        chunks = request.max_chunks_per_doc if request.HasField("max_chunks_per_doc") else 1
+        max_doc_tokens = request.max_tokens_per_doc if request.HasField("max_tokens_per_doc") else None
+        pairs, owner = await loop.run_in_executor(
+            self._tokenize_pool, self.engine.tokenizer.encode_chunked, request.query, texts, max_doc_tokens, chunks)
         call.timings["tokenize"] = time.perf_counter() - t0
         try:
-            logits = await self.scheduler.score(pairs, call.timings)
+            window_logits = await self.scheduler.score(pairs, call.timings)
         except QueueFullError as e:
             raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
         except RuntimeError as e:
             raise ApiError(grpc.StatusCode.INTERNAL, str(e)) from None
+        logits, best_chunk = [-math.inf] * len(texts), [0] * len(texts)
+        chunk = 0
+        for i, (doc, logit) in enumerate(zip(owner, window_logits)):
+            chunk = chunk + 1 if i and owner[i - 1] == doc else 0
+            if logit > logits[doc]:
+                logits[doc], best_chunk[doc] = logit, chunk
         scores = logits if request.raw_scores else [sigmoid(x) for x in logits]
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
         if request.HasField("top_n"):
@@ -163,6 +197,8 @@ class RerankService:
         )
         for i in order:
             result = response.results.add(index=i, relevance_score=scores[i])
+            if request.HasField("max_chunks_per_doc"):
+                result.chunk_index = best_chunk[i]
             if request.return_documents:
                 result.document.CopyFrom(request.documents[i])
         call.timings["total"] = time.perf_counter() - call.started

@@ -28,10 +28,30 @@ class PairTokenizer:
         self.max_length, self.bos, self.eos = max_length, bos_id, eos_id
         self.max_query_tokens = min(max_length * 3 // 4, max_length - 4)
 
-    def encode_pairs(self, query: str, documents: list[str]) -> list[list[int]]:
-        """-> one token-id list per document, each at most ``max_length`` long."""
+    def encode_pairs(self, query: str, documents: list[str], max_doc_tokens: int | None = None) -> list[list[int]]:
+        """-> one token-id list per document, each at most ``max_length`` long; documents are
+        cut to ``max_doc_tokens`` first when given."""
+        pairs, _ = self.encode_chunked(query, documents, max_doc_tokens, max_chunks=1)
+        return pairs
+
+    def encode_chunked(self, query: str, documents: list[str], max_doc_tokens: int | None = None,
+                       max_chunks: int = 1) -> tuple[list[list[int]], list[int]]:
+        """Splits each document into up to ``max_chunks`` windows of the token budget (the room
+        left beside the query, or ``max_doc_tokens`` if smaller), overlapping by 1/8 of a window.
+        -> (pairs, owner): ``owner[i]`` is the document index of ``pairs[i]``; a document's
+        windows are consecutive. ``max_chunks=1`` is plain truncation."""
         q = self.tokenizer.encode(query, add_special_tokens=False).ids[: self.max_query_tokens]
-        room = self.max_length - len(q) - 4
-        docs = self.tokenizer.encode_batch(documents, add_special_tokens=False)
+        window = self.max_length - len(q) - 4
+        if max_doc_tokens is not None:
+            window = min(window, max_doc_tokens)
+        stride = max(1, window - window // 8)
         head = [self.bos, *q, self.eos, self.eos]
-        return [head + d.ids[:room] + [self.eos] for d in docs]
+        pairs, owner = [], []
+        for index, doc in enumerate(self.tokenizer.encode_batch(documents, add_special_tokens=False)):
+            ids = doc.ids
+            for chunk, start in enumerate(range(0, max(1, len(ids) - window + stride), stride)):
+                if chunk == max_chunks:
+                    break
+                pairs.append(head + ids[start:start + window] + [self.eos])
+                owner.append(index)
+        return pairs, owner

@@ -288,8 +288,13 @@ def short_server(tiny_checkpoint, tmp_path_factory):
     assert server.stop() == 0, server.log()
 
 
-def test_truncated_long_document(short_server, tiny_checkpoint):
-    tok = PairTokenizer(tiny_checkpoint / "tokenizer.json", 64, 0, 2)
+@pytest.fixture(scope="module")
+def tokenizer64(tiny_checkpoint):
+    return PairTokenizer(tiny_checkpoint / "tokenizer.json", 64, 0, 2)
+
+
+def test_truncated_long_document(short_server, tokenizer64):
+    tok = tokenizer64
     long_doc = "Machine learning models learn patterns from data and generalize to new examples. " * 30
     docs = ["short one", long_doc, "", long_doc + " and a tail that the model must never see"]
     data = rerank(short_server, documents=docs, raw_scores=True)
@@ -303,8 +308,8 @@ def test_truncated_long_document(short_server, tiny_checkpoint):
     assert s[1] == pytest.approx(s[3], abs=1e-5), "text past the truncation point changed the score"
 
 
-def test_long_query_is_cut(short_server, tiny_checkpoint):
-    tok = PairTokenizer(tiny_checkpoint / "tokenizer.json", 64, 0, 2)
+def test_long_query_is_cut(short_server, tokenizer64):
+    tok = tokenizer64
     query = "what is the meaning of this extremely long question " * 20
     docs = ["a short answer", "another " * 100]
     data = rerank(short_server, query=query, documents=docs)
@@ -419,8 +424,8 @@ def test_body_over_limit_is_413(live_server, route):
 
 
 def test_unknown_route_is_404(live_server):
-    r = requests.post(live_server.http_url + "/v2/rerank", json=GOOD, timeout=10)
-    assert_error(r, 404, 5, "/v2/rerank")
+    r = requests.post(live_server.http_url + "/v1/reranking", json=GOOD, timeout=10)
+    assert_error(r, 404, 5, "/v1/reranking")
     r = requests.get(live_server.http_url + "/nothing/here", timeout=10)
     assert r.status_code == 404
 
