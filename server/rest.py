@@ -11,6 +11,7 @@ import grpc
 from aiohttp import web
 from google.protobuf import json_format, message_factory
 
+from server.openapi import docs_page, openapi_document
 from server.schema import http_bindings
 from server.service import ApiError, Call, RerankService, request_id_var
 
@@ -27,7 +28,8 @@ HTTP_STATUS = {
 # aiohttp's own refusals, expressed as gRPC codes for the error body.
 _HTTP_TO_CODE = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED,
                  413: grpc.StatusCode.RESOURCE_EXHAUSTED}
-OPEN_PATHS = {"/health", "/metrics"}  # never behind the API key (/metrics: unless --metrics-auth)
+# never behind the API key (/metrics: unless --metrics-auth)
+OPEN_PATHS = {"/health", "/metrics", "/openapi.json", "/docs"}
 
 
 def error_response(code: grpc.StatusCode, message: str, status: int | None = None) -> web.Response:
@@ -123,4 +125,6 @@ def build_app(service: RerankService, max_request_bytes: int, metrics_auth: bool
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/info", show_info)
+    app.router.add_get("/openapi.json", lambda _: web.json_response(openapi_document()))
+    app.router.add_get("/docs", lambda _: web.Response(text=docs_page(), content_type="text/html"))
     return app
