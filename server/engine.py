@@ -34,9 +34,11 @@ def resolve_model_dir(model: str) -> Path:
         return path
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ModelNotFoundError(f"--model {model!r} is not a directory with config.json and *.safetensors")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+    log.info("resolving %s through the Hugging Face cache %s%s (download progress in bytes below)", model,
+             constants.HF_HUB_CACHE, " offline" if constants.HF_HUB_OFFLINE else "")
     try:
         return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors"]))
     except LocalEntryNotFoundError as e:

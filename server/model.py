@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,7 +231,9 @@ def load_cross_encoder(model_dir: Path, ops: Ops, device: torch.device, dtype: t
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    started = time.perf_counter()
     model = CrossEncoder(config, ops, device, dtype)
+    source_dtypes, read_bytes = set(), 0
     filled: dict[int, int] = {}  # id(weight) -> elements written (Q, K and V each fill a third)
     for file in files:
         with open(file, "rb") as f:
@@ -246,6 +249,8 @@ def load_cross_encoder(model_dir: Path, ops: Ops, device: torch.device, dtype: t
                 if shape != tuple(dest.shape):
                     raise UnsupportedModelError(f"{name}: checkpoint shape {shape} != expected {tuple(dest.shape)}")
                 src_dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
+                source_dtypes.add(meta["dtype"])
+                read_bytes += end - begin
                 direct = src_dtype == dtype and dest.device.type == "cpu"
                 staging = dest if direct else torch.empty(shape, dtype=src_dtype)
                 f.seek(8 + header_len + begin)
@@ -258,4 +263,7 @@ def load_cross_encoder(model_dir: Path, ops: Ops, device: torch.device, dtype: t
     missing = [name for name, t in model.named_weights() if filled.get(id(t), 0) != t.numel()]
     if missing:
         raise UnsupportedModelError(f"checkpoint in {model_dir} lacks tensors for: {', '.join(missing[:8])}")
+    log.info("read %.2f GB of %s weights from %s (%s) into %s on %s in %.1fs", read_bytes / 1e9,
+             "/".join(sorted(source_dtypes)), model_dir, ", ".join(f.name for f in files),
+             str(dtype).removeprefix("torch."), device, time.perf_counter() - started)
     return model
