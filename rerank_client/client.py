@@ -1,0 +1,293 @@
+"""Typed gRPC clients for ``rerank.v1.Rerank``: :class:`RerankClient` (blocking) and
+:class:`AsyncRerankClient` (``grpc.aio``), with deadlines, API keys, TLS and retries on
+UNAVAILABLE only (bounded, exponential backoff with jitter, within the call's deadline)."""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence, Union
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.schema import pb, pb_grpc
+
+DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
+#: A document as sent: a string, or an object such as ``{"text": ...}`` (any JSON-like mapping).
+Document = Union[str, Mapping[str, Any]]
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+class RerankError(Exception):
+    """A failed call: the gRPC status ``code`` (a ``grpc.StatusCode``) and the server's ``message``.
+
+    >>> try:
+    ...     client.rerank("q", ["a"], model="nope")
+    ... except RerankError as e:
+    ...     print(e.code.name, e.message)
+    NOT_FOUND model 'nope' is not served here; served: ...
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, request_id: str | None = None, attempts: int = 1):
+        super().__init__(f"{code.name}: {message}")
+        self.code, self.message, self.request_id, self.attempts = code, message, request_id, attempts
+
+    @classmethod
+    def from_code_number(cls, number: int, message: str, request_id: str | None = None) -> RerankError:
+        """From a REST error body's numeric ``code``."""
+        return cls(_CODES.get(number, grpc.StatusCode.UNKNOWN), message, request_id)
+
+    @classmethod
+    def _from_rpc(cls, e: grpc.RpcError, attempts: int) -> RerankError:
+        code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
+        details = e.details() if callable(getattr(e, "details", None)) else str(e)
+        try:
+            trailing = dict(e.trailing_metadata() or ())
+        except Exception:  # noqa: BLE001 - some RpcErrors (e.g. from interceptors) carry none
+            trailing = {}
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "", trailing.get("x-request-id"), attempts)
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    """One ranked document: its position in the request, its score, and (when asked) the document."""
+
+    index: int
+    relevance_score: float
+    document: str | dict[str, Any] | None = None  # with return_documents: as sent (numbers come back as floats)
+    chunk_index: int | None = None  # with max_chunks_per_doc: the best-scoring window
+
+
+@dataclass(frozen=True)
+class RerankResponse:
+    """Results sorted by ``relevance_score`` descending (ties: lower index first)."""
+
+    id: str
+    model: str
+    results: list[RerankResult]
+    prompt_tokens: int
+    created: int
+
+    @classmethod
+    def from_proto(cls, m: pb.RerankResponse) -> RerankResponse:
+        results = [RerankResult(r.index, r.relevance_score,
+                                json_format.MessageToDict(r.document) if r.HasField("document") else None,
+                                r.chunk_index if r.HasField("chunk_index") else None) for r in m.results]
+        return cls(m.id, m.model, results, m.usage.prompt_tokens, m.created)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> RerankResponse:
+        """From the REST body (``POST /v1/rerank``)."""
+        results = [RerankResult(int(r["index"]), float(r["relevance_score"]), r.get("document"), r.get("chunk_index"))
+                   for r in d.get("results", [])]
+        return cls(d.get("id", ""), d.get("model", ""), results, int(d.get("usage", {}).get("prompt_tokens", 0)),
+                   int(d.get("created", 0)))
+
+
+def to_value(document: Any) -> struct_pb2.Value:
+    """A Python JSON-like value (``str``, ``dict``, ...) as a ``google.protobuf.Value``."""
+    try:
+        return json_format.ParseDict(document, struct_pb2.Value())
+    except json_format.ParseError as e:
+        raise TypeError(f"a document must be a str or a JSON-like dict, got {type(document).__name__}: {e}") from None
+
+
+def build_request(query: str, documents: Sequence[Document], *, model: str = DEFAULT_MODEL,
+                  top_n: int | None = None, return_documents: bool = False, raw_scores: bool = False,
+                  rank_fields: Sequence[str] | None = None, max_tokens_per_doc: int | None = None,
+                  max_chunks_per_doc: int | None = None) -> pb.RerankRequest:
+    """The ``pb.RerankRequest``; its protobuf JSON mapping is the REST body."""
+    if isinstance(documents, (str, bytes)):
+        raise TypeError("documents must be a list of documents, not a single string")
+    request = pb.RerankRequest(model=model, query=query, documents=[to_value(d) for d in documents],
+                               rank_fields=list(rank_fields or ()))
+    for name, value in (("top_n", top_n), ("max_tokens_per_doc", max_tokens_per_doc),
+                        ("max_chunks_per_doc", max_chunks_per_doc)):
+        if value is not None:
+            setattr(request, name, value)
+    if return_documents:
+        request.return_documents = True
+    if raw_scores:
+        request.raw_scores = True
+    return request
+
+
+class _Base:
+    def __init__(self, target: str, *, api_key: str | None, secure: bool, root_certificates: bytes | None,
+                 timeout: float | None, max_retries: int, initial_backoff: float, max_backoff: float,
+                 options: Sequence[tuple[str, Any]]):
+        if max_retries < 0 or initial_backoff <= 0 or max_backoff < initial_backoff:
+            raise ValueError("need max_retries >= 0 and 0 < initial_backoff <= max_backoff")
+        self.target, self.timeout = target, timeout
+        self.max_retries, self.initial_backoff, self.max_backoff = max_retries, initial_backoff, max_backoff
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._credentials = grpc.ssl_channel_credentials(root_certificates) if secure or root_certificates else None
+        # unlimited message sizes (the server enforces its own); reconnect no slower than our own backoff
+        self._options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
+                         ("grpc.max_reconnect_backoff_ms", int(max_backoff * 1000)), *options]
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        timeout = self.timeout if timeout is None else timeout
+        return None if timeout is None else time.monotonic() + timeout
+
+    @staticmethod
+    def _remaining(deadline: float | None) -> float | None:
+        return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+    def _retry_delay(self, error: grpc.RpcError, attempt: int, deadline: float | None) -> float | None:
+        """Seconds to wait before attempt ``attempt + 1``, or None: give up (not retryable, out of
+        retries, or the wait would pass the deadline). Exponential, capped, "equal jitter"."""
+        if getattr(error, "code", lambda: None)() not in RETRYABLE or attempt >= self.max_retries:
+            return None
+        cap = min(self.max_backoff, self.initial_backoff * 2 ** attempt)
+        delay = cap / 2 + random.uniform(0, cap / 2)
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            return None
+        return delay
+
+
+class RerankClient(_Base):
+    """Blocking client.
+
+    >>> with RerankClient("localhost:50051", api_key="secret", timeout=10) as client:
+    ...     response = client.rerank("What is machine learning?",
+    ...                              ["ML is a subset of AI.", {"text": "The weather is sunny."}],
+    ...                              top_n=1, return_documents=True)
+    ...     best = response.results[0]
+    ...     print(best.index, round(best.relevance_score, 3), best.document)
+    0 0.987 ML is a subset of AI.
+
+    ``timeout`` (seconds) is the default deadline of each call, retries included; ``max_retries``
+    bounds the retries on UNAVAILABLE (nothing else is retried). ``secure=True`` uses TLS with the
+    system roots, or ``root_certificates`` (PEM bytes). ``interceptors``: grpc client interceptors.
+    """
+
+    def __init__(self, target: str = "localhost:50051", *, api_key: str | None = None, secure: bool = False,
+                 root_certificates: bytes | None = None, timeout: float | None = 30.0, max_retries: int = 4,
+                 initial_backoff: float = 0.1, max_backoff: float = 5.0,
+                 options: Sequence[tuple[str, Any]] = (), interceptors: Sequence[Any] = ()):
+        super().__init__(target, api_key=api_key, secure=secure, root_certificates=root_certificates,
+                         timeout=timeout, max_retries=max_retries, initial_backoff=initial_backoff,
+                         max_backoff=max_backoff, options=options)
+        self._channel = (grpc.secure_channel(target, self._credentials, self._options) if self._credentials
+                         else grpc.insecure_channel(target, self._options))
+        channel = grpc.intercept_channel(self._channel, *interceptors) if interceptors else self._channel
+        self._stub = pb_grpc.RerankStub(channel)
+        self._health = health_pb2_grpc.HealthStub(channel)
+
+    def rerank(self, query: str, documents: Sequence[Document], *, model: str = DEFAULT_MODEL,
+               top_n: int | None = None, return_documents: bool = False, raw_scores: bool = False,
+               rank_fields: Sequence[str] | None = None, max_tokens_per_doc: int | None = None,
+               max_chunks_per_doc: int | None = None, timeout: float | None = None) -> RerankResponse:
+        """Rank ``documents`` (strings or ``{"text": ...}`` dicts) by relevance to ``query``.
+        Raises :class:`RerankError`."""
+        request = build_request(query, documents, model=model, top_n=top_n, return_documents=return_documents,
+                                raw_scores=raw_scores, rank_fields=rank_fields,
+                                max_tokens_per_doc=max_tokens_per_doc, max_chunks_per_doc=max_chunks_per_doc)
+        return RerankResponse.from_proto(self.rerank_pb(request, timeout=timeout))
+
+    def rerank_pb(self, request: pb.RerankRequest, *, timeout: float | None = None) -> pb.RerankResponse:
+        """The raw RPC (with the client's deadline, metadata and retries) on a ``pb.RerankRequest``."""
+        deadline = self._deadline(timeout)
+        attempt = 0
+        while True:
+            try:
+                return self._stub.Rerank(request, timeout=self._remaining(deadline), metadata=self._metadata)
+            except grpc.RpcError as e:
+                delay = self._retry_delay(e, attempt, deadline)
+                if delay is None:
+                    raise RerankError._from_rpc(e, attempt + 1) from None
+            time.sleep(delay)
+            attempt += 1
+
+    def health(self, service: str = "", timeout: float | None = None) -> bool:
+        """True when grpc.health.v1 reports SERVING (``service``: "" for the server, or
+        "rerank.v1.Rerank"); False when not serving or unreachable."""
+        try:
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=service),
+                                       timeout=timeout or self.timeout or 5.0, metadata=self._metadata)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> RerankClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncRerankClient(_Base):
+    """``grpc.aio`` client; same arguments and results as :class:`RerankClient`. Create it inside
+    the event loop that uses it.
+
+    >>> async def main():
+    ...     async with AsyncRerankClient("localhost:50051", timeout=10) as client:
+    ...         response = await client.rerank("hi", ["hello", "bye"])
+    ...         return [r.index for r in response.results]
+    >>> asyncio.run(main())
+    [0, 1]
+    """
+
+    def __init__(self, target: str = "localhost:50051", *, api_key: str | None = None, secure: bool = False,
+                 root_certificates: bytes | None = None, timeout: float | None = 30.0, max_retries: int = 4,
+                 initial_backoff: float = 0.1, max_backoff: float = 5.0,
+                 options: Sequence[tuple[str, Any]] = (), interceptors: Sequence[Any] = ()):
+        super().__init__(target, api_key=api_key, secure=secure, root_certificates=root_certificates,
+                         timeout=timeout, max_retries=max_retries, initial_backoff=initial_backoff,
+                         max_backoff=max_backoff, options=options)
+        interceptors = list(interceptors) or None
+        self._channel = (grpc.aio.secure_channel(target, self._credentials, self._options, interceptors=interceptors)
+                         if self._credentials else
+                         grpc.aio.insecure_channel(target, self._options, interceptors=interceptors))
+        self._stub = pb_grpc.RerankStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def rerank(self, query: str, documents: Sequence[Document], *, model: str = DEFAULT_MODEL,
+                     top_n: int | None = None, return_documents: bool = False, raw_scores: bool = False,
+                     rank_fields: Sequence[str] | None = None, max_tokens_per_doc: int | None = None,
+                     max_chunks_per_doc: int | None = None, timeout: float | None = None) -> RerankResponse:
+        """See :meth:`RerankClient.rerank`."""
+        request = build_request(query, documents, model=model, top_n=top_n, return_documents=return_documents,
+                                raw_scores=raw_scores, rank_fields=rank_fields,
+                                max_tokens_per_doc=max_tokens_per_doc, max_chunks_per_doc=max_chunks_per_doc)
+        return RerankResponse.from_proto(await self.rerank_pb(request, timeout=timeout))
+
+    async def rerank_pb(self, request: pb.RerankRequest, *, timeout: float | None = None) -> pb.RerankResponse:
+        """See :meth:`RerankClient.rerank_pb`."""
+        deadline = self._deadline(timeout)
+        attempt = 0
+        while True:
+            try:
+                return await self._stub.Rerank(request, timeout=self._remaining(deadline), metadata=self._metadata)
+            except grpc.RpcError as e:
+                delay = self._retry_delay(e, attempt, deadline)
+                if delay is None:
+                    raise RerankError._from_rpc(e, attempt + 1) from None
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def health(self, service: str = "", timeout: float | None = None) -> bool:
+        """See :meth:`RerankClient.health`."""
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service),
+                                             timeout=timeout or self.timeout or 5.0, metadata=self._metadata)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncRerankClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
