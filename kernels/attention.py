@@ -211,18 +211,19 @@ def attention_unavailable_reason(name: str, device: torch.device, dtype: torch.d
         return None if HAS_TRITON else "the triton package is not installed"
     if dtype is not None and dtype not in _HALF:
         return f"it runs fp16/bf16 only, not {dtype}"
-    if name == "flash-attn":
-        found = _flash_attn_varlen_func()
-    else:
-        found = _torch_varlen_attn()
-        major, _ = torch.cuda.get_device_capability(device)
-        if not isinstance(found, str) and major < 8:
-            found = f"its FlashAttention kernels need compute capability 8.0+, this GPU has {major}.x"
-    return found if isinstance(found, str) else None
+    found = _flash_attn_varlen_func() if name == "flash-attn" else _torch_varlen_attn()
+    if isinstance(found, str):
+        return found
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:  # FlashAttention 2 kernels: Ampere and newer
+        return f"its FlashAttention kernels need compute capability 8.0+, this GPU has {major}.{minor}"
+    return None
 
 
-def available_attention_backends(device: torch.device | str, dtype: torch.dtype | None = None) -> list[str]:
-    """Backends that run on ``device`` (and ``dtype``), best first."""
+def available_attention_backends(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> list[str]:
+    """Backends that run on ``device`` (default: this machine's, CUDA when present) and ``dtype``, best first."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     return [name for name in ATTENTION_BACKENDS if attention_unavailable_reason(name, device, dtype) is None]
 
 

@@ -25,11 +25,12 @@ _CODES = {c.value[0]: c for c in grpc.StatusCode}
 class RerankError(Exception):
     """A failed call: the gRPC status ``code`` (a ``grpc.StatusCode``) and the server's ``message``.
 
-    >>> try:
-    ...     client.rerank("q", ["a"], model="nope")
-    ... except RerankError as e:
-    ...     print(e.code.name, e.message)
-    NOT_FOUND model 'nope' is not served here; served: ...
+    Example::
+
+        try:
+            client.rerank("q", ["a"], model="nope")
+        except RerankError as e:
+            print(e.code.name, e.message)  # NOT_FOUND model 'nope' is not served here; ...
     """
 
     def __init__(self, code: grpc.StatusCode, message: str, request_id: str | None = None, attempts: int = 1):
@@ -153,13 +154,14 @@ class _Base:
 class RerankClient(_Base):
     """Blocking client.
 
-    >>> with RerankClient("localhost:50051", api_key="secret", timeout=10) as client:
-    ...     response = client.rerank("What is machine learning?",
-    ...                              ["ML is a subset of AI.", {"text": "The weather is sunny."}],
-    ...                              top_n=1, return_documents=True)
-    ...     best = response.results[0]
-    ...     print(best.index, round(best.relevance_score, 3), best.document)
-    0 0.987 ML is a subset of AI.
+    Example::
+
+        with RerankClient("localhost:50051", api_key="secret", timeout=10) as client:
+            response = client.rerank("What is machine learning?",
+                                     ["ML is a subset of AI.", {"text": "The weather is sunny."}],
+                                     top_n=1, return_documents=True)
+            best = response.results[0]
+            print(best.index, best.relevance_score, best.document)  # 0 0.987... ML is a subset of AI.
 
     ``timeout`` (seconds) is the default deadline of each call, retries included; ``max_retries``
     bounds the retries on UNAVAILABLE (nothing else is retried). ``secure=True`` uses TLS with the
@@ -228,12 +230,14 @@ class AsyncRerankClient(_Base):
     """``grpc.aio`` client; same arguments and results as :class:`RerankClient`. Create it inside
     the event loop that uses it.
 
-    >>> async def main():
-    ...     async with AsyncRerankClient("localhost:50051", timeout=10) as client:
-    ...         response = await client.rerank("hi", ["hello", "bye"])
-    ...         return [r.index for r in response.results]
-    >>> asyncio.run(main())
-    [0, 1]
+    Example::
+
+        async def main() -> list[int]:
+            async with AsyncRerankClient("localhost:50051", timeout=10) as client:
+                response = await client.rerank("hi", ["hello", "bye"])
+                return [r.index for r in response.results]
+
+        asyncio.run(main())  # [0, 1]
     """
 
     def __init__(self, target: str = "localhost:50051", *, api_key: str | None = None, secure: bool = False,

@@ -44,7 +44,7 @@ def _is_json(content_type: str) -> bool:
 def _json_body(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
         raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "request body must be a JSON object")

@@ -303,3 +303,40 @@ def test_select_ops_on_cpu():
             select_ops(cpu, name)
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         select_ops(cpu, "flash")
+
+
+@pytest.mark.parametrize("flash_attn_installed", [True, False])
+def test_select_ops_on_a_simulated_cuda_machine(monkeypatch, flash_attn_installed):
+    """The CUDA preference order and error messages, with CUDA and the libraries faked
+    (nothing is launched): flash-attn > torch-varlen > triton, fp32 and pre-Ampere rule
+    out the FlashAttention backends, the glue ops are the Triton kernels."""
+    import kernels
+    import kernels.attention as dispatch
+    from kernels.embeddings import embed_layernorm_triton
+
+    def fake_flash(*args, **kwargs):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(dispatch, "_flash_attn_varlen_func",
+                        lambda: fake_flash if flash_attn_installed else "the flash-attn package does not import")
+    monkeypatch.setattr(dispatch, "_torch_varlen_attn", lambda: fake_flash)
+    cuda = torch.device("cuda")
+    best = ["flash-attn"] if flash_attn_installed else []
+    assert kernels.available_attention_backends() == [*best, "torch-varlen", "triton", "torch-sdpa"]
+    ops = kernels.select_ops(cuda)
+    assert ops.attention_backend == (best + ["torch-varlen"])[0]
+    assert ops.embed_layernorm is embed_layernorm_triton
+    assert kernels.select_ops(cuda, "triton").varlen_attention is dispatch.varlen_attention_triton
+    assert kernels.select_ops(cuda, "torch-sdpa").varlen_attention is dispatch.varlen_attention_torch
+    if not flash_attn_installed:
+        with pytest.raises(ValueError, match="'flash-attn' is unavailable on cuda: the flash-attn package does not"):
+            kernels.select_ops(cuda, "flash-attn")
+    assert kernels.select_ops(cuda, dtype=torch.float32).attention_backend == "triton"
+    with pytest.raises(ValueError, match="fp16/bf16 only"):
+        kernels.select_ops(cuda, "torch-varlen", dtype=torch.float32)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert kernels.available_attention_backends(cuda) == ["triton", "torch-sdpa"]
+    with pytest.raises(ValueError, match="compute capability 8.0"):
+        kernels.select_ops(cuda, "torch-varlen")

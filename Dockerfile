@@ -1,0 +1,90 @@
+# syntax=docker/dockerfile:1
+# GPU image of the rerank service: fp16 forward with the Triton kernels on CUDA.
+#
+#   docker build -t rerank-server:gpu .
+#   docker run --rm --gpus all -p 8000:8000 -p 50051:50051 -v rerank-models:/models rerank-server:gpu \
+#       --model BAAI/bge-reranker-v2-m3
+#
+# The torch wheel carries its own CUDA user-space libraries (cuBLAS, cuDNN, ... as nvidia-* wheels),
+# so the base image only needs the NVIDIA container environment: the small `base` flavour, not
+# `cudnn-runtime`, whose libraries would be a second copy. Keep CUDA_IMAGE's CUDA version the
+# torch build's (PyPI's torch 2.13.0 for Linux is the CUDA 13.0 build: NVIDIA driver >= 580).
+# For an older driver build e.g.
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 \
+#   --build-arg CUDA_IMAGE=nvidia/cuda:12.6.3-base-ubuntu24.04
+ARG CUDA_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
+
+FROM ${CUDA_IMAGE} AS build
+# Within pyproject's range (torch>=2.10,<2.15).
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://pypi.org/simple
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# torch first: the CUDA build (with its CUDA libraries and the Triton it was built against).
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+WORKDIR /src
+COPY pyproject.toml README.md CMakeLists.txt ./
+COPY proto ./proto
+COPY kernels ./kernels
+COPY server ./server
+# The project (not editable) with its exact pins; torch is already satisfied.
+RUN pip install .
+# The `gpu` extra, read from pyproject.toml. Installed without dependency resolution because its
+# Triton pin is not the one the CUDA torch wheels in range declare (torch 2.13 pins triton==3.7.1,
+# 2.14 triton~=3.8.0), so `pip install ".[gpu]"` cannot resolve. The project's kernels are plain
+# Triton (no torch.compile), so torch itself does not need its own Triton version.
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['gpu']))" > /tmp/gpu-extra.txt \
+ && pip install --no-deps -r /tmp/gpu-extra.txt
+# The stubs, as CMake's `proto` target makes them (same protoc command and include paths),
+# written straight into the installed package: server/schema.py imports them from server/gen.
+RUN set -eu; \
+    gen="$(python -P -c 'import pathlib, server; print(pathlib.Path(server.__file__).parent / "gen")')"; \
+    googleapis="$(python -c 'import pathlib, google.api.annotations_pb2 as a; print(pathlib.Path(a.__file__).parent.parent.parent)')"; \
+    wkt="$(python -c 'import pathlib, grpc_tools; print(pathlib.Path(grpc_tools.__file__).parent / "_proto")')"; \
+    mkdir -p "$gen"; \
+    python -m grpc_tools.protoc -I proto -I "$googleapis" -I "$wkt" \
+        --python_out="$gen" --pyi_out="$gen" --grpc_python_out="$gen" proto/rerank/v1/rerank.proto; \
+    python -m compileall -q "$gen"; \
+    python -P -c "import server.schema; import server.__main__; import triton"
+
+FROM ${CUDA_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="rerank-server (CUDA)" \
+      org.opencontainers.image.description="gRPC + REST reranking service for BAAI/bge-reranker-v2-m3" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENV DEBIAN_FRONTEND=noninteractive
+# Triton compiles a small C launcher the first time each kernel runs: it needs a C compiler and
+# the Python headers at run time, not only at build time.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-dev gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+# A fixed numeric uid/gid so Kubernetes' runAsNonRoot can verify it; /models is the model cache.
+RUN groupadd --system --gid 10001 rerank \
+ && useradd --system --uid 10001 --gid rerank --home-dir /home/rerank --create-home --shell /usr/sbin/nologin rerank \
+ && mkdir -p /models \
+ && chown rerank:rerank /models
+COPY --from=build /opt/venv /opt/venv
+# TRITON_HOME and CUDA_CACHE_PATH under /tmp: the kernel caches stay writable when the root
+# filesystem is read-only (the Kubernetes manifests mount an emptyDir there).
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HF_HOME=/models \
+    TRITON_HOME=/tmp \
+    CUDA_CACHE_PATH=/tmp/.nv/ComputeCache
+VOLUME ["/models"]
+WORKDIR /home/rerank
+USER 10001:10001
+EXPOSE 8000 50051
+# 200 once the model is loaded and warmed (503 before). The start period covers a first download.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/health' % os.environ.get('RERANK_HTTP_PORT', '8000'), timeout=4)"]
+# SIGTERM: stop accepting, finish accepted requests for --shutdown-grace seconds, exit 0.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["python", "-m", "server"]

@@ -1,0 +1,23 @@
+"""Python client for the rerank service (gRPC ``rerank.v1.Rerank``), plus the ``rerank`` CLI.
+
+Example::
+
+    from rerank_client import RerankClient
+
+    with RerankClient("localhost:50051", timeout=10) as client:
+        for r in client.rerank("What is machine learning?", ["ML is a subset of AI.", "It is sunny."]).results:
+            print(r.index, r.relevance_score)
+"""
+from rerank_client.client import (
+    DEFAULT_MODEL,
+    AsyncRerankClient,
+    Document,
+    RerankClient,
+    RerankError,
+    RerankResponse,
+    RerankResult,
+    build_request,
+)
+
+__all__ = ["DEFAULT_MODEL", "AsyncRerankClient", "Document", "RerankClient", "RerankError", "RerankResponse",
+           "RerankResult", "build_request"]
