@@ -24,7 +24,8 @@ log = logging.getLogger("server")
 async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     limits = dict(max_request_bytes=config.max_request_bytes, http_port=config.http_port,
-                  grpc_port=config.grpc_port, auth=bool(config.api_keys), tls=bool(config.tls_cert))
+                  grpc_port=config.grpc_port, auth=bool(config.api_keys), tls=bool(config.tls_cert),
+                  batching=config.batching)
     service = RerankService(config.served_model_name, config.max_documents, config.api_keys, settings=limits)
 
     credentials, ssl_context = None, None
@@ -55,7 +56,7 @@ async def serve(config: Config) -> int:
             None, lambda: Engine.load(config.model, config.device, config.max_length, config.attention))
         await loop.run_in_executor(None, engine.warm_up)
         scheduler = Scheduler(engine.forward, config.max_batch_tokens, config.max_queued_tokens,
-                              on_batch=service.metrics.observe_batch)
+                              on_batch=service.metrics.observe_batch, batch_requests=config.batching)
         scheduler.start()
         service.attach(engine, scheduler)
         await set_serving(health, True)

@@ -18,6 +18,7 @@ class Config:
     attention: str | None
     max_batch_tokens: int
     max_queued_tokens: int
+    batching: bool
     max_documents: int
     max_request_bytes: int
     shutdown_grace: float
@@ -56,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="real tokens per forward batch (at least --max-length)")
     add("--max-queued-tokens", type=int, default=int(_env("max-queued-tokens", 2_000_000)),
         help="tokens waiting for the model beyond which new requests get 429 / RESOURCE_EXHAUSTED")
+    add("--no-batching", action="store_true", default=_env("no-batching", "") not in ("", "0", "false"),
+        help="one request per forward (no batching across requests); for comparisons, not for production")
     add("--max-documents", type=int, default=int(_env("max-documents", 1000)), help="documents per request")
     add("--max-request-bytes", type=int, default=int(_env("max-request-bytes", 16 * 1024 * 1024)),
         help="largest REST body / gRPC message accepted (413 / RESOURCE_EXHAUSTED beyond)")
@@ -87,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return Config(
         model=a.model, served_model_name=names or [a.model], host=a.host, http_port=a.http_port,
         grpc_port=a.grpc_port, max_length=max_length, device=a.device, attention=a.attention,
-        max_batch_tokens=a.max_batch_tokens, max_queued_tokens=a.max_queued_tokens,
+        max_batch_tokens=a.max_batch_tokens, max_queued_tokens=a.max_queued_tokens, batching=not a.no_batching,
         max_documents=a.max_documents, max_request_bytes=a.max_request_bytes,
         shutdown_grace=a.shutdown_grace, log_level=a.log_level.upper(), log_json=a.log_json,
         api_keys=api_keys, metrics_auth=a.metrics_auth, tls_cert=a.tls_cert, tls_key=a.tls_key,

@@ -49,8 +49,10 @@ class BatchStats:
 
 class Scheduler:
     def __init__(self, forward: Callable[[list[list[int]]], list[float]], max_batch_tokens: int,
-                 max_queued_tokens: int, on_batch: Callable[[int, int], None] | None = None):
+                 max_queued_tokens: int, on_batch: Callable[[int, int], None] | None = None,
+                 batch_requests: bool = True):
         self._forward = forward
+        self.batch_requests = batch_requests  # False (--no-batching): one request per forward, for comparisons
         self._on_batch = on_batch  # (pairs, tokens) after each forward, e.g. for metrics
         self.max_batch_tokens = max_batch_tokens
         self.max_queued_tokens = max_queued_tokens
@@ -111,6 +113,8 @@ class Scheduler:
             if job.next_pair < len(job.pairs):
                 break  # this batch is full
             self._jobs.popleft()
+            if not self.batch_requests:
+                break
         return batch
 
     async def _run(self) -> None:

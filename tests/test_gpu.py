@@ -221,12 +221,12 @@ def test_fp16_model_matches_transformers(backend, checkpoint, hf_models):
     ours_err, hf16_err = (got - want).abs().max().item(), (hf16_logits - want).abs().max().item()
     bound = 3 * hf16_err + 1e-3
     assert ours_err <= bound, f"{backend}: ours fp16 max abs error {ours_err:.3g} > 3 x HF fp16's {hf16_err:.3g} + 1e-3"
-    # Same order; a pair closer than the error bound in fp32 may legitimately swap.
-    for i, j in itertools.permutations(range(len(seqs)), 2):
-        if want[i] - want[j] > 2 * bound:
-            assert got[i] > got[j], f"{backend}: sequences {i} and {j} swapped ({got.tolist()} vs {want.tolist()})"
-    if (want.sort().values.diff() > 2 * bound).all():
-        assert torch.equal(got.argsort(descending=True), want.argsort(descending=True))
+    # Same order as HF fp32, except pairs closer than twice HF fp16's own error, which fp16
+    # noise may swap (random weights cluster the logits: most pairs are still checked).
+    tie = 2 * hf16_err
+    swapped = [(i, j) for i, j in itertools.permutations(range(len(seqs)), 2)
+               if want[i] - want[j] > tie and not got[i] > got[j]]
+    assert not swapped, f"{backend}: order differs from HF fp32 for pairs {swapped}: ours {got.tolist()}, HF {want.tolist()}"
 
 
 @pytest.mark.parametrize("backend", [b for b in ATTENTION_BACKENDS if b != "torch-sdpa"])

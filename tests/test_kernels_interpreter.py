@@ -268,7 +268,7 @@ def test_kernels_compile_for_cuda():
                 pytest.skip("kernels were decorated in interpreter mode (TRITON_INTERPRET=1 for the whole run)")
             compiled = triton.compile(ASTSource(kernel, _cuda_signature(kernel, dtype), constexprs=constexprs),
                                       target=GPUTarget("cuda", capability, 32),
-                                      options={"num_warps": num_warps, "num_stages": 2})
+                                      options={"num_warps": num_warps, "num_stages": 2, "enable_fp_fusion": True})
             assert compiled.asm["cubin"], f"{kernel.__name__} sm_{capability}: no cubin"
 
 

@@ -117,8 +117,9 @@ def test_grpc_health_not_serving_then_serving(startup):
 @pytest.mark.xfail(reason="Engine.load reads tokenizer.json with tokenizers.Tokenizer.from_file, which holds the "
                           "GIL for 1-2 s: the event loop (REST and gRPC health) stalls meanwhile", strict=False)
 def test_health_answers_promptly_while_loading(startup):
-    """A probe with Kubernetes' default 1 s timeout must not fail while the model loads."""
-    assert startup.rest_latency and max(startup.rest_latency) < 1.0, startup.rest_latency
+    """/health answers in milliseconds while the model loads (Kubernetes' default probe
+    timeout is 1 s; the bound leaves room for a loaded machine)."""
+    assert startup.rest_latency and max(startup.rest_latency) < 0.5, startup.rest_latency
 
 
 def test_sigterm_finishes_inflight_request_and_exits_0(startup):
