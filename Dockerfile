@@ -30,18 +30,24 @@ ENV PATH=/opt/venv/bin:$PATH
 # torch first: the CUDA build (with its CUDA libraries and the Triton it was built against).
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /src
-COPY pyproject.toml README.md CMakeLists.txt ./
-COPY proto ./proto
-COPY kernels ./kernels
-COPY server ./server
-# The project (not editable) with its exact pins; torch is already satisfied.
-RUN pip install .
+# The project's pinned dependencies next, read from pyproject.toml, in a layer of their own that
+# stays cached while only the sources change (torch is already satisfied).
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt
 # The `gpu` extra, read from pyproject.toml. Installed without dependency resolution because its
 # Triton pin is not the one the CUDA torch wheels in range declare (torch 2.13 pins triton==3.7.1,
 # 2.14 triton~=3.8.0), so `pip install ".[gpu]"` cannot resolve. The project's kernels are plain
 # Triton (no torch.compile), so torch itself does not need its own Triton version.
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['gpu']))" > /tmp/gpu-extra.txt \
  && pip install --no-deps -r /tmp/gpu-extra.txt
+COPY README.md ./
+COPY proto ./proto
+COPY kernels ./kernels
+COPY server ./server
+COPY rerank_client ./rerank_client
+# The project itself (not editable).
+RUN pip install --no-deps .
 # The stubs, as CMake's `proto` target makes them (same protoc command and include paths),
 # written straight into the installed package: server/schema.py imports them from server/gen.
 RUN set -eu; \
@@ -52,7 +58,7 @@ RUN set -eu; \
     python -m grpc_tools.protoc -I proto -I "$googleapis" -I "$wkt" \
         --python_out="$gen" --pyi_out="$gen" --grpc_python_out="$gen" proto/rerank/v1/rerank.proto; \
     python -m compileall -q "$gen"; \
-    python -P -c "import server.schema; import server.__main__; import triton"
+    python -P -c "import server.schema, server.__main__, rerank_client, triton"
 
 FROM ${CUDA_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="rerank-server (CUDA)" \

@@ -1,6 +1,7 @@
 """The gRPC transport: the Rerank servicer, grpc.health.v1 and server reflection."""
 from __future__ import annotations
 
+import logging
 import time
 
 import grpc
@@ -9,6 +10,8 @@ from grpc_reflection.v1alpha import reflection
 
 from server.schema import SERVICE, pb, pb_grpc
 from server.service import ApiError, Call, RerankService, request_id_var
+
+log = logging.getLogger(__name__)
 
 
 class RerankServicer(pb_grpc.RerankServicer):
@@ -30,7 +33,9 @@ class RerankServicer(pb_grpc.RerankServicer):
             context.set_trailing_metadata([("x-request-id", call.request_id)] + [
                 (f"x-{stage}-time", f"{seconds * 1000:.2f}") for stage, seconds in call.timings.items()])
             self.service.metrics.requests.labels("grpc", "Rerank", code.name).inc()
-            self.service.metrics.request_seconds.labels("grpc").observe(time.perf_counter() - call.started)
+            elapsed = time.perf_counter() - call.started
+            self.service.metrics.request_seconds.labels("grpc").observe(elapsed)
+            log.info("gRPC Rerank %s in %.1f ms", code.name, elapsed * 1000)
         if error is not None:
             await context.abort(code, error)
         return response

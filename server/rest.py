@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 
 import grpc
@@ -41,10 +42,22 @@ def _is_json(content_type: str) -> bool:
     return content_type == "application/json" or content_type.endswith("+json")
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
 def _json_body(raw: bytes) -> dict:
+    """Strict JSON: no NaN/Infinity and no overflowing numbers (they could not be echoed back)."""
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "request body must be a JSON object")
@@ -83,7 +96,9 @@ def build_app(service: RerankService, max_request_bytes: int, metrics_auth: bool
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
         service.metrics.requests.labels("http", route, str(response.status)).inc()
         if request.path not in OPEN_PATHS:
-            service.metrics.request_seconds.labels("http").observe(time.perf_counter() - call.started)
+            elapsed = time.perf_counter() - call.started
+            service.metrics.request_seconds.labels("http").observe(elapsed)
+            log.info("%s %s %d in %.1f ms", request.method, request.path, response.status, elapsed * 1000)
         return response
 
     app = web.Application(client_max_size=max_request_bytes, middlewares=[middleware])

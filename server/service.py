@@ -10,6 +10,7 @@ import json
 import contextvars
 import hmac
 import math
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +70,9 @@ def _plain(value: struct_pb2.Value) -> str:
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
+_REQUEST_ID = re.compile(r"[!-~]{1,128}")
+
+
 @dataclass
 class Call:
     """One request's identity and per-stage timings (seconds), filled as it travels."""
@@ -76,6 +80,12 @@ class Call:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # A client's id is echoed in a header, the response's id and the log: printable ASCII
+        # only, bounded; anything else (e.g. Latin-1 bytes in the header) gets a fresh id.
+        if not _REQUEST_ID.fullmatch(self.request_id or ""):
+            self.request_id = uuid.uuid4().hex
 
 
 def sigmoid(x: float) -> float:
@@ -174,8 +184,14 @@ class RerankService:
         pairs, owner = await loop.run_in_executor(
             self._tokenize_pool, self.engine.tokenizer.encode_chunked, request.query, texts, max_doc_tokens, chunks)
         call.timings["tokenize"] = time.perf_counter() - t0
+        # identical pairs (duplicate documents) are scored once: equal scores tie exactly, and
+        # the compute is not spent twice
+        unique: dict[tuple[int, ...], int] = {}
+        slot = [unique.setdefault(tuple(p), len(unique)) for p in pairs]
+        distinct = [list(p) for p in unique]
         try:
-            window_logits = await self.scheduler.score(pairs, call.timings)
+            unique_logits = await self.scheduler.score(distinct, call.timings)
+            window_logits = [unique_logits[i] for i in slot]
         except QueueFullError as e:
             raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
         except RuntimeError as e:
@@ -190,7 +206,7 @@ class RerankService:
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
         if request.HasField("top_n"):
             order = order[: request.top_n]
-        tokens = sum(len(p) for p in pairs)
+        tokens = sum(len(p) for p in pairs)  # every pair counts, duplicates included
         response = pb.RerankResponse(
             object="rerank", id=f"rerank-{call.request_id}", model=self.model_id, created=created,
             usage=pb.Usage(prompt_tokens=tokens, total_tokens=tokens),

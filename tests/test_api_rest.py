@@ -178,9 +178,6 @@ def test_ties_keep_lower_index_first(live_server, route, raw):
         assert max(same) - min(same) <= 1e-6
 
 
-@pytest.mark.xfail(reason="identical (query, document) pairs can differ in the last float32 bit with their "
-                          "position in the batch, so duplicates may not tie; fix: score each distinct pair once",
-                   strict=False)
 def test_duplicate_documents_tie_exactly(live_server):
     docs = ["x", "x"]  # query "What is machine learning?": index 1 scores above index 0 (1 ulp)
     data = rerank(live_server, documents=docs, raw_scores=True, return_documents=True)
@@ -419,9 +416,6 @@ def test_bad_raw_body(live_server, route, name, data, ctype, status, code, word)
     assert_error(r, status, code, word)
 
 
-@pytest.mark.xfail(reason="json.loads accepts NaN/Infinity (and 1e400 -> inf), which are not JSON; echoed in a "
-                          "document they fail MessageToDict after scoring -> 500; fix: reject them in rest._json_body",
-                   strict=False)
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity", "1e400"])
 def test_non_json_numbers_are_a_400(live_server, constant):
     data = ('{"model": "reranker", "query": "q", "documents": [{"text": "a", "x": %s}], "return_documents": true}'
