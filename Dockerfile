@@ -23,7 +23,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv \
+ && apt-get install -y --no-install-recommends python3 python3-venv cmake \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -35,30 +35,18 @@ WORKDIR /src
 COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
-# The `gpu` extra, read from pyproject.toml. Installed without dependency resolution because its
-# Triton pin is not the one the CUDA torch wheels in range declare (torch 2.13 pins triton==3.7.1,
-# 2.14 triton~=3.8.0), so `pip install ".[gpu]"` cannot resolve. The project's kernels are plain
-# Triton (no torch.compile), so torch itself does not need its own Triton version.
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['gpu']))" > /tmp/gpu-extra.txt \
- && pip install --no-deps -r /tmp/gpu-extra.txt
-COPY README.md ./
+COPY README.md CMakeLists.txt ./
 COPY proto ./proto
 COPY kernels ./kernels
 COPY server ./server
 COPY rerank_client ./rerank_client
-# The project itself (not editable).
-RUN pip install --no-deps .
-# The stubs, as CMake's `proto` target makes them (same protoc command and include paths),
-# written straight into the installed package: server/schema.py imports them from server/gen.
-RUN set -eu; \
-    gen="$(python -P -c 'import pathlib, server; print(pathlib.Path(server.__file__).parent / "gen")')"; \
-    googleapis="$(python -c 'import pathlib, google.api.annotations_pb2 as a; print(pathlib.Path(a.__file__).parent.parent.parent)')"; \
-    wkt="$(python -c 'import pathlib, grpc_tools; print(pathlib.Path(grpc_tools.__file__).parent / "_proto")')"; \
-    mkdir -p "$gen"; \
-    python -m grpc_tools.protoc -I proto -I "$googleapis" -I "$wkt" \
-        --python_out="$gen" --pyi_out="$gen" --grpc_python_out="$gen" proto/rerank/v1/rerank.proto; \
-    python -m compileall -q "$gen"; \
-    python -P -c "import server.schema, server.__main__, rerank_client, triton"
+# The stubs through CMake's `proto` target, as on every other machine; they ship as package data.
+RUN cmake -S . -B /tmp/build -DPython3_EXECUTABLE=/opt/venv/bin/python \
+ && cmake --build /tmp/build --target proto
+# The project itself (not editable). The `gpu` extra, Triton, came with the CUDA torch wheel,
+# whose own pin lies within the extra's range; the import below proves it is there.
+RUN pip install --no-deps . \
+ && python -P -c "import server.schema, server.openapi, server.__main__, rerank_client, triton; server.openapi.openapi_document()"
 
 FROM ${CUDA_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="rerank-server (CUDA)" \

