@@ -1,0 +1,194 @@
+"""Property-based fuzzing of the REST API against one live server (tiny random checkpoint).
+
+Hypothesis generates request bodies of four kinds: valid requests, near-valid ones (one
+field's type or value changed, a field dropped or an unknown one added, a document
+replaced), arbitrary JSON values, and raw bytes (invalid UTF-8, bad escapes, truncated
+JSON, an oversized body). Headers vary too: Content-Type (JSON, JSON with parameters,
+``+json``, other types, garbage, none), X-Request-Id (printable, Latin-1, long), the
+method and the route.
+
+Properties: never a 5xx and never a dropped connection; every 4xx is a JSON body with an
+integer ``code`` and a non-empty ``message``; every valid request (with a JSON Content-Type
+or none) is a 200 whose body is well formed and consistent with the request; the server
+is still healthy at the end and exits 0 on SIGTERM.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import SERVED_MODEL, start_server
+
+MAX_DOCUMENTS = 12
+MAX_REQUEST_BYTES = 20_000
+ROUTES = ["/v1/rerank", "/rerank", "/v2/rerank"]
+FIELDS = ["model", "query", "documents", "top_n", "return_documents", "raw_scores", "rank_fields",
+          "max_tokens_per_doc", "max_chunks_per_doc"]
+FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None, print_blob=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    server = start_server(tiny_checkpoint, tmp_path_factory.mktemp("fuzz") / "server.log",
+                          "--max-length", "64", "--max-documents", str(MAX_DOCUMENTS),
+                          "--max-request-bytes", str(MAX_REQUEST_BYTES), "--log-level", "WARNING")
+    yield server
+    assert requests.get(server.http_url + "/health", timeout=30).status_code == 200
+    assert server.process.poll() is None
+    assert server.stop(60) == 0, server.log()
+    assert "Traceback" not in server.log(), server.log()
+
+
+# ---------------------------------------------------------------- strategies
+
+text = st.text(max_size=40)
+json_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False) | text
+json_values = st.recursive(json_scalars, lambda children: st.lists(children, max_size=4)
+                           | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=10)
+documents = st.lists(text | st.builds(lambda t: {"text": t}, text), min_size=1, max_size=MAX_DOCUMENTS)
+
+
+@st.composite
+def valid_requests(draw) -> dict:
+    request = {"model": draw(st.sampled_from([SERVED_MODEL, "reranker"])),
+               "query": draw(st.text(min_size=1, max_size=60)),
+               "documents": draw(documents)}
+    for name, values in (("top_n", st.integers(1, MAX_DOCUMENTS + 3)), ("return_documents", st.booleans()),
+                         ("raw_scores", st.booleans()), ("max_tokens_per_doc", st.integers(1, 100))):
+        if draw(st.booleans()):
+            request[name] = draw(values)
+    return request
+
+
+@st.composite
+def near_valid_requests(draw) -> dict:
+    request = draw(valid_requests())
+    mutation = draw(st.sampled_from(["replace", "replace", "drop", "add", "document", "null"]))
+    if mutation == "replace":
+        request[draw(st.sampled_from(FIELDS))] = draw(json_values | st.sampled_from(
+            [0, -1, 2**31, 2**63, 1.5, "3", "", [], {}, True, 10**400 // 10**399, [""] * (MAX_DOCUMENTS + 1)]))
+    elif mutation == "drop":
+        request.pop(draw(st.sampled_from(sorted(request))))
+    elif mutation == "add":
+        request[draw(st.text(max_size=12))] = draw(json_values)
+    elif mutation == "document":
+        docs = request["documents"]
+        docs[draw(st.integers(0, len(docs) - 1))] = draw(json_values)
+    else:
+        request[draw(st.sampled_from(FIELDS))] = None
+    return request
+
+
+raw_bodies = st.one_of(
+    st.binary(max_size=200),
+    st.builds(lambda body, cut: json.dumps(body).encode()[:cut], valid_requests(), st.integers(0, 200)),
+    st.builds(lambda body, junk: json.dumps(body).encode().replace(b'"query": "', b'"query": "' + junk, 1),
+              valid_requests(), st.sampled_from([b"\xff", b"\xc3\x28", b"\\ud800", b"\\x41", b"\\", b"\x00", b"\xed\xa0\x80"])),
+    st.sampled_from([b"", b"null", b"[]", b"NaN", b'{"top_n": NaN}', b'{"top_n": 1e999}', b"[" * 5000 + b"]" * 5000,
+                     b'{"model": "' + SERVED_MODEL.encode() + b'", "query": "q", "documents": ["' + b"x" * MAX_REQUEST_BYTES + b'"]}']),
+)
+
+content_types = st.one_of(
+    st.sampled_from([None, "application/json", "application/json; charset=utf-8", "application/vnd.api+json",
+                     "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "",
+                     "application/json; charset=latin-1", "APPLICATION/JSON", "*/*"]),
+    st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e), max_size=30))
+request_ids = st.none() | st.text(st.characters(min_codepoint=0x21, max_codepoint=0xff), min_size=1, max_size=200)
+
+
+def json_content_type(value: str | None) -> bool:
+    if value is None:
+        return True
+    media = value.split(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+# ---------------------------------------------------------------- properties
+
+def assert_error_body(r: requests.Response) -> None:
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    error = r.json()
+    assert isinstance(error, dict), error
+    assert isinstance(error.get("code"), int) and not isinstance(error["code"], bool) and error["code"] > 0, error
+    assert isinstance(error.get("message"), str) and error["message"].strip(), error
+
+
+def assert_well_formed(r: requests.Response, request: dict | None) -> None:
+    data = r.json()
+    assert data["object"] == "rerank" and data["model"] == SERVED_MODEL and data["id"].startswith("rerank-")
+    assert isinstance(data["created"], int)
+    usage = data["usage"]
+    assert isinstance(usage["prompt_tokens"], int) and usage["prompt_tokens"] == usage["total_tokens"] > 0
+    results = data["results"]
+    indices = [x["index"] for x in results]
+    assert len(set(indices)) == len(indices)
+    for a, b in zip(results, results[1:]):
+        assert (a["relevance_score"], -a["index"]) >= (b["relevance_score"], -b["index"]), results
+    for x in results:
+        assert isinstance(x["index"], int) and isinstance(x["relevance_score"], float)
+        assert math.isfinite(x["relevance_score"])
+    if request is None:
+        return
+    n = len(request["documents"])
+    assert len(results) == min(n, request.get("top_n", n))
+    assert all(0 <= i < n for i in indices)
+    if not request.get("raw_scores"):
+        assert all(0.0 <= x["relevance_score"] <= 1.0 for x in results)
+    for x in results:
+        if request.get("return_documents"):
+            assert x["document"] == request["documents"][x["index"]]
+        else:
+            assert "document" not in x
+
+
+def send(server, data: bytes, content_type: str | None, request_id: str | None, route: str, method: str = "POST"):
+    headers = {}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    if request_id is not None:
+        headers["X-Request-Id"] = request_id
+    try:
+        return requests.request(method, server.http_url + route, data=data, headers=headers, timeout=60)
+    except requests.ConnectionError as e:
+        pytest.fail(f"the connection failed ({e}); server log:\n{server.log()[-3000:]}")
+
+
+@FUZZ
+@given(request=valid_requests(), content_type=content_types, request_id=request_ids, route=st.sampled_from(ROUTES))
+def test_valid_requests(server, request, content_type, request_id, route):
+    r = send(server, json.dumps(request).encode(), content_type, request_id, route)
+    if json_content_type(content_type):
+        assert r.status_code == 200, (r.status_code, r.text)
+        assert_well_formed(r, request)
+        if request_id is not None and request_id.isascii() and len(request_id) <= 128:
+            assert r.headers["X-Request-Id"] == request_id
+    else:
+        assert_error_body(r)
+
+
+@FUZZ
+@given(body=near_valid_requests() | json_values, content_type=st.sampled_from([None, "application/json"]),
+       request_id=request_ids, route=st.sampled_from(ROUTES))
+def test_near_valid_and_arbitrary_json(server, body, content_type, request_id, route):
+    r = send(server, json.dumps(body).encode(), content_type, request_id, route)
+    if r.status_code == 200:
+        assert_well_formed(r, None)
+    else:
+        assert_error_body(r)
+
+
+@settings(FUZZ, max_examples=150)
+@given(data=raw_bodies, content_type=content_types, method=st.sampled_from(["POST", "POST", "POST", "GET", "PUT"]),
+       route=st.sampled_from(ROUTES + ["/v1/rerank/", "/v1/nothing"]))
+def test_raw_bytes(server, data, content_type, method, route):
+    r = send(server, data, content_type, None, route, method)
+    if r.status_code == 200:
+        assert_well_formed(r, None)
+    else:
+        assert_error_body(r)
