@@ -72,7 +72,7 @@ def near_valid_requests(draw) -> dict:
     mutation = draw(st.sampled_from(["replace", "replace", "drop", "add", "document", "null"]))
     if mutation == "replace":
         request[draw(st.sampled_from(FIELDS))] = draw(json_values | st.sampled_from(
-            [0, -1, 2**31, 2**63, 1.5, "3", "", [], {}, True, 10**400 // 10**399, [""] * (MAX_DOCUMENTS + 1)]))
+            [0, -1, 2**31, 2**63, 1.5, "3", "", [], {}, True, 10**30, [""] * (MAX_DOCUMENTS + 1)]))
     elif mutation == "drop":
         request.pop(draw(st.sampled_from(sorted(request))))
     elif mutation == "add":
@@ -99,7 +99,9 @@ content_types = st.one_of(
                      "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "",
                      "application/json; charset=latin-1", "APPLICATION/JSON", "*/*"]),
     st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e), max_size=30))
-request_ids = st.none() | st.text(st.characters(min_codepoint=0x21, max_codepoint=0xff), min_size=1, max_size=200)
+# visible ASCII and Latin-1 letters (RFC 9110 obs-text): what an HTTP header may carry
+request_ids = st.none() | st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e) | st.characters(
+    min_codepoint=0xa0, max_codepoint=0xff), min_size=1, max_size=200)
 
 
 def json_content_type(value: str | None) -> bool:
@@ -166,7 +168,7 @@ def test_valid_requests(server, request, content_type, request_id, route):
     if json_content_type(content_type):
         assert r.status_code == 200, (r.status_code, r.text)
         assert_well_formed(r, request)
-        if request_id is not None and request_id.isascii() and len(request_id) <= 128:
+        if request_id is not None and request_id.isascii() and len(request_id) <= 128:  # else replaced
             assert r.headers["X-Request-Id"] == request_id
     else:
         assert_error_body(r)
