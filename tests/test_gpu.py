@@ -21,6 +21,7 @@ from kernels.gelu import bias_gelu_torch, bias_gelu_triton  # noqa: E402
 from kernels.layernorm import add_layernorm_torch, add_layernorm_triton  # noqa: E402
 from server.checkpoint import write_random_checkpoint  # noqa: E402
 from server.model import load_cross_encoder  # noqa: E402
+from tensor_checks import assert_close  # noqa: E402
 
 CUDA = torch.device("cuda")
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -29,24 +30,6 @@ GLUE_TOL = {torch.float16: (2e-3, 2e-3), torch.bfloat16: (1e-2, 1e-2), torch.flo
 # Attention against the fp32 answer: the backends round probabilities to the input dtype.
 ATTENTION_TOL = {torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 2e-2), torch.float32: (1e-4, 1e-4)}
 HALF = [torch.float16, torch.bfloat16]
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str = "",
-                 show: int = 10) -> None:
-    """allclose that, on failure, names the mismatching indices with both values."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a, e = actual.detach().float().cpu(), expected.detach().float().cpu()
-    bad = ~torch.isclose(a, e, atol=atol, rtol=rtol) | (a.isnan() != e.isnan())
-    if not bad.any():
-        return
-    idx = bad.nonzero()
-    lines = [f"{what}: {len(idx)} of {a.numel()} elements differ (atol={atol}, rtol={rtol}); "
-             f"max abs diff {(a - e).abs().nan_to_num(float('inf')).max().item():.3g}"]
-    for i in idx[:show].tolist():
-        lines.append(f"  at {tuple(i)}: got {a[tuple(i)].item():.6g}, expected {e[tuple(i)].item():.6g}")
-    if len(idx) > show:
-        lines.append(f"  ... and {len(idx) - show} more")
-    pytest.fail("\n".join(lines))
 
 
 def random_lengths(seed: int, batch: int = 24, longest: int = 700) -> list[int]:

@@ -29,6 +29,7 @@ import kernels.attention as attention  # noqa: E402  (references; the Triton ops
 import kernels.embeddings as embeddings  # noqa: E402
 import kernels.gelu as gelu  # noqa: E402
 import kernels.layernorm as layernorm  # noqa: E402
+from tensor_checks import assert_close  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,24 +38,6 @@ DTYPES = [torch.float32, torch.float16]  # the interpreter has no bf16
 # differ by an ulp. Attention: the kernel feeds fp16 probabilities to the second matmul.
 GLUE_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3)}
 ATTENTION_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (3e-3, 3e-3)}
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str = "",
-                 show: int = 10) -> None:
-    """allclose that, on failure, names the mismatching indices with both values."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a, e = actual.detach().float().cpu(), expected.detach().float().cpu()
-    bad = ~torch.isclose(a, e, atol=atol, rtol=rtol) | (a.isnan() != e.isnan())
-    if not bad.any():
-        return
-    idx = bad.nonzero()
-    lines = [f"{what}: {len(idx)} of {a.numel()} elements differ (atol={atol}, rtol={rtol}); "
-             f"max abs diff {(a - e).abs().nan_to_num(float('inf')).max().item():.3g}"]
-    for i in idx[:show].tolist():
-        lines.append(f"  at {tuple(i)}: got {a[tuple(i)].item():.6g}, expected {e[tuple(i)].item():.6g}")
-    if len(idx) > show:
-        lines.append(f"  ... and {len(idx) - show} more")
-    pytest.fail("\n".join(lines))
 
 
 def random_cu_seqlens(seed: int, batch: int = 6, longest: int = 70) -> tuple[torch.Tensor, int]:
