@@ -323,7 +323,8 @@ class TestSplitAndNoBatching:
         with ThreadPoolExecutor(len(payloads) + 1) as pool:
             before = scrape(reference)
             # 600 pairs of 32 tokens: two forwards (16384 + 2816 tokens) keep the model busy
-            big = pool.submit(post, reference, body("busy", [f"{i} " + long_document(i % 20) for i in range(600)]))
+            docs = [f"{i} " + " ".join(sentence(rng, 20) for _ in range(3)) for i in range(600)]  # cut to 32 tokens
+            big = pool.submit(post, reference, body("busy", docs))
             poll(lambda: big.done() or scrape(reference)[QUEUED] > 0, what="the big request to be in the forward")
             replies = list(pool.map(lambda p: post(reference, p), payloads))
             assert big.result().status_code == 200
@@ -414,19 +415,21 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(tiny_checkpoint, tmp_p
     try:
         n_rest, n_grpc = 3, 2
         n = n_rest + n_grpc
+        k = batches_for(server, 0.6)  # full forwards per request
         channel, client = stub(server)
-        docs = [[long_document(2 * i), long_document(2 * i + 1)] for i in range(n)]  # one full forward each
+        docs = [[long_document(2 * k * i + j) for j in range(2 * k)] for i in range(n)]
         before = scrape(server)
         with channel, ThreadPoolExecutor(n) as pool:
             rest = [pool.submit(post, server, body(f"slow {i}", docs[i])) for i in range(n_rest)]
             calls = [client.Rerank.future(grpc_request(f"slow {i}", docs[i]), timeout=300) for i in range(n_rest, n)]
 
             def all_accepted():
-                # each accepted request is done, in the forward (one at a time) or queued
+                # every forward is two pairs of one request, so once all are accepted each of the
+                # n x k forwards is done, running (one at a time) or queued
                 m = scrape(server)
                 forwards = delta(m, before, FORWARDS)
-                return m[QUEUED] / (2 * LONG) + forwards + 1 == n and forwards < n
-            poll(all_accepted, what="all requests to be accepted")
+                return m[QUEUED] / (2 * LONG) + forwards + 1 == n * k and forwards < n * k
+            poll(all_accepted, what="all requests to be accepted, some still queued")
             server.process.send_signal(signal.SIGTERM)
 
             def health_down():
@@ -440,12 +443,15 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(tiny_checkpoint, tmp_p
                 assert late.status_code == 503, late.text
             except requests.ConnectionError:
                 pass
+            with pytest.raises(grpc.RpcError) as e:
+                client.Rerank(grpc_request("late", ["too late"]), timeout=30)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
             for f in rest:
                 r = f.result()
                 assert r.status_code == 200, r.text
-                assert len(r.json()["results"]) == 2
+                assert len(r.json()["results"]) == 2 * k
             for c in calls:
-                assert len(c.result().results) == 2
+                assert len(c.result().results) == 2 * k
         assert server.process.wait(120) == 0, server.log()
         assert "stopped" in server.log()
     finally:
