@@ -17,6 +17,14 @@ from server.checkpoint import write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVED_MODEL = "BAAI/bge-reranker-v2-m3"
+# the seed document's quick-start request
+QUERY = "What is machine learning?"
+DOCS = [
+    "Machine learning is a subset of artificial intelligence.",
+    "The weather today is sunny and warm.",
+    "Deep learning uses neural networks with multiple layers.",
+    "Python is a popular programming language.",
+]
 
 
 @pytest.fixture(scope="session")

@@ -12,17 +12,10 @@ from google.protobuf import descriptor_pb2, json_format, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import SERVED_MODEL
+from conftest import DOCS, QUERY, SERVED_MODEL
 from server.schema import pb, pb_grpc
 from server.tokenization import PairTokenizer
 
-QUERY = "What is machine learning?"
-DOCS = [
-    "Machine learning is a subset of artificial intelligence.",
-    "The weather today is sunny and warm.",
-    "Deep learning uses neural networks with multiple layers.",
-    "Python is a popular programming language.",
-]
 SERVICE = "rerank.v1.Rerank"
 
 

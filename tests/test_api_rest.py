@@ -10,18 +10,11 @@ import time
 import pytest
 import requests
 
-from conftest import SERVED_MODEL, start_server
+from conftest import DOCS, QUERY, SERVED_MODEL, start_server
 from server.tokenization import PairTokenizer
 
 ROUTES = ["/v1/rerank", "/rerank"]
 ALIAS = "reranker"
-QUERY = "What is machine learning?"
-DOCS = [
-    "Machine learning is a subset of artificial intelligence.",
-    "The weather today is sunny and warm.",
-    "Deep learning uses neural networks with multiple layers.",
-    "Python is a popular programming language.",
-]
 MULTILINGUAL = [
     "Kunstmatige intelligentie simuleert menselijke intelligentie.",
     "L'intelligence artificielle simule l'intelligence humaine.",

@@ -15,16 +15,9 @@ import grpc
 import pytest
 import requests
 
-from conftest import ROOT, SERVED_MODEL, start_server
+from conftest import DOCS, QUERY, ROOT, SERVED_MODEL, start_server
 from rerank_client import AsyncRerankClient, RerankClient, RerankError, RerankResponse, RerankResult
 
-QUERY = "What is machine learning?"
-DOCS = [
-    "Machine learning is a subset of artificial intelligence.",
-    "The weather today is sunny and warm.",
-    "Deep learning uses neural networks with multiple layers.",
-    "Python is a popular programming language.",
-]
 MIXED = ["A plain string document about machine learning.",
          {"text": "An object document on neural networks.", "title": "NN", "year": 2024, "tags": ["a", "b"]}]
 BIG = [("token " * 200) + str(i) for i in range(50)]

@@ -7,15 +7,8 @@ import cohere
 import pytest
 import requests
 
-from conftest import SERVED_MODEL
+from conftest import DOCS, QUERY, SERVED_MODEL
 
-QUERY = "What is machine learning?"
-DOCS = [
-    "Machine learning is a subset of artificial intelligence.",
-    "The weather today is sunny and warm.",
-    "Deep learning uses neural networks with multiple layers.",
-    "Python is a popular programming language.",
-]
 OBJECT_DOCS = [
     {"title": "ML", "text": "Machine learning is a subset of artificial intelligence.", "source": "wiki"},
     {"title": "Weather", "text": "The weather today is sunny and warm."},

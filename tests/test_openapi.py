@@ -4,7 +4,7 @@ import jsonschema
 import pytest
 import requests
 
-from tests.conftest import SERVED_MODEL
+from conftest import SERVED_MODEL
 
 
 @pytest.fixture(scope="module")
