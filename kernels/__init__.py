@@ -14,8 +14,8 @@ from kernels.attention import (
     varlen_attention_torch,
 )
 from kernels.embeddings import embed_layernorm_torch, embed_layernorm_triton
-from kernels.gelu import bias_gelu_torch, bias_gelu_triton
-from kernels.layernorm import add_layernorm_torch, add_layernorm_triton
+from kernels.gelu import bias_gelu_inplace, bias_gelu_torch, bias_gelu_triton
+from kernels.layernorm import add_layernorm_inplace, add_layernorm_torch, add_layernorm_triton
 
 __all__ = ["ATTENTION_BACKENDS", "Ops", "TORCH_OPS", "available_attention_backends", "select_ops"]
 
@@ -31,10 +31,11 @@ class Ops:
     attention_backend: str
 
 
+# The CPU path: the references, with the two glue ops writing into their (fresh) input.
 TORCH_OPS = Ops(
     embed_layernorm=embed_layernorm_torch,
-    add_layernorm=add_layernorm_torch,
-    bias_gelu=bias_gelu_torch,
+    add_layernorm=add_layernorm_inplace,
+    bias_gelu=bias_gelu_inplace,
     varlen_attention=varlen_attention_torch,
     attention_backend="torch-sdpa",
 )

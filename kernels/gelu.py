@@ -40,3 +40,11 @@ def bias_gelu_triton(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     -> gelu_erf(x + bias) (rows, features) in x's dtype, computed in fp32."""
     require_triton()
     return _bias_gelu_launch(x.contiguous(), bias.contiguous())
+
+
+def bias_gelu_inplace(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """CPU path: the same op written into ``x`` (a fresh GEMM output the caller gives up).
+    Large fresh tensors cost page faults and zero-filling on every CPU allocation."""
+    if x.dtype != torch.float32:
+        return bias_gelu_torch(x, bias)
+    return torch.ops.aten.gelu_(x.add_(bias), approximate="none")

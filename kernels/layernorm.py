@@ -62,3 +62,13 @@ def add_layernorm_triton(
     # Rows are addressed by their stride; each row's columns must be dense.
     x, residual = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, residual))
     return _add_layernorm_launch(x, residual, weight.contiguous(), bias.contiguous(), eps)
+
+
+def add_layernorm_inplace(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """CPU path: the residual is added into ``x`` (a fresh GEMM output the caller gives up),
+    saving one (rows, hidden) allocation per call."""
+    if x.dtype != torch.float32:
+        return add_layernorm_torch(x, residual, weight, bias, eps)
+    return F.layer_norm(x.add_(residual), (x.shape[-1],), weight, bias, eps)

@@ -23,6 +23,7 @@ from kernels import Ops
 
 log = logging.getLogger(__name__)
 
+FFN_ROWS = 4096  # tokens per FFN slice (see CrossEncoder._block)
 SUPPORTED_ARCHITECTURES = ("XLMRobertaForSequenceClassification", "RobertaForSequenceClassification")
 
 
@@ -171,9 +172,16 @@ class CrossEncoder:
         attn = ops.varlen_attention(q, k, v, cu_q, cu_seqlens, max_q, max_seqlen, 1.0 / math.sqrt(dim))
         attn = F.linear(attn.reshape(-1, H), p.out_weight, p.out_bias)
         x = ops.add_layernorm(attn, residual, p.attn_norm_weight, p.attn_norm_bias, c.layer_norm_eps)
-        up = ops.bias_gelu(F.linear(x, p.up_weight), p.up_bias)
-        down = F.linear(up, p.down_weight, p.down_bias)
-        return ops.add_layernorm(down, x, p.ffn_norm_weight, p.ffn_norm_bias, c.layer_norm_eps)
+        # The FFN in row slices: its (rows, intermediate) activation is the forward's largest
+        # tensor; slices of FFN_ROWS keep it bounded while the GEMMs stay large enough.
+        out = torch.empty_like(x)
+        for start in range(0, x.shape[0], FFN_ROWS):
+            rows = x[start:start + FFN_ROWS]
+            up = ops.bias_gelu(F.linear(rows, p.up_weight), p.up_bias)
+            down = F.linear(up, p.down_weight, p.down_bias)
+            out[start:start + FFN_ROWS] = ops.add_layernorm(down, rows, p.ffn_norm_weight, p.ffn_norm_bias,
+                                                            c.layer_norm_eps)
+        return out
 
     def named_weights(self):
         """(name, tensor) for every weight, in a stable order."""
