@@ -29,6 +29,9 @@ class RerankServicer(pb_grpc.RerankServicer):
             code = grpc.StatusCode.OK
         except ApiError as e:
             code, error = e.code, e.message
+        except Exception:  # a bug, not the caller's fault: INTERNAL, logged, the server goes on
+            log.exception("unhandled error in Rerank")
+            code, error = grpc.StatusCode.INTERNAL, "internal error; see the server log"
         finally:
             context.set_trailing_metadata([("x-request-id", call.request_id)] + [
                 (f"x-{stage}-time", f"{seconds * 1000:.2f}") for stage, seconds in call.timings.items()])
