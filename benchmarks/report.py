@@ -1,0 +1,109 @@
+"""Renders the results files under benchmarks/results/ as the README's results section.
+
+    python -m benchmarks.report            # print the markdown
+    python -m benchmarks.report --readme   # rewrite README.md between the results markers
+
+Every figure comes from a file a benchmark wrote; each table names its file, device, date and
+commit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- results:start (python -m benchmarks.report --readme) -->", "<!-- results:end -->"
+
+
+def provenance(path: Path, d: dict) -> str:
+    device = d["device"]
+    name = device.get("description") or device.get("name", "?")
+    extra = f", {device['logical_cpus']} cores" if "logical_cpus" in device else ""
+    dirty = " (+ uncommitted changes)" if d["git"].get("tree_differs_from_commit") else ""
+    return (f"`{path.relative_to(ROOT)}`: {name}{extra}, {d['date']}, commit "
+            f"`{d['git']['commit'][:10]}`{dirty}" + (f", torch {d['torch']}" if 'torch' in d else ""))
+
+
+def forward_section(path: Path, d: dict) -> str:
+    lines = [f"**Forward, ours vs Hugging Face** — {provenance(path, d)}, {d['dtype']}, "
+             f"random full-size weights; HF: `{d['settings']['hf_attn_implementation']}` attention, padded "
+             f"micro-batches of {d['settings']['hf_batch_size']} in arrival order.", "",
+             "| workload | tokens | padding | ours tokens/s | HF tokens/s | ours / HF | ours, share of GEMM rate |"
+             " max abs Δlogit |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, w in d["workloads"].items():
+        ours, hf = w["ours"], w.get("hf")
+        if not ours.get("tokens_per_s"):
+            continue
+        share = ours.get("useful_fraction_of_gemm_rate") or ours.get("mfu_vs_800_tflops")
+        lines.append(
+            f"| {name} ({w['description']}) | {w['tokens']} | {w.get('padding_fraction', 0):.0%} "
+            f"| {ours['tokens_per_s']:,.0f} | {hf['tokens_per_s']:,.0f} | {w['ratio_ours_over_hf']:.2f}x "
+            f"| {share:.1%} | {w.get('max_abs_logit_diff_ours_vs_hf', float('nan')):.1e} |"
+            if hf else f"| {name} | {w['tokens']} | | {ours['tokens_per_s']:,.0f} | | | {share:.1%} | |")
+    gemm = d.get("gemm", {}).get("reference_flops_per_s")
+    if gemm:
+        lines += ["", f"GEMM rate measured in the same run (`F.linear` at the model's shapes): "
+                      f"{gemm / 1e9:.0f} GFLOP/s; shares count the full model's useful FLOPs on real tokens."]
+    rss = d.get("rss")
+    if rss and rss.get("peak_rss_bytes"):
+        lines.append(f"Peak resident memory of our model alone (load + forward, {rss['workload']}): "
+                     f"{rss['peak_rss_bytes'] / 2**30:.2f} GiB = {rss['peak_rss_bytes'] / d['model']['weight_bytes']:.2f}x "
+                     f"the weight bytes.")
+    return "\n".join(lines)
+
+
+def load_section(path: Path, d: dict) -> str:
+    raw = d["raw_forward"]
+    lines = [f"**Serving under load** — {provenance(path, d)}; model `{d['model']['checkpoint']}` "
+             f"({d['model']['layers']} layers, hidden {d['model']['hidden']}); requests of "
+             f"{d['workload']['documents_min']}-{d['workload']['documents_max']} documents, "
+             f"{d['workload']['tokens_per_request_mean']:.0f} tokens on average. Raw forward in the same run: "
+             f"{raw['tokens_per_s']:,.0f} tokens/s (best pass; median {raw['median_tokens_per_s']:,.0f}).", "",
+             "| transport | batching | clients | requests/s | tokens/s | p50 ms | p95 ms | p99 ms | share of raw forward |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in d["runs"]:
+        lat = r["latency_s"]
+        lines.append(f"| {r['transport']} | {'on' if r['batching'] else 'off'} | {r['mode']} | {r['requests_per_s']:.1f} "
+                     f"| {r['tokens_per_s']:,.0f} | {lat['p50'] * 1e3:.0f} | {lat['p95'] * 1e3:.0f} "
+                     f"| {lat['p99'] * 1e3:.0f} | {r.get('fraction_of_raw_forward', float('nan')):.0%} |")
+    lines += ["", "Targets: " + "; ".join(f"{name}: {t['value']:.2f} ({'pass' if t['pass'] else 'FAIL'})"
+                                         for name, t in d["targets"].items())]
+    return "\n".join(lines)
+
+
+def render() -> str:
+    sections = []
+    for path in sorted(RESULTS.glob("*.json")):
+        d = json.loads(path.read_text())
+        if d.get("quick"):
+            continue
+        if d.get("benchmark") == "forward":
+            sections.append(forward_section(path, d))
+        elif d.get("benchmark") == "load":
+            sections.append(load_section(path, d))
+    return "\n\n".join(sections) or "No results yet."
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--readme", action="store_true", help="rewrite README.md between the results markers")
+    args = parser.parse_args()
+    text = render()
+    if not args.readme:
+        print(text)
+        return
+    readme = ROOT / "README.md"
+    body = readme.read_text()
+    if START not in body:
+        raise SystemExit(f"README.md has no '{START}' marker")
+    head, rest = body.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    print("README.md results section rewritten")
+
+
+if __name__ == "__main__":
+    main()
