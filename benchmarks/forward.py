@@ -2,18 +2,30 @@
 
     python -m benchmarks.forward                  # CPU, full-size random-weight model
     python -m benchmarks.forward --quick          # tiny model, seconds: a smoke test
-    python -m benchmarks.forward --device cuda    # fp16, MFU against 800 TFLOP/s
+    python -m benchmarks.forward --device cuda    # fp16, MFU against 800 TFLOP/s, GPU memory
+    python -m benchmarks.forward --device cuda --all-attention   # ours once per attention backend
     python -m benchmarks.forward --profile        # plus a per-op breakdown of our forward
 
-Both backends run the same random-weight checkpoint (bge-reranker-v2-m3 shapes, cached
-under checkpoints/full-random) on the same token ids:
+Every backend runs the same random-weight checkpoint (bge-reranker-v2-m3 shapes, cached
+under checkpoints/full-random, fp32; on CUDA checkpoints/full-random-fp16, the same values
+rounded as the fp16 model would round them, written in half the time) on the same token ids:
 
-- *uniform*: every document 256 tokens;
-- *mixed*: lognormal lengths (median 192, sigma 0.9, seed 0) clipped to 16..2048.
+- *uniform*: every document ``--uniform-len`` (256) tokens;
+- *mixed*: lognormal lengths (median 192, sigma 0.9, seed 0) clipped to 16..2048;
+- *long*: ``--long-docs`` x ``--long-len`` tokens (CUDA default 16 x 4096);
+- *latency*: one request of ``--latency-docs`` (100) mixed-length documents, timed
+  ``--latency-repeats`` times (median and p90); ours runs it as a single forward.
 
-Hugging Face (``XLMRobertaForSequenceClassification``, SDPA attention) runs the documents
-in micro-batches of ``--hf-batch-size`` in arrival order, each padded to its longest
-member with an attention mask, as a naive server does. Ours concatenates all tokens into
+The CPU runs uniform and mixed with 16 documents each; CUDA all four, with 128 documents.
+
+Backends: *ours* (the best attention backend of ``kernels.available_attention_backends``,
+or ``--attention NAME``; ``--all-attention`` adds ``ours:NAME`` for every other available
+one, the same weights with other ops) and Hugging Face
+(``XLMRobertaForSequenceClassification``): *hf* with SDPA attention and, where the
+``flash_attn`` package imports on CUDA, *hf-fa2* with ``flash_attention_2`` (the best HF
+offers; otherwise the output says SDPA is HF's best here). HF runs the documents in
+micro-batches of ``--hf-batch-size`` in arrival order, each padded to its longest member
+with an attention mask, as a naive server does. Ours concatenates all tokens into
 unpadded batches of up to ``--max-batch-tokens`` tokens, one forward each.
 
 FLOPs ("useful work", the full-model formula of GUIDE section 5, counted on real tokens):
@@ -23,15 +35,19 @@ of each sequence only); that count is reported beside it as "executed". Hugging 
 executes more (padding); its executed count includes the padded tokens.
 
 The FLOP rates are compared with the machine's fp32 (fp16 on CUDA) ``F.linear`` rate at
-the model's GEMM shapes, measured in the same run, before and after the forwards.
-Peak resident memory of our model alone (load + one forward per batch) is measured in a
-child process (``--rss-probe``), so neither the HF model nor the parent's buffers count.
+the model's GEMM shapes, measured in the same run, before and after the forwards; on CUDA
+also with 800 TFLOP/s (MFU). Memory: on the CPU the peak resident set of our model alone
+(load + one forward per batch) in a child process (``--rss-probe``), so neither the HF
+model nor the parent's buffers count; on CUDA ``torch.cuda.max_memory_allocated`` per
+workload and backend, and for one unpadded batch of ``--memory-tokens`` (65536) tokens
+of ours, measured before any other model is loaded.
 
 Results go to ``benchmarks/results/<device>-<YYYY-MM-DD>.json``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import math
@@ -52,37 +68,44 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from kernels import Ops, select_ops
+from kernels import ATTENTION_BACKENDS, Ops, available_attention_backends, select_ops
 from server.checkpoint import write_random_checkpoint
 from server.model import CrossEncoder, EncoderConfig, load_cross_encoder
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
 H100_PEAK_FLOPS = 800e12  # dense fp16/bf16, GUIDE section 5
+GiB = 2 ** 30
 
 # Targets (printed as pass/fail, never adjusted to the result).
 TARGET_MIXED_RATIO = 2.0  # ours / HF tokens/s on the mixed workload
-TARGET_GEMM_FRACTION = 0.90  # ours useful FLOP/s / measured F.linear rate
-TARGET_RSS_RATIO = 1.3  # peak RSS of ours / weight bytes
+TARGET_GEMM_FRACTION = 0.90  # CPU: ours useful FLOP/s / measured F.linear rate
+TARGET_RSS_RATIO = 1.3  # CPU: peak RSS of ours / weight bytes
+TARGET_UNIFORM_RATIO = 1.3  # CUDA: ours / the fastest HF, uniform workload
+TARGET_MFU = 0.60  # CUDA: ours useful FLOP/s / 800 TFLOP/s, uniform (256-token) workload
+TARGET_MEMORY_HEADROOM = 2 * GiB  # CUDA: peak allocated for --memory-tokens <= weights + this
 
 MIXED_MEDIAN, MIXED_SIGMA, MIN_LEN, MAX_LEN = 192, 0.9, 16, 2048
 BOS, EOS, PAD, FIRST_ORDINARY_ID = 0, 2, 1, 4  # <s> <pad> </s> <unk> are 0..3
+WORKLOADS = ("uniform", "mixed", "long", "latency")
+CHECKPOINT_SUFFIX = {torch.float32: "", torch.float16: "-fp16"}  # the CPU's files, CUDA's
+CUDA_GEMM_CALLS = 20  # F.linear calls per timed GEMM run on CUDA (one is ~0.1 ms: below the timer's noise)
 
 
 # --------------------------------------------------------------------------- setup
 
-def ensure_checkpoint(quick: bool) -> Path:
+def ensure_checkpoint(quick: bool, dtype: torch.dtype = torch.float32) -> Path:
     """The cached random checkpoint (written once through a temporary directory, so a
-    half-written one is never reused)."""
+    half-written one is never reused). fp16 files hold the fp32 ones' values rounded."""
     size = "tiny" if quick else "full"
-    path = REPO / "checkpoints" / f"{size}-random"
+    path = REPO / "checkpoints" / f"{size}-random{CHECKPOINT_SUFFIX[dtype]}"
     if (path / "config.json").exists() and (path / "model.safetensors").exists():
         return path
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.perf_counter()
     print(f"writing a random {size} checkpoint to {path} ...", flush=True)
-    write_random_checkpoint(tmp, size, seed=0)
+    write_random_checkpoint(tmp, size, seed=0, dtype=dtype)
     tmp.rename(path)
     print(f"  done in {time.perf_counter() - t0:.1f} s", flush=True)
     return path
@@ -117,6 +140,12 @@ def cpu_facts() -> dict:
     }
 
 
+def cuda_facts(device: torch.device) -> dict:
+    p = torch.cuda.get_device_properties(device)
+    return {"cuda": torch.version.cuda, "capability": f"{p.major}.{p.minor}",
+            "multiprocessors": p.multi_processor_count, "memory_bytes": p.total_memory}
+
+
 def git_commit() -> dict:
     """Read-only git queries: the commit, and whether the benchmarked code differs from it."""
     def git(*args: str) -> subprocess.CompletedProcess:
@@ -144,6 +173,7 @@ class Workload:
     lengths: list[int]
     docs: list[np.ndarray]  # token ids per document, <s> ... </s>
     description: str
+    latency: bool = False  # one request: ours in a single forward, timed --latency-repeats times
     ours_batches: list[tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=list)
     hf_batches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
@@ -156,6 +186,13 @@ class Workload:
 
     def padding_fraction(self, batch_size: int) -> float:
         return 1.0 - self.tokens / self.hf_padded_tokens(batch_size)
+
+    def pack(self, max_batch_tokens: int, hf_batch_size: int, device: torch.device) -> None:
+        self.ours_batches = pack_ours(self.docs, self.ours_max_tokens(max_batch_tokens), device)
+        self.hf_batches = pack_hf(self.docs, hf_batch_size, device)
+
+    def ours_max_tokens(self, max_batch_tokens: int) -> int:
+        return max(self.tokens, max_batch_tokens) if self.latency else max_batch_tokens
 
 
 def chunks(items: list, size: int) -> list[list]:
@@ -170,17 +207,66 @@ def make_docs(lengths: list[int], vocab_size: int, rng: np.random.Generator) -> 
     return docs
 
 
+def mixed_lengths(rng: np.random.Generator, n: int) -> list[int]:
+    lengths = np.clip(np.rint(rng.lognormal(math.log(MIXED_MEDIAN), MIXED_SIGMA, n)), MIN_LEN, MAX_LEN)
+    return [int(x) for x in lengths]
+
+
+def mixed_description(n_docs: int, seed: int | str) -> str:
+    return (f"{n_docs} docs, lognormal(median {MIXED_MEDIAN}, sigma {MIXED_SIGMA}) clipped to "
+            f"{MIN_LEN}..{MAX_LEN}, seed {seed}")
+
+
 def make_workloads(n_docs: int, vocab_size: int, uniform_len: int, seed: int) -> list[Workload]:
+    """uniform and mixed (one generator, in this order of draws: the CPU figures depend on it)."""
     rng = np.random.default_rng(seed)
     uniform = [uniform_len] * n_docs
-    mixed = np.clip(np.rint(rng.lognormal(math.log(MIXED_MEDIAN), MIXED_SIGMA, n_docs)), MIN_LEN, MAX_LEN)
-    mixed = [int(x) for x in mixed]
+    mixed = mixed_lengths(rng, n_docs)
     return [
         Workload("uniform", uniform, make_docs(uniform, vocab_size, rng), f"{n_docs} docs x {uniform_len} tokens"),
-        Workload("mixed", mixed, make_docs(mixed, vocab_size, rng),
-                 f"{n_docs} docs, lognormal(median {MIXED_MEDIAN}, sigma {MIXED_SIGMA}) clipped to "
-                 f"{MIN_LEN}..{MAX_LEN}, seed {seed}"),
+        Workload("mixed", mixed, make_docs(mixed, vocab_size, rng), mixed_description(n_docs, seed)),
     ]
+
+
+def make_long_workload(n_docs: int, length: int, vocab_size: int, seed: int) -> Workload:
+    rng = np.random.default_rng([seed, 1])
+    lengths = [length] * n_docs
+    return Workload("long", lengths, make_docs(lengths, vocab_size, rng), f"{n_docs} docs x {length} tokens")
+
+
+def make_latency_workload(n_docs: int, vocab_size: int, seed: int) -> Workload:
+    rng = np.random.default_rng([seed, 2])
+    lengths = mixed_lengths(rng, n_docs)
+    return Workload("latency", lengths, make_docs(lengths, vocab_size, rng),
+                    f"one request: {mixed_description(n_docs, f'({seed}, 2)')}", latency=True)
+
+
+def lengths_summing_to(total: int, rng: np.random.Generator) -> list[int]:
+    """Mixed lengths whose sum is exactly ``total`` (the last one takes the remainder)."""
+    lengths, left = [], total
+    while left >= MIN_LEN:
+        n = min(mixed_lengths(rng, 1)[0], left)
+        lengths.append(left if left - n < MIN_LEN else n)
+        left -= lengths[-1]
+    return lengths
+
+
+def build_workloads(args: argparse.Namespace, vocab_size: int, device: torch.device) -> list[Workload]:
+    names = args.workloads.split(",")
+    workloads = [w for w in make_workloads(args.docs, vocab_size, args.uniform_len, args.seed) if w.name in names]
+    if "long" in names:
+        workloads.append(make_long_workload(args.long_docs, args.long_len, vocab_size, args.seed))
+    if "latency" in names:
+        workloads.append(make_latency_workload(args.latency_docs, vocab_size, args.seed))
+    for w in workloads:
+        w.pack(args.max_batch_tokens, args.hf_batch_size, device)
+        print(f"workload {w.name}: {w.description}; {w.tokens} real tokens, lengths "
+              f"{min(w.lengths)}..{max(w.lengths)} (mean {w.tokens / len(w.lengths):.0f}); "
+              f"HF micro-batches of {args.hf_batch_size} in arrival order -> {w.hf_padded_tokens(args.hf_batch_size)} "
+              f"padded tokens, padding fraction {w.padding_fraction(args.hf_batch_size):.1%}; "
+              f"ours: {len(w.ours_batches)} unpadded batch(es) of <= {w.ours_max_tokens(args.max_batch_tokens)} tokens",
+              flush=True)
+    return workloads
 
 
 def pack_ours(docs: list[np.ndarray], max_tokens: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
@@ -298,8 +384,9 @@ def wait_quiet(max_wait_s: float) -> dict:
 
 
 def time_runs(fn, repeats: int, device: torch.device, quiet_wait_s: float = 0.0, extra_runs: int = 0) -> list[dict]:
-    """``repeats`` timed calls, each after waiting (bounded) for a quiet machine, plus up to
-    ``extra_runs`` more while fewer than ``repeats`` of them ran uncontended."""
+    """``repeats`` timed calls (synchronize + perf_counter on CUDA), each after waiting
+    (bounded) for a quiet machine, plus up to ``extra_runs`` more while fewer than
+    ``repeats`` of them ran uncontended."""
     runs = []
     while len(runs) < repeats or (len(runs) < repeats + extra_runs
                                   and sum(not r["contended"] for r in runs) < repeats):
@@ -325,12 +412,37 @@ def summarize(runs: list[dict]) -> dict:
             "contended": not clean}
 
 
+class PeakMemory:
+    """Peak CUDA memory over a block: ``torch.cuda.max_memory_allocated`` after
+    ``reset_peak_memory_stats``, and what was allocated before it (``result`` is None on the CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.result = device, None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            sync(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.result = {"baseline_allocated_bytes": self.baseline, "peak_allocated_bytes": peak,
+                           "peak_above_baseline_bytes": peak - self.baseline,
+                           "peak_reserved_bytes": torch.cuda.max_memory_reserved(self.device)}
+
+
 def gemm_rate(c: EncoderConfig, m: int, dtype: torch.dtype, device: torch.device, repeats: int,
               quiet_wait_s: float = 0.0) -> dict:
     """``F.linear`` (with bias, as the model calls it) at the model's GEMM shapes with ``m``
-    rows. The aggregate is one encoder layer's mix: total FLOPs / total median time."""
+    rows. The aggregate is one encoder layer's mix: total FLOPs / total median time.
+    On CUDA each timed run makes ``CUDA_GEMM_CALLS`` calls."""
     H, I = c.hidden_size, c.intermediate_size
     shapes = [("qkv", H, 3 * H), ("attn_out", H, H), ("ffn_up", H, I), ("ffn_down", I, H)]
+    calls = CUDA_GEMM_CALLS if device.type == "cuda" else 1
     g = torch.Generator(device="cpu").manual_seed(1)
     per_shape, flops_sum, time_sum, loads = {}, 0.0, 0.0, []
     with torch.inference_mode():
@@ -340,8 +452,12 @@ def gemm_rate(c: EncoderConfig, m: int, dtype: torch.dtype, device: torch.device
             b = torch.randn(n, generator=g).to(device, dtype)
             F.linear(x, w, b)  # warm-up
             wait_quiet(quiet_wait_s)
-            runs = time_runs(lambda: F.linear(x, w, b), repeats, device)
-            t = summarize(runs)["median_s"]
+
+            def linear_calls():
+                for _ in range(calls):
+                    F.linear(x, w, b)
+            runs = time_runs(linear_calls, repeats, device)
+            t = summarize(runs)["median_s"] / calls
             loads += [r["foreign_cpus"] or 0.0 for r in runs]
             flops = 2.0 * m * k * n
             per_shape[f"{name} {m}x{k}->{n}"] = flops / t
@@ -349,7 +465,7 @@ def gemm_rate(c: EncoderConfig, m: int, dtype: torch.dtype, device: torch.device
             time_sum += t
             del x, w, b
     return {"m": m, "per_shape_flops_per_s": per_shape, "layer_mix_flops_per_s": flops_sum / time_sum,
-            "max_foreign_cpus": max(loads) if loads else None}
+            "max_foreign_cpus": max(loads) if loads else None, "calls_per_run": calls}
 
 
 def best_layer_mix(c: EncoderConfig, *measurements: dict) -> float:
@@ -361,6 +477,256 @@ def best_layer_mix(c: EncoderConfig, *measurements: dict) -> float:
         best = max(v for m in measurements for k, v in m["per_shape_flops_per_s"].items() if k.startswith(name + " "))
         time_sum += f / best
     return sum(flops.values()) / time_sum
+
+
+def measure_gemm(config: EncoderConfig, args: argparse.Namespace, dtype: torch.dtype, device: torch.device) -> dict:
+    print(f"GEMM rate (F.linear, {dtype}, M={args.gemm_m}) ...", flush=True)
+    result = gemm_rate(config, args.gemm_m, dtype, device, repeats=5, quiet_wait_s=args.quiet_wait)
+    for k, v in result["per_shape_flops_per_s"].items():
+        print(f"  {k}: {fmt_rate(v)}")
+    print(f"  layer mix: {fmt_rate(result['layer_mix_flops_per_s'])} (rest of the machine used up to "
+          f"{result['max_foreign_cpus'] or 0:.2f} CPUs meanwhile)", flush=True)
+    return result
+
+
+# --------------------------------------------------------------------------- backends
+
+@dataclass
+class Backend:
+    """One thing timed: our model with one set of ops, or a Hugging Face model with one
+    attention implementation."""
+    name: str  # "ours", "ours:<attention>", "hf" (SDPA), "hf-fa2", "hf-<implementation>"
+    kind: str  # "ours" or "hf"
+    model: object
+    attention: str
+    weight_bytes: int
+
+    def run(self, w: Workload) -> torch.Tensor:
+        if self.kind == "ours":
+            return torch.cat([self.model(ids, cu, max_len) for ids, cu, max_len in w.ours_batches])
+        with torch.inference_mode():
+            return torch.cat([self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+                              for ids, mask in w.hf_batches])
+
+    def executed_flops(self, c: EncoderConfig, w: Workload, hf_batch_size: int) -> float:
+        if self.kind == "ours":
+            return ours_executed_flops(c, w.lengths)
+        return hf_executed_flops(c, w.lengths, hf_batch_size)
+
+
+def ours_weight_bytes(model: CrossEncoder) -> int:
+    return sum(t.numel() * t.element_size() for _, t in model.named_weights())
+
+
+def ours_backends(ours: CrossEncoder, all_attention: bool, device: torch.device, dtype: torch.dtype) -> list[Backend]:
+    """``ours`` as loaded, and with ``all_attention`` a shallow copy (same weights) per other
+    available attention backend."""
+    nbytes = ours_weight_bytes(ours)
+    backends = [Backend("ours", "ours", ours, ours.ops.attention_backend, nbytes)]
+    if all_attention:
+        for name in available_attention_backends(device, dtype):
+            if name != ours.ops.attention_backend:
+                variant = copy.copy(ours)
+                variant.ops = select_ops(device, name, dtype=dtype)
+                backends.append(Backend(f"ours:{name}", "ours", variant, name, nbytes))
+    return backends
+
+
+HF_SHORT_NAMES = {"sdpa": "hf", "flash_attention_2": "hf-fa2"}
+
+
+def flash_attn_import_error() -> str | None:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception as e:  # ImportError, or a build that does not match this torch
+        return f"{e.__class__.__name__}: {e}"
+    return None
+
+
+def hf_attn_implementations(requested: str, device: torch.device) -> tuple[list[str], str | None]:
+    """(implementations to run, a note on what HF's best attention is here). ``auto``:
+    SDPA, plus flash_attention_2 on CUDA where the flash_attn package imports."""
+    if requested != "auto":
+        return requested.split(","), None
+    if device.type != "cuda":
+        return ["sdpa"], "flash_attention_2 needs CUDA: SDPA is HF's best attention here"
+    reason = flash_attn_import_error()
+    if reason is not None:
+        return ["sdpa"], (f"the flash_attn package does not import ({reason}): SDPA is HF's best attention "
+                          "here; flash_attention_2 not run")
+    return ["sdpa", "flash_attention_2"], None
+
+
+def load_hf(checkpoint: Path, implementation: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    from transformers import XLMRobertaForSequenceClassification
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    t0 = time.perf_counter()
+    hf = XLMRobertaForSequenceClassification.from_pretrained(
+        checkpoint, attn_implementation=implementation, dtype=dtype).to(device).eval()
+    sync(device)
+    print(f"loaded HF in {time.perf_counter() - t0:.1f} s (attn_implementation="
+          f"{hf.config._attn_implementation})", flush=True)
+    nbytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    name = HF_SHORT_NAMES.get(implementation, f"hf-{implementation}")
+    return Backend(name, "hf", hf, hf.config._attn_implementation, nbytes)
+
+
+def hf_backends(checkpoint: Path, args: argparse.Namespace, device: torch.device,
+                dtype: torch.dtype) -> tuple[list[Backend], list[str]]:
+    """HF models (none with --skip-hf) and notes on the implementations not run. SDPA must
+    load; another implementation that fails to load is noted and skipped."""
+    if args.skip_hf:
+        return [], []
+    implementations, note = hf_attn_implementations(args.hf_attn, device)
+    backends, notes = [], [note] if note else []
+    for implementation in implementations:
+        try:
+            backends.append(load_hf(checkpoint, implementation, device, dtype))
+        except Exception as e:
+            if implementation == "sdpa":
+                raise
+            notes.append(f"HF attn_implementation={implementation!r} did not load ({e.__class__.__name__}: {e}); not run")
+    for n in notes:
+        print(f"note: {n}", flush=True)
+    return backends, notes
+
+
+def warm_up(backends: list[Backend], workloads: list[Workload], args: argparse.Namespace, device: torch.device) -> float:
+    """CUDA: one untimed run of every backend on every workload (Triton compiles, cuBLAS
+    picks its algorithms per shape). CPU: one forward per backend on the first 4 docs of
+    each workload (allocator, BLAS/oneDNN)."""
+    t0 = time.perf_counter()
+    for w in workloads:
+        if device.type != "cuda":
+            docs = w.docs[:min(4, len(w.docs))]
+            w = Workload(w.name, [len(d) for d in docs], docs, "warm-up slice")
+            w.pack(args.max_batch_tokens, args.hf_batch_size, device)
+        for b in backends:
+            b.run(w)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- measurements
+
+def measure_backend(b: Backend, w: Workload, config: EncoderConfig, args: argparse.Namespace,
+                    device: torch.device) -> tuple[dict, torch.Tensor]:
+    """Timed runs of one backend on one workload (and its peak CUDA memory): the result
+    entry and the logits of the last run."""
+    repeats = args.latency_repeats if w.latency else args.repeats
+    print(f"{w.name} / {b.name}: {repeats} timed runs ...", flush=True)
+    box = {}
+    with PeakMemory(device) as memory:
+        runs = time_runs(lambda: box.__setitem__("y", b.run(w)), repeats, device, args.quiet_wait,
+                         0 if w.latency else args.extra_runs)
+    summary = summarize(runs)
+    med, times = summary["median_s"], [r["s"] for r in runs]
+    executed = b.executed_flops(config, w, args.hf_batch_size)
+    useful = useful_flops(config, w.lengths)
+    result = {"runs": runs, **summary, "tokens_per_s": w.tokens / med, "useful_flops_per_s": useful / med,
+              "executed_flops": executed, "executed_flops_per_s": executed / med}
+    if w.latency:
+        result["p90_s"] = float(np.percentile(times, 90))
+    if memory.result is not None:
+        result["memory"] = {**memory.result, "weight_bytes": b.weight_bytes,
+                            "own_peak_bytes": b.weight_bytes + memory.result["peak_above_baseline_bytes"]}
+    if len(runs) <= 5:
+        print("  runs " + ", ".join(f"{fmt_s(r['s'])} (others {r['foreign_cpus'] or 0:.2f} CPUs"
+                                    f"{', CONTENDED' if r['contended'] else ''})" for r in runs))
+    else:
+        print(f"  {len(runs)} runs: min {fmt_s(min(times))}, p90 {fmt_s(float(np.percentile(times, 90)))}, "
+              f"max {fmt_s(max(times))}; {sum(r['contended'] for r in runs)} contended")
+    print(f"  median {fmt_s(med)} over {summary['clean_runs'] or len(runs)} "
+          f"{'uncontended' if summary['clean_runs'] else 'CONTENDED'} run(s) -> "
+          f"{w.tokens / med:,.1f} real tokens/s"
+          + (f"; peak {result['memory']['own_peak_bytes'] / GiB:.2f} GiB (weights + working memory)"
+             if "memory" in result else ""), flush=True)
+    return result, box["y"].cpu()
+
+
+def compare_backends(entry: dict, outputs: dict[str, torch.Tensor]) -> None:
+    """Speed ratio and largest logit difference of each backend against ``hf`` (SDPA), and
+    of ours against the fastest HF backend (the baseline the targets use)."""
+    if "hf" in outputs:
+        hf_rate = entry["hf"]["tokens_per_s"]
+        for name, y in outputs.items():
+            if name != "hf":
+                entry[name]["ratio_over_hf"] = entry[name]["tokens_per_s"] / hf_rate
+                entry[name]["max_abs_logit_diff_vs_hf"] = float((y - outputs["hf"]).abs().max())
+        if "ours" in outputs:
+            entry["max_abs_logit_diff_ours_vs_hf"] = entry["ours"]["max_abs_logit_diff_vs_hf"]
+            entry["ratio_ours_over_hf"] = entry["ours"]["ratio_over_hf"]
+    hf_names = [n for n in outputs if n == "hf" or n.startswith("hf-")]
+    if hf_names and "ours" in outputs:
+        best = max(hf_names, key=lambda n: entry[n]["tokens_per_s"])
+        entry["best_hf"] = best
+        entry["ratio_ours_over_best_hf"] = entry["ours"]["tokens_per_s"] / entry[best]["tokens_per_s"]
+
+
+def measure_workload(w: Workload, backends: list[Backend], config: EncoderConfig, args: argparse.Namespace,
+                     device: torch.device) -> dict:
+    entry = {"description": w.description, "docs": len(w.lengths), "tokens": w.tokens,
+             "lengths": w.lengths, "sum_len_squared": sum(n * n for n in w.lengths),
+             "hf_batch_size": args.hf_batch_size, "hf_padded_tokens": w.hf_padded_tokens(args.hf_batch_size),
+             "padding_fraction": w.padding_fraction(args.hf_batch_size),
+             "ours_batches": len(w.ours_batches), "useful_flops": useful_flops(config, w.lengths)}
+    if w.latency:
+        entry["repeats"] = args.latency_repeats
+    outputs = {}
+    for b in backends:
+        entry[b.name], outputs[b.name] = measure_backend(b, w, config, args, device)
+    compare_backends(entry, outputs)
+    return entry
+
+
+def add_rates(results: dict, gemm_ref: float, device: torch.device) -> None:
+    for entry in results.values():
+        for b in backend_entries(entry).values():
+            b["useful_fraction_of_gemm_rate"] = b["useful_flops_per_s"] / gemm_ref
+            b["executed_fraction_of_gemm_rate"] = b["executed_flops_per_s"] / gemm_ref
+            if device.type == "cuda":
+                b["mfu_vs_800_tflops"] = b["useful_flops_per_s"] / H100_PEAK_FLOPS
+
+
+def backend_entries(entry: dict) -> dict[str, dict]:
+    """The per-backend results of a workload entry, in the order they ran."""
+    return {k: v for k, v in entry.items() if isinstance(v, dict) and "tokens_per_s" in v}
+
+
+def memory_probe(model: CrossEncoder, tokens: int, seed: int, device: torch.device) -> dict:
+    """Peak CUDA memory of one unpadded forward of ``tokens`` mixed-length tokens with only
+    our model loaded (the CPU runs the same forward and measures no memory)."""
+    rng = np.random.default_rng([seed, 3])
+    lengths = lengths_summing_to(tokens, rng)
+    (ids, cu, max_len), = pack_ours(make_docs(lengths, model.config.vocab_size, rng), tokens, device)
+    nbytes = ours_weight_bytes(model)
+    model(ids, cu, max_len)  # compiles kernels outside the measurement
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    with PeakMemory(device) as memory:
+        t0 = time.perf_counter()
+        model(ids, cu, max_len)
+        sync(device)
+        seconds = time.perf_counter() - t0
+    out = {"tokens": tokens, "docs": len(lengths), "max_len": max_len, "weight_bytes": nbytes,
+           "forward_s": seconds, "tokens_per_s": tokens / seconds, "memory": memory.result,
+           "limit_bytes": nbytes + TARGET_MEMORY_HEADROOM}
+    if memory.result is not None:
+        out["pass"] = memory.result["peak_allocated_bytes"] <= out["limit_bytes"]
+    return out
+
+
+def print_memory_probe(probe: dict) -> None:
+    head = (f"memory probe: one unpadded forward of {probe['tokens']} tokens ({probe['docs']} docs, longest "
+            f"{probe['max_len']}) in {fmt_s(probe['forward_s'])} ({probe['tokens_per_s']:,.0f} tokens/s)")
+    m = probe["memory"]
+    if m is None:
+        print(f"{head}; peak memory not measured on the CPU", flush=True)
+        return
+    print(f"{head}; peak allocated {m['peak_allocated_bytes'] / GiB:.2f} GiB (weights "
+          f"{probe['weight_bytes'] / GiB:.2f} GiB + {(m['peak_allocated_bytes'] - probe['weight_bytes']) / GiB:.2f}), "
+          f"peak reserved {m['peak_reserved_bytes'] / GiB:.2f} GiB; limit {probe['limit_bytes'] / GiB:.2f} GiB", flush=True)
 
 
 # --------------------------------------------------------------------------- RSS probe
@@ -379,7 +745,7 @@ def rss_probe(args: argparse.Namespace) -> None:
     sync(device)
     rss_loaded = proc.memory_info().rss
     peak_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    weight_bytes = sum(t.numel() * t.element_size() for _, t in model.named_weights())
+    weight_bytes = ours_weight_bytes(model)
     workload = next(w for w in make_workloads(args.docs, model.config.vocab_size, args.uniform_len, args.seed)
                     if w.name == args.probe_workload)
     batches = pack_ours(workload.docs, args.max_batch_tokens, device)
@@ -420,6 +786,19 @@ def run_rss_probe(args: argparse.Namespace, checkpoint: Path) -> dict:
     result["peak_minus_import_over_weights"] = (
         (result["peak_rss_bytes"] - result["rss_after_import_bytes"]) / result["weight_bytes"])
     return result
+
+
+def maybe_rss_probe(args: argparse.Namespace, checkpoint: Path, device: torch.device) -> dict | None:
+    """The CPU's memory measurement (CUDA measures GPU memory in-process instead)."""
+    if args.skip_rss or device.type != "cpu":
+        return None
+    print("RSS probe (child process: load ours + one forward per batch) ...", flush=True)
+    rss = run_rss_probe(args, checkpoint)
+    print(f"  peak RSS {rss['peak_rss_bytes'] / GiB:.2f} GiB = {rss['peak_over_weights']:.2f}x weights "
+          f"({rss['weight_bytes'] / GiB:.2f} GiB); after import {rss['rss_after_import_bytes'] / GiB:.2f} GiB, "
+          f"after load {rss['rss_after_load_bytes'] / GiB:.2f} GiB; excluding the import baseline "
+          f"{rss['peak_minus_import_over_weights']:.2f}x ({rss['seconds']:.0f} s)", flush=True)
+    return rss
 
 
 # --------------------------------------------------------------------------- profile
@@ -485,17 +864,158 @@ def profile_ours(model: CrossEncoder, batch: tuple[torch.Tensor, torch.Tensor, i
     }
 
 
+# --------------------------------------------------------------------------- targets
+
+def cpu_targets(results: dict, rss: dict | None) -> dict:
+    targets = {}
+    if "mixed" in results and "ratio_ours_over_hf" in results["mixed"]:
+        m = results["mixed"]
+        r = m["ratio_ours_over_hf"]
+        targets["mixed_ours_over_hf>=2"] = {"value": r, "pass": r >= TARGET_MIXED_RATIO,
+                                            "contended": m["ours"]["contended"] or m["hf"]["contended"]}
+    for wname, entry in results.items():
+        f = entry["ours"]["useful_fraction_of_gemm_rate"]
+        targets[f"{wname}_ours_useful_fraction_of_gemm>=0.90"] = {
+            "value": f, "pass": f >= TARGET_GEMM_FRACTION, "contended": entry["ours"]["contended"]}
+    if rss is not None:
+        targets["peak_rss<=1.3x_weights"] = {"value": rss["peak_over_weights"],
+                                             "pass": rss["peak_over_weights"] <= TARGET_RSS_RATIO, "contended": False}
+    return targets
+
+
+def cuda_targets(results: dict, probe: dict | None, uniform_len: int) -> dict:
+    """Issue 3's GPU targets: ours against the fastest HF backend of the run (>= 2x on mixed,
+    >= 1.3x on uniform), MFU on the uniform workload, and peak memory of the memory probe."""
+    targets = {}
+    for wname, goal in (("mixed", TARGET_MIXED_RATIO), ("uniform", TARGET_UNIFORM_RATIO)):
+        entry = results.get(wname, {})
+        if "ratio_ours_over_best_hf" in entry:
+            r, best = entry["ratio_ours_over_best_hf"], entry["best_hf"]
+            targets[f"{wname}_ours_over_hf>={goal:g}"] = {
+                "value": r, "pass": r >= goal, "contended": entry["ours"]["contended"] or entry[best]["contended"],
+                "detail": f"against {best} ({entry[best]['tokens_per_s']:,.0f} tokens/s), the fastest HF here"}
+    if "uniform" in results:
+        ours = results["uniform"]["ours"]
+        targets[f"uniform_ours_mfu>={TARGET_MFU:.2f}"] = {
+            "value": ours["mfu_vs_800_tflops"], "pass": ours["mfu_vs_800_tflops"] >= TARGET_MFU,
+            "contended": ours["contended"], "detail": f"{uniform_len}-token docs, useful FLOPs / 800 TFLOP/s"}
+    if probe is not None and probe["memory"] is not None:
+        peak = probe["memory"]["peak_allocated_bytes"]
+        targets[f"peak_memory_{probe['tokens']}_tokens<=weights+2GiB"] = {
+            "value": peak / GiB, "pass": probe["pass"], "contended": False,
+            "detail": f"GiB allocated; limit {probe['limit_bytes'] / GiB:.2f} GiB = weights "
+                      f"{probe['weight_bytes'] / GiB:.2f} + {TARGET_MEMORY_HEADROOM / GiB:.0f}"}
+    return targets
+
+
+def print_targets(targets: dict) -> None:
+    print("targets:")
+    for k, v in targets.items():
+        note = "  (every run contended by other processes: inconclusive)" if v["contended"] else ""
+        detail = f" ({v['detail']})" if v.get("detail") else ""
+        print(f"  {verdict(v['pass'])}  {k}: {v['value']:.3f}{detail}{note}")
+
+
+# --------------------------------------------------------------------------- report
+
+def print_table(results: dict, device: torch.device) -> None:
+    cuda = device.type == "cuda"
+    width = max([7] + [len(n) for e in results.values() for n in backend_entries(e)])
+    scale, unit = (1e3, "ms") if cuda else (1.0, "s")
+    header = (f"{'workload':9} {'backend':{width}} {'tokens/s':>10} {'median ' + unit:>9} {'useful':>16} {'of GEMM':>8} "
+              f"{'executed':>16} {'of GEMM':>8}")
+    if cuda:
+        header += f" {'MFU@800T':>9} {'peak GiB':>9}"
+    print(header)
+    for wname, entry in results.items():
+        for name, b in backend_entries(entry).items():
+            line = (f"{wname:9} {name:{width}} {b['tokens_per_s']:10,.1f} {b['median_s'] * scale:8.2f}"
+                    f"{'*' if b['contended'] else ' '} "
+                    f"{fmt_rate(b['useful_flops_per_s']):>16} {b['useful_fraction_of_gemm_rate']:8.1%} "
+                    f"{fmt_rate(b['executed_flops_per_s']):>16} {b['executed_fraction_of_gemm_rate']:8.1%}")
+            if cuda:
+                line += f" {b['mfu_vs_800_tflops']:9.2%} {b['memory']['own_peak_bytes'] / GiB:9.2f}"
+            print(line)
+        print_comparisons(wname, entry)
+
+
+def print_comparisons(wname: str, entry: dict) -> None:
+    for name, b in backend_entries(entry).items():
+        if "p90_s" in b:
+            print(f"{wname:9} {name} latency: median {fmt_s(b['median_s'])}, p90 {fmt_s(b['p90_s'])} over "
+                  f"{len(b['runs'])} runs ({entry['docs']} docs, {entry['tokens']} tokens, "
+                  f"{entry['ours_batches'] if name.startswith('ours') else -(-entry['docs'] // entry['hf_batch_size'])} "
+                  f"forward(s))")
+    for name, b in backend_entries(entry).items():
+        if "ratio_over_hf" in b:
+            print(f"{wname:9} {name}/HF = {b['ratio_over_hf']:.2f}x (padding {entry['padding_fraction']:.1%}); "
+                  f"max |logit {name} - HF| = {b['max_abs_logit_diff_vs_hf']:.2e}")
+    if entry.get("best_hf", "hf") != "hf":
+        print(f"{wname:9} ours/{entry['best_hf']} (fastest HF) = {entry['ratio_ours_over_best_hf']:.2f}x")
+
+
+def print_report(results: dict, gemm: dict, device: torch.device, describe: str, dtype: torch.dtype,
+                 args: argparse.Namespace) -> None:
+    print()
+    print(f"=== {describe}, torch {torch.__version__}, {torch.get_num_threads()} threads, {dtype}")
+    print(f"GEMM rate (F.linear layer mix, M={args.gemm_m}): before {fmt_rate(gemm['before']['layer_mix_flops_per_s'])}, "
+          f"after {fmt_rate(gemm['after']['layer_mix_flops_per_s'])}; reference = "
+          f"{fmt_rate(gemm['reference_flops_per_s'])} (each shape at its better measurement)")
+    print("times: median of the uncontended runs (the rest of the machine under "
+          f"{MachineLoad.CONTENDED_SHARE:.0%} of it), or of all runs, marked *, where every run was contended")
+    print("FLOPs: 'useful' = 2 x matmul params x real tokens + 4 x layers x hidden x sum(len^2) (full model, "
+          "no padding); ours executes slightly less (last layer: first tokens only), HF more (padding).")
+    if device.type == "cuda":
+        print("peak GiB: the backend's weights + its forward's peak allocation above what was allocated before "
+              "(torch.cuda.max_memory_allocated)")
+    print_table(results, device)
+
+
+def print_rss_and_profile(rss: dict | None, profile: dict | None) -> None:
+    if rss is not None:
+        print(f"peak RSS of ours: {rss['peak_rss_bytes'] / GiB:.2f} GiB for {rss['weight_bytes'] / GiB:.2f} GiB of "
+              f"weights ({rss['peak_over_weights']:.2f}x; {rss['peak_minus_import_over_weights']:.2f}x above the "
+              f"{rss['rss_after_import_bytes'] / 2**20:.0f} MiB import baseline), {rss['workload']} workload, "
+              f"largest batch {rss['largest_batch_tokens']} tokens")
+    if profile is not None:
+        print(f"profile of one forward of ours ({profile['batch_tokens']} tokens, {profile['batch_sequences']} "
+              f"sequences, {profile['wall_s']:.2f} s wall under the profiler, others used "
+              f"{profile['foreign_cpus'] or 0:.2f} CPUs meanwhile):")
+        for k, v in sorted(profile["categories_s"].items(), key=lambda kv: -kv[1]):
+            print(f"  {v:8.3f} s {profile['categories_fraction'][k]:6.1%}  {k}")
+        print("  top ops by self time:")
+        for e in profile["top_self_ops"]:
+            print(f"  {e['self_s']:8.3f} s {e['fraction']:6.1%}  {e['op']} x{e['calls']}")
+
+
 # --------------------------------------------------------------------------- main
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--quick", action="store_true", help="tiny model, few docs: a smoke test of this script")
-    p.add_argument("--docs", type=int, help="documents per workload (default: 64 on CUDA, 16 on the CPU, 8 quick)")
+    p.add_argument("--docs", type=int, help="documents of the uniform and mixed workloads "
+                                            "(default: 128 on CUDA, 16 on the CPU, 8 quick)")
     p.add_argument("--uniform-len", type=int, default=256, help="tokens per document of the uniform workload")
+    p.add_argument("--long-docs", type=int, help="documents of the long workload (default 16 on CUDA, 2 on the CPU)")
+    p.add_argument("--long-len", type=int, help="tokens per document of the long workload (default 4096; 512 quick)")
+    p.add_argument("--latency-docs", type=int, help="documents of the latency request (default 100; 10 quick)")
+    p.add_argument("--latency-repeats", type=int, help="timed runs of the latency request (default 20 on CUDA, "
+                                                       "3 on the CPU, 5 quick)")
     p.add_argument("--seed", type=int, default=0, help="workload seed")
     p.add_argument("--hf-batch-size", type=int, help="HF micro-batch size (default 16; 4 quick)")
-    p.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per unpadded forward of ours")
+    p.add_argument("--hf-attn", default="auto",
+                   help="comma-separated HF attn_implementations to time (default auto: sdpa, plus "
+                        "flash_attention_2 on CUDA where the flash_attn package imports)")
+    p.add_argument("--max-batch-tokens", type=int, default=16384,
+                   help="tokens per unpadded forward of ours (the latency request is always one forward)")
+    p.add_argument("--attention", choices=ATTENTION_BACKENDS,
+                   help="our attention backend (default: the best available)")
+    p.add_argument("--all-attention", action="store_true",
+                   help="also time ours with every other available attention backend")
+    p.add_argument("--memory-tokens", type=int,
+                   help="tokens of the one-batch memory probe of ours (default 65536 on CUDA, 4096 quick; "
+                        "0 = off, the CPU's default)")
     p.add_argument("--repeats", type=int, help="timed repeats per backend and workload; the median is reported (default 3)")
     p.add_argument("--gemm-m", type=int, help="rows of the GEMM-rate measurement (default 4096; 16384 on CUDA)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
@@ -504,9 +1024,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "go quiet (default 60 on the CPU, 0 on CUDA)")
     p.add_argument("--extra-runs", type=int,
                    help="further timed runs allowed while fewer than --repeats ran uncontended (default 2 on the CPU)")
-    p.add_argument("--workloads", default="uniform,mixed", help="comma-separated subset of uniform,mixed")
+    p.add_argument("--workloads", help=f"comma-separated subset of {','.join(WORKLOADS)} "
+                                       "(default: all on CUDA, uniform,mixed on the CPU)")
     p.add_argument("--skip-hf", action="store_true", help="time ours only (no ratio)")
-    p.add_argument("--skip-rss", action="store_true", help="skip the peak-RSS child process")
+    p.add_argument("--skip-rss", action="store_true", help="skip the peak-RSS child process (CPU)")
     p.add_argument("--profile", action="store_true", help="also profile one forward of ours per op")
     p.add_argument("--out", type=Path, help="results file (default benchmarks/results/<device>-<date>.json)")
     # child mode
@@ -515,13 +1036,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe-workload", default="mixed", choices=("uniform", "mixed"),
                    help="workload the RSS probe runs (default mixed)")
     args = p.parse_args(argv)
-    cuda = args.device == "cuda"
-    args.docs = args.docs or (8 if args.quick else 64 if cuda else 16)
-    args.quiet_wait = args.quiet_wait if args.quiet_wait is not None else (0.0 if cuda or args.quick else 60.0)
-    args.hf_batch_size = args.hf_batch_size or (4 if args.quick else 16)
+    cuda, quick = args.device == "cuda", args.quick
+    args.workloads = args.workloads or ",".join(WORKLOADS if cuda else ("uniform", "mixed"))
+    unknown = set(args.workloads.split(",")) - set(WORKLOADS)
+    if args.memory_tokens is not None and 0 < args.memory_tokens < MIN_LEN:
+        p.error(f"--memory-tokens must be 0 or at least {MIN_LEN}")
+    if unknown:
+        p.error(f"unknown workload(s) {', '.join(sorted(unknown))}; choose from {','.join(WORKLOADS)}")
+    args.docs = args.docs or (8 if quick else 128 if cuda else 16)
+    args.long_docs = args.long_docs or (2 if quick or not cuda else 16)
+    args.long_len = args.long_len or (512 if quick else 4096)
+    args.latency_docs = args.latency_docs or (10 if quick else 100)
+    args.latency_repeats = args.latency_repeats or (20 if cuda else 5 if quick else 3)
+    if args.memory_tokens is None:
+        args.memory_tokens = (4096 if quick else 65536) if cuda else 0
+    args.quiet_wait = args.quiet_wait if args.quiet_wait is not None else (0.0 if cuda or quick else 60.0)
+    args.hf_batch_size = args.hf_batch_size or (4 if quick else 16)
     args.repeats = args.repeats or 3
-    args.extra_runs = args.extra_runs if args.extra_runs is not None else (0 if cuda or args.quick else 2)
-    args.gemm_m = args.gemm_m or (512 if args.quick else 16384 if cuda else 4096)
+    args.extra_runs = args.extra_runs if args.extra_runs is not None else (0 if cuda or quick else 2)
+    args.gemm_m = args.gemm_m or (512 if quick else 16384 if cuda else 4096)
     return args
 
 
@@ -529,8 +1062,71 @@ def fmt_rate(x: float) -> str:
     return f"{x / 1e9:,.1f} GFLOP/s" if x < 1e12 else f"{x / 1e12:,.1f} TFLOP/s"
 
 
+def fmt_s(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
+
+
+def load_ours(checkpoint: Path, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> CrossEncoder:
+    try:
+        ops = select_ops(device, args.attention, dtype=dtype)
+    except ValueError as e:
+        sys.exit(f"--attention: {e}")
+    t0 = time.perf_counter()
+    ours = load_cross_encoder(checkpoint, ops, device, dtype)
+    sync(device)
+    print(f"loaded ours in {time.perf_counter() - t0:.1f} s (attention: {ours.ops.attention_backend}; available: "
+          f"{', '.join(available_attention_backends(device, dtype))})", flush=True)
+    return ours
+
+
+def write_record(args: argparse.Namespace, device: torch.device, describe: str, dtype: torch.dtype, checkpoint: Path,
+                 config: EncoderConfig, backends: list[Backend], hf_notes: list[str], **parts) -> None:
+    date = datetime.date.today().isoformat()
+    device_name = slug(describe) if device.type == "cuda" else "cpu-" + slug(describe)
+    out = args.out or RESULTS_DIR / f"{device_name}-{date}{'-quick' if args.quick else ''}.json"
+    ours = backends[0]
+    has_hf = any(b.kind == "hf" for b in backends)
+    record = {
+        "benchmark": "forward",
+        "date": date,
+        "timestamp": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": {"type": device.type, "description": describe,
+                   **(cpu_facts() if device.type == "cpu" else cuda_facts(device))},
+        "git": git_commit(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__ if has_hf else None,
+        "threads": torch.get_num_threads(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "quick": args.quick,
+        "model": {"checkpoint": str(checkpoint.relative_to(REPO)), "layers": config.num_layers,
+                  "hidden": config.hidden_size, "ffn": config.intermediate_size, "vocab": config.vocab_size,
+                  "matmul_params": matmul_params(config), "weight_bytes": ours.weight_bytes},
+        "settings": {"docs": args.docs, "uniform_len": args.uniform_len, "seed": args.seed,
+                     "hf_batch_size": args.hf_batch_size, "hf_order": "arrival (not length-sorted)",
+                     "hf_attn_implementation": "sdpa", "max_batch_tokens": args.max_batch_tokens,
+                     "repeats": args.repeats, "extra_runs": args.extra_runs, "quiet_wait_s": args.quiet_wait,
+                     "contended_share": MachineLoad.CONTENDED_SHARE,
+                     "warmup": ("one untimed run per backend of each whole workload" if device.type == "cuda" else
+                                "one forward per backend on the first 4 docs of each workload"),
+                     "attention_backend_ours": ours.attention,
+                     "workloads": args.workloads, "long_docs": args.long_docs, "long_len": args.long_len,
+                     "latency_docs": args.latency_docs, "latency_repeats": args.latency_repeats,
+                     "memory_tokens": args.memory_tokens, "all_attention": args.all_attention,
+                     "hf_attn_requested": args.hf_attn},
+        "backends": {b.name: {"kind": b.kind, "attention": b.attention, "weight_bytes": b.weight_bytes}
+                     for b in backends},
+        "hf_notes": hf_notes,
+        "flops_definition": "useful = 2*matmul_params*real_tokens + 4*layers*hidden*sum(len^2) (full model; "
+                            "our last-layer first-token saving not subtracted); executed = what each backend runs",
+        **parts,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out} (total {record['wall_s']:.0f} s)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -546,7 +1142,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    checkpoint = ensure_checkpoint(args.quick)
+    checkpoint = ensure_checkpoint(args.quick, dtype)
     args.checkpoint = str(checkpoint)
     config = EncoderConfig.from_hf(json.loads((checkpoint / "config.json").read_text()))
     describe = device_description(device)
@@ -554,121 +1150,30 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.get_num_threads()} threads", flush=True)
     print(f"model: {checkpoint.name} ({config.num_layers} layers, hidden {config.hidden_size}, "
           f"FFN {config.intermediate_size}), matmul params {matmul_params(config) / 1e6:.1f}M", flush=True)
+    workloads = build_workloads(args, config.vocab_size, device)
 
-    workloads = [w for w in make_workloads(args.docs, config.vocab_size, args.uniform_len, args.seed)
-                 if w.name in args.workloads.split(",")]
-    for w in workloads:
-        w.ours_batches = pack_ours(w.docs, args.max_batch_tokens, device)
-        w.hf_batches = pack_hf(w.docs, args.hf_batch_size, device)
-        print(f"workload {w.name}: {w.description}; {w.tokens} real tokens, lengths "
-              f"{min(w.lengths)}..{max(w.lengths)} (mean {w.tokens / len(w.lengths):.0f}); "
-              f"HF micro-batches of {args.hf_batch_size} in arrival order -> {w.hf_padded_tokens(args.hf_batch_size)} "
-              f"padded tokens, padding fraction {w.padding_fraction(args.hf_batch_size):.1%}; "
-              f"ours: {len(w.ours_batches)} unpadded batch(es) of <= {args.max_batch_tokens} tokens", flush=True)
-
-    # 1. Peak RSS of our model alone, in a child process, before this one grows.
-    rss = None
-    if not args.skip_rss:
-        print("RSS probe (child process: load ours + one forward per batch) ...", flush=True)
-        rss = run_rss_probe(args, checkpoint)
-        print(f"  peak RSS {rss['peak_rss_bytes'] / 2**30:.2f} GiB = {rss['peak_over_weights']:.2f}x weights "
-              f"({rss['weight_bytes'] / 2**30:.2f} GiB); after import {rss['rss_after_import_bytes'] / 2**30:.2f} GiB, "
-              f"after load {rss['rss_after_load_bytes'] / 2**30:.2f} GiB; excluding the import baseline "
-              f"{rss['peak_minus_import_over_weights']:.2f}x ({rss['seconds']:.0f} s)", flush=True)
-
+    # 1. Peak RSS of our model alone (CPU), in a child process, before this one grows.
+    rss = maybe_rss_probe(args, checkpoint, device)
     # 2. GEMM rate at the model's shapes.
-    print(f"GEMM rate (F.linear, {dtype}, M={args.gemm_m}) ...", flush=True)
-    gemm_before = gemm_rate(config, args.gemm_m, dtype, device, repeats=5, quiet_wait_s=args.quiet_wait)
-    for k, v in gemm_before["per_shape_flops_per_s"].items():
-        print(f"  {k}: {fmt_rate(v)}")
-    print(f"  layer mix: {fmt_rate(gemm_before['layer_mix_flops_per_s'])} (rest of the machine used up to "
-          f"{gemm_before['max_foreign_cpus'] or 0:.2f} CPUs meanwhile)", flush=True)
-
-    # 3. Models.
-    t0 = time.perf_counter()
-    ours = load_cross_encoder(checkpoint, select_ops(device), device, dtype)
-    sync(device)
-    print(f"loaded ours in {time.perf_counter() - t0:.1f} s (attention: {ours.ops.attention_backend})", flush=True)
-    hf = None
-    if not args.skip_hf:
-        from transformers import XLMRobertaForSequenceClassification
-        from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()
-        t0 = time.perf_counter()
-        hf = XLMRobertaForSequenceClassification.from_pretrained(
-            checkpoint, attn_implementation="sdpa", dtype=dtype).to(device).eval()
-        sync(device)
-        print(f"loaded HF in {time.perf_counter() - t0:.1f} s (attn_implementation="
-              f"{hf.config._attn_implementation})", flush=True)
-
-    def run_ours(w: Workload) -> torch.Tensor:
-        return torch.cat([ours(ids, cu, max_len) for ids, cu, max_len in w.ours_batches])
-
-    def run_hf(w: Workload) -> torch.Tensor:
-        with torch.inference_mode():
-            return torch.cat([hf(input_ids=ids, attention_mask=mask).logits[:, 0].float()
-                              for ids, mask in w.hf_batches])
-
-    # Warm-up on a small slice of each workload (allocator, BLAS/oneDNN and CUDA kernels).
-    t0 = time.perf_counter()
-    for w in workloads:
-        small = w.docs[:min(4, len(w.docs))]
-        for ids, cu, max_len in pack_ours(small, args.max_batch_tokens, device):
-            ours(ids, cu, max_len)
-        if hf is not None:
-            with torch.inference_mode():
-                for ids, mask in pack_hf(small, args.hf_batch_size, device):
-                    hf(input_ids=ids, attention_mask=mask)
-    sync(device)
-    print(f"warm-up {time.perf_counter() - t0:.1f} s", flush=True)
-
-    gemm_peak_ref = gemm_before["layer_mix_flops_per_s"]
-    results = {}
-    for w in workloads:
-        entry = {"description": w.description, "docs": len(w.lengths), "tokens": w.tokens,
-                 "lengths": w.lengths, "sum_len_squared": sum(n * n for n in w.lengths),
-                 "hf_batch_size": args.hf_batch_size, "hf_padded_tokens": w.hf_padded_tokens(args.hf_batch_size),
-                 "padding_fraction": w.padding_fraction(args.hf_batch_size),
-                 "ours_batches": len(w.ours_batches), "useful_flops": useful_flops(config, w.lengths)}
-        outputs = {}
-        backends = [("ours", run_ours, ours_executed_flops(config, w.lengths))]
-        if hf is not None:
-            backends.append(("hf", run_hf, hf_executed_flops(config, w.lengths, args.hf_batch_size)))
-        for name, fn, executed in backends:
-            print(f"{w.name} / {name}: {args.repeats} timed runs ...", flush=True)
-            box = {}
-            runs = time_runs(lambda: box.__setitem__("y", fn(w)), args.repeats, device, args.quiet_wait,
-                             args.extra_runs)
-            outputs[name] = box["y"].cpu()
-            summary = summarize(runs)
-            med = summary["median_s"]
-            entry[name] = {
-                "runs": runs, **summary, "tokens_per_s": w.tokens / med,
-                "useful_flops_per_s": entry["useful_flops"] / med,
-                "executed_flops": executed, "executed_flops_per_s": executed / med,
-            }
-            print("  runs " + ", ".join(f"{r['s']:.2f} s (others {r['foreign_cpus'] or 0:.2f} CPUs"
-                                        f"{', CONTENDED' if r['contended'] else ''})" for r in runs))
-            print(f"  median {med:.2f} s over {summary['clean_runs'] or len(runs)} "
-                  f"{'uncontended' if summary['clean_runs'] else 'CONTENDED'} run(s) -> "
-                  f"{w.tokens / med:,.1f} real tokens/s", flush=True)
-        if "hf" in outputs:
-            entry["max_abs_logit_diff_ours_vs_hf"] = float((outputs["ours"] - outputs["hf"]).abs().max())
-            entry["ratio_ours_over_hf"] = entry["ours"]["tokens_per_s"] / entry["hf"]["tokens_per_s"]
-        results[w.name] = entry
+    gemm_before = measure_gemm(config, args, dtype, device)
+    # 3. Ours, and its memory for one large batch while no other model is loaded.
+    ours = load_ours(checkpoint, args, device, dtype)
+    probe = memory_probe(ours, args.memory_tokens, args.seed, device) if args.memory_tokens else None
+    if probe is not None:
+        print_memory_probe(probe)
+    # 4. The other backends, warm-up, timed runs.
+    hf, hf_notes = hf_backends(checkpoint, args, device, dtype)
+    backends = ours_backends(ours, args.all_attention, device, dtype) + hf
+    print(f"warm-up {warm_up(backends, workloads, args, device):.1f} s", flush=True)
+    results = {w.name: measure_workload(w, backends, config, args, device) for w in workloads}
 
     gemm_after = gemm_rate(config, args.gemm_m, dtype, device, repeats=5, quiet_wait_s=args.quiet_wait)
     # The reference takes each shape's better measurement: a slow moment of the machine
     # does not flatter the fraction.
     gemm_ref = best_layer_mix(config, gemm_before, gemm_after)
-    for entry in results.values():
-        for name in ("ours", "hf"):
-            if name in entry:
-                b = entry[name]
-                b["useful_fraction_of_gemm_rate"] = b["useful_flops_per_s"] / gemm_ref
-                b["executed_fraction_of_gemm_rate"] = b["executed_flops_per_s"] / gemm_ref
-                if device.type == "cuda":
-                    b["mfu_vs_800_tflops"] = b["useful_flops_per_s"] / H100_PEAK_FLOPS
+    add_rates(results, gemm_ref, device)
+    gemm = {"before": gemm_before, "after": gemm_after, "reference_flops_per_s": gemm_ref,
+            **({"nominal_peak_flops_per_s": H100_PEAK_FLOPS} if device.type == "cuda" else {})}
 
     profile = None
     if args.profile:
@@ -677,105 +1182,17 @@ def main(argv: list[str] | None = None) -> None:
         wait_quiet(args.quiet_wait)
         profile = profile_ours(ours, w.ours_batches[0], device)
 
-    # ------------------------------------------------------------------ report
-    print()
-    print(f"=== {describe}, torch {torch.__version__}, {torch.get_num_threads()} threads, {dtype}")
-    print(f"GEMM rate (F.linear layer mix, M={args.gemm_m}): before {fmt_rate(gemm_peak_ref)}, after "
-          f"{fmt_rate(gemm_after['layer_mix_flops_per_s'])}; reference = {fmt_rate(gemm_ref)} "
-          "(each shape at its better measurement)")
-    print("times: median of the uncontended runs (the rest of the machine under "
-          f"{MachineLoad.CONTENDED_SHARE:.0%} of it), or of all runs, marked *, where every run was contended")
-    print("FLOPs: 'useful' = 2 x matmul params x real tokens + 4 x layers x hidden x sum(len^2) (full model, "
-          "no padding); ours executes slightly less (last layer: first tokens only), HF more (padding).")
-    header = f"{'workload':9} {'backend':7} {'tokens/s':>10} {'median s':>9} {'useful':>16} {'of GEMM':>8} {'executed':>16} {'of GEMM':>8}"
-    if device.type == "cuda":
-        header += f" {'MFU@800T':>9}"
-    print(header)
-    for wname, entry in results.items():
-        for name in ("ours", "hf"):
-            if name not in entry:
-                continue
-            b = entry[name]
-            line = (f"{wname:9} {name:7} {b['tokens_per_s']:10,.1f} {b['median_s']:8.2f}{'*' if b['contended'] else ' '} "
-                    f"{fmt_rate(b['useful_flops_per_s']):>16} {b['useful_fraction_of_gemm_rate']:8.1%} "
-                    f"{fmt_rate(b['executed_flops_per_s']):>16} {b['executed_fraction_of_gemm_rate']:8.1%}")
-            if device.type == "cuda":
-                line += f" {b['mfu_vs_800_tflops']:9.2%}"
-            print(line)
-        if "ratio_ours_over_hf" in entry:
-            print(f"{wname:9} ours/HF = {entry['ratio_ours_over_hf']:.2f}x (padding {entry['padding_fraction']:.1%}); "
-                  f"max |logit ours - HF| = {entry['max_abs_logit_diff_ours_vs_hf']:.2e}")
-
-    targets = {}
-    if "mixed" in results and "ratio_ours_over_hf" in results["mixed"]:
-        m = results["mixed"]
-        r = m["ratio_ours_over_hf"]
-        targets["mixed_ours_over_hf>=2"] = {"value": r, "pass": r >= TARGET_MIXED_RATIO,
-                                            "contended": m["ours"]["contended"] or m["hf"]["contended"]}
-    for wname, entry in results.items():
-        f = entry["ours"]["useful_fraction_of_gemm_rate"]
-        targets[f"{wname}_ours_useful_fraction_of_gemm>=0.90"] = {
-            "value": f, "pass": f >= TARGET_GEMM_FRACTION, "contended": entry["ours"]["contended"]}
-    if rss is not None:
-        targets["peak_rss<=1.3x_weights"] = {"value": rss["peak_over_weights"],
-                                             "pass": rss["peak_over_weights"] <= TARGET_RSS_RATIO, "contended": False}
-    print("targets:")
-    for k, v in targets.items():
-        note = "  (every run contended by other processes: inconclusive)" if v["contended"] else ""
-        print(f"  {verdict(v['pass'])}  {k}: {v['value']:.3f}{note}")
-    if rss is not None:
-        print(f"peak RSS of ours: {rss['peak_rss_bytes'] / 2**30:.2f} GiB for {rss['weight_bytes'] / 2**30:.2f} GiB of "
-              f"weights ({rss['peak_over_weights']:.2f}x; {rss['peak_minus_import_over_weights']:.2f}x above the "
-              f"{rss['rss_after_import_bytes'] / 2**20:.0f} MiB import baseline), {rss['workload']} workload, "
-              f"largest batch {rss['largest_batch_tokens']} tokens")
-    if profile is not None:
-        print(f"profile of one forward of ours ({profile['batch_tokens']} tokens, {profile['batch_sequences']} "
-              f"sequences, {profile['wall_s']:.2f} s wall under the profiler, others used "
-              f"{profile['foreign_cpus'] or 0:.2f} CPUs meanwhile):")
-        for k, v in sorted(profile["categories_s"].items(), key=lambda kv: -kv[1]):
-            print(f"  {v:8.3f} s {profile['categories_fraction'][k]:6.1%}  {k}")
-        print("  top ops by self time:")
-        for e in profile["top_self_ops"]:
-            print(f"  {e['self_s']:8.3f} s {e['fraction']:6.1%}  {e['op']} x{e['calls']}")
-
-    date = datetime.date.today().isoformat()
-    device_name = slug(describe) if device.type == "cuda" else "cpu-" + slug(describe)
-    out = args.out or RESULTS_DIR / f"{device_name}-{date}{'-quick' if args.quick else ''}.json"
-    record = {
-        "benchmark": "forward",
-        "date": date,
-        "timestamp": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": {"type": device.type, "description": describe,
-                   **(cpu_facts() if device.type == "cpu" else {"cuda": torch.version.cuda})},
-        "git": git_commit(),
-        "torch": torch.__version__,
-        "transformers": None if hf is None else __import__("transformers").__version__,
-        "threads": torch.get_num_threads(),
-        "dtype": str(dtype).removeprefix("torch."),
-        "quick": args.quick,
-        "model": {"checkpoint": str(checkpoint.relative_to(REPO)), "layers": config.num_layers,
-                  "hidden": config.hidden_size, "ffn": config.intermediate_size, "vocab": config.vocab_size,
-                  "matmul_params": matmul_params(config),
-                  "weight_bytes": sum(t.numel() * t.element_size() for _, t in ours.named_weights())},
-        "settings": {"docs": args.docs, "uniform_len": args.uniform_len, "seed": args.seed,
-                     "hf_batch_size": args.hf_batch_size, "hf_order": "arrival (not length-sorted)",
-                     "hf_attn_implementation": "sdpa", "max_batch_tokens": args.max_batch_tokens,
-                     "repeats": args.repeats, "extra_runs": args.extra_runs, "quiet_wait_s": args.quiet_wait,
-                     "contended_share": MachineLoad.CONTENDED_SHARE, "warmup": "one forward per backend on the first 4 docs of each workload",
-                     "attention_backend_ours": ours.ops.attention_backend},
-        "flops_definition": "useful = 2*matmul_params*real_tokens + 4*layers*hidden*sum(len^2) (full model; "
-                            "our last-layer first-token saving not subtracted); executed = what each backend runs",
-        "gemm": {"before": gemm_before, "after": gemm_after, "reference_flops_per_s": gemm_ref,
-                 **({"nominal_peak_flops_per_s": H100_PEAK_FLOPS} if device.type == "cuda" else {})},
-        "workloads": results,
-        "rss": rss,
-        "targets": targets,
-        "profile": profile,
-        "wall_s": time.perf_counter() - started,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out} (total {record['wall_s']:.0f} s)")
+    print_report(results, gemm, device, describe, dtype, args)
+    for note in hf_notes:
+        print(f"note: {note}")
+    if probe is not None:
+        print_memory_probe(probe)
+    targets = cuda_targets(results, probe, args.uniform_len) if device.type == "cuda" else cpu_targets(results, rss)
+    print_targets(targets)
+    print_rss_and_profile(rss, profile)
+    write_record(args, device, describe, dtype, checkpoint, config, backends, hf_notes,
+                 gemm=gemm, workloads=results, memory_probe=probe, rss=rss, targets=targets, profile=profile,
+                 wall_s=time.perf_counter() - started)
 
 
 if __name__ == "__main__":
