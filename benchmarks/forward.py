@@ -150,6 +150,10 @@ def git_commit() -> dict:
     """Read-only git queries: the commit, and whether the benchmarked code differs from it."""
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+    if os.environ.get("BENCH_COMMIT"):  # a copied tree without .git (the device machine): told by the caller
+        return {"commit": os.environ["BENCH_COMMIT"], "tree_differs_from_commit": None}
+    if shutil.which("git") is None:  # a bare GPU machine: the results must still be written
+        return {"commit": None, "tree_differs_from_commit": None}
     head = git("rev-parse", "HEAD")
     dirty = git("diff-index", "--quiet", "HEAD", "--", "server", "kernels", "benchmarks")
     return {"commit": head.stdout.strip() if head.returncode == 0 else None,
@@ -1070,11 +1074,7 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def load_ours(checkpoint: Path, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> CrossEncoder:
-    try:
-        ops = select_ops(device, args.attention, dtype=dtype)
-    except ValueError as e:
-        sys.exit(f"--attention: {e}")
+def load_ours(checkpoint: Path, ops: Ops, device: torch.device, dtype: torch.dtype) -> CrossEncoder:
     t0 = time.perf_counter()
     ours = load_cross_encoder(checkpoint, ops, device, dtype)
     sync(device)
@@ -1140,6 +1140,10 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        ops = select_ops(device, args.attention, dtype=dtype)
+    except ValueError as e:
+        sys.exit(f"--attention: {e}")
     started = time.perf_counter()
 
     checkpoint = ensure_checkpoint(args.quick, dtype)
@@ -1157,7 +1161,7 @@ def main(argv: list[str] | None = None) -> None:
     # 2. GEMM rate at the model's shapes.
     gemm_before = measure_gemm(config, args, dtype, device)
     # 3. Ours, and its memory for one large batch while no other model is loaded.
-    ours = load_ours(checkpoint, args, device, dtype)
+    ours = load_ours(checkpoint, ops, device, dtype)
     probe = memory_probe(ours, args.memory_tokens, args.seed, device) if args.memory_tokens else None
     if probe is not None:
         print_memory_probe(probe)

@@ -23,7 +23,7 @@ def provenance(path: Path, d: dict) -> str:
     extra = f", {device['logical_cpus']} cores" if "logical_cpus" in device else ""
     dirty = " (+ uncommitted changes)" if d["git"].get("tree_differs_from_commit") else ""
     return (f"`{path.relative_to(ROOT)}`: {name}{extra}, {d['date']}, commit "
-            f"`{d['git']['commit'][:10]}`{dirty}" + (f", torch {d['torch']}" if 'torch' in d else ""))
+            f"`{(d['git'].get('commit') or 'unknown')[:10]}`{dirty}" + (f", torch {d['torch']}" if 'torch' in d else ""))
 
 
 def forward_section(path: Path, d: dict) -> str:
