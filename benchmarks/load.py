@@ -56,6 +56,8 @@ from pathlib import Path
 
 import psutil
 
+from benchmarks.forward import git_commit
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
 MODEL_NAME = "BAAI/bge-reranker-v2-m3"
@@ -389,23 +391,11 @@ def raw_forward(checkpoint: Path, workload: Workload, device: str, max_length: i
 # --------------------------------------------------------------------------- the run
 
 def device_description() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
+    """This machine's CPU (the client and the server share it)."""
+    import torch
 
-
-def git_commit() -> dict:
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-    head = git("rev-parse", "HEAD")
-    dirty = git("diff-index", "--quiet", "HEAD", "--", "server", "kernels", "benchmarks")
-    return {"commit": head.stdout.strip() if head.returncode == 0 else None,
-            "tree_differs_from_commit": dirty.returncode == 1}
+    from benchmarks.forward import device_description as describe
+    return describe(torch.device("cpu"))
 
 
 def slug(text: str) -> str:

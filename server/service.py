@@ -6,9 +6,9 @@ validation -> tokenize (thread pool) -> scheduler queue -> batched forward -> ra
 from __future__ import annotations
 
 import asyncio
-import json
 import contextvars
 import hmac
+import json
 import math
 import re
 import time
