@@ -524,6 +524,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", default="1,8,64", help="comma-separated client counts (default 1,8,64)")
     p.add_argument("--transports", default="rest,grpc", help="comma-separated subset of rest,grpc")
     p.add_argument("--requests", type=int, help="distinct requests in the workload (default 256; 32 quick)")
+    p.add_argument("--raw-passes", type=int, default=3,
+                   help="timed passes of the raw forward, before and after serving (1 for a full-size model on a CPU)")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="the server's --max-batch-tokens")
     p.add_argument("--max-length", type=int, help="the server's --max-length (default: the model's)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -558,7 +560,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"raw forward (Engine.forward in-process, batches of <= {args.max_batch_tokens} tokens):", flush=True)
     raw = raw_forward(checkpoint, workload, args.device, args.max_length, args.max_batch_tokens,
-                      max(args.duration / 2, 2.0), args.attention)
+                      max(args.duration / 2, 2.0), args.attention, args.raw_passes)
     print_raw(raw)
 
     logs = Path(tempfile.mkdtemp(prefix="rerank-load-"))  # the servers' logs
@@ -570,7 +572,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print("raw forward again, after the servers:", flush=True)
     raw_after = raw_forward(checkpoint, workload, args.device, args.max_length, args.max_batch_tokens,
-                            max(args.duration / 2, 2.0), args.attention)
+                            max(args.duration / 2, 2.0), args.attention, args.raw_passes)
     print_raw(raw_after)
     raw_runs = [raw, raw_after]
     raw = max(raw_runs, key=lambda r: r["tokens_per_s"])
