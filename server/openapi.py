@@ -115,6 +115,12 @@ def openapi_document() -> dict:
                 "schema": {"$ref": f"#/components/schemas/{method.input_type.name}"}}}},
             "responses": {"200": {"description": "OK", "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{method.output_type.name}"}}}}, **errors},
+            "parameters": [
+                {"name": "Grpc-Timeout", "in": "header", "required": False, "schema": {"type": "string"},
+                 "description": "deadline, gRPC's format (e.g. 500m, 5S); exceeded: 504 DEADLINE_EXCEEDED"},
+                {"name": "X-Request-Id", "in": "header", "required": False, "schema": {"type": "string"},
+                 "description": "echoed in the response header, its id and the log lines"},
+            ],
             "security": [{}, {"bearer": []}],
         }, method.full_name)
     paths["/health"] = {"get": {"operationId": "health", "summary": "200 once the model is loaded and warmed, else 503",

@@ -3,6 +3,7 @@ annotations; JSON is transcoded with protobuf's JSON mapping (proto field names)
 are ``{"code", "message", "details"}`` with the HTTP status mapped from the gRPC code."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -36,6 +37,19 @@ OPEN_PATHS = {"/health", "/metrics", "/openapi.json", "/docs"}
 def error_response(code: grpc.StatusCode, message: str, status: int | None = None) -> web.Response:
     return web.json_response({"code": code.value[0], "message": message, "details": []},
                              status=status or HTTP_STATUS.get(code, 500))
+
+
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
+def _grpc_timeout(value: str | None) -> float | None:
+    """grpc-gateway's deadline header, gRPC's format: up to 8 digits and a unit (e.g. "500m")."""
+    if value is None:
+        return None
+    if not (2 <= len(value) <= 9 and value[:-1].isdigit() and value[-1] in _TIMEOUT_UNITS):
+        raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"Grpc-Timeout must be up to 8 digits and a unit of H, M, S, m, u or n (e.g. 500m), got {value!r}")
+    return int(value[:-1]) * _TIMEOUT_UNITS[value[-1]]
 
 
 def _is_json(content_type: str) -> bool:
@@ -117,7 +131,13 @@ def build_app(service: RerankService, max_request_bytes: int, metrics_auth: bool
                 message = json_format.ParseDict(body, request_class(), ignore_unknown_fields=True)
             except json_format.ParseError as e:
                 raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-            reply = await call_service(message, request["call"])
+            timeout = _grpc_timeout(request.headers.get("Grpc-Timeout"))
+            try:
+                reply = await asyncio.wait_for(call_service(message, request["call"]), timeout)
+            except asyncio.TimeoutError:  # the scoring task was cancelled: its queued pairs are dropped
+                raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"deadline exceeded: the request took longer than its Grpc-Timeout "
+                               f"({request.headers['Grpc-Timeout']})") from None
             return web.json_response(json_format.MessageToDict(
                 reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
         return handle

@@ -453,3 +453,14 @@ def test_still_serving_after_bad_requests(live_server, tokenizer):
     assert all(r["document"] == DOCS[r["index"]] for r in data["results"])
     assert data["usage"]["prompt_tokens"] == expected_tokens(tokenizer, QUERY, DOCS)
     assert requests.get(live_server.http_url + "/health", timeout=10).json() == {"status": "SERVING"}
+
+
+def test_grpc_timeout_header_gives_504_and_drops_the_work(live_server):
+    """grpc-gateway's deadline header: an exceeded deadline is 504 / DEADLINE_EXCEEDED (4)."""
+    body = {"model": SERVED_MODEL, "query": QUERY, "documents": DOCS * 10}
+    r = requests.post(live_server.http_url + "/v1/rerank", json=body, headers={"Grpc-Timeout": "1n"}, timeout=30)
+    assert r.status_code == 504 and r.json()["code"] == 4 and "Grpc-Timeout" in r.json()["message"]
+    r = requests.post(live_server.http_url + "/v1/rerank", json=body, headers={"Grpc-Timeout": "soon"}, timeout=30)
+    assert r.status_code == 400 and "Grpc-Timeout" in r.json()["message"]
+    r = requests.post(live_server.http_url + "/v1/rerank", json=body, headers={"Grpc-Timeout": "30S"}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["results"]) == len(DOCS) * 10
