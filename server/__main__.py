@@ -11,7 +11,7 @@ import sys
 import grpc
 from aiohttp import web
 
-from server.config import Config, parse_args
+from server.config import Config, default_max_batch_tokens, parse_args
 from server.engine import Engine
 from server.grpc_server import build_grpc_server, set_serving
 from server.rest import build_app
@@ -56,8 +56,10 @@ async def serve(config: Config) -> int:
         engine = await loop.run_in_executor(
             None, lambda: Engine.load(config.model, config.device, config.max_length, config.attention))
         await loop.run_in_executor(None, engine.warm_up)
-        scheduler = Scheduler(engine.forward, config.max_batch_tokens, config.max_queued_tokens,
-                              on_batch=service.metrics.observe_batch, batch_requests=config.batching)
+        max_batch_tokens = config.max_batch_tokens or default_max_batch_tokens(engine.asynchronous, config.max_length or 0)
+        scheduler = Scheduler(engine.launch, max_batch_tokens, config.max_queued_tokens,
+                              on_batch=service.metrics.observe_batch, batch_requests=config.batching,
+                              in_flight=2 if engine.asynchronous else 1)
         scheduler.start()
         service.attach(engine, scheduler)
         await set_serving(health, True)

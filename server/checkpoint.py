@@ -5,6 +5,7 @@ these. The directory is a normal Hugging Face checkpoint (config.json, model.saf
 tokenizer.json), loadable by this server and by ``transformers`` alike.
 
     python -m server.checkpoint --size tiny --out checkpoints/tiny
+    python -m server.checkpoint --size small --out checkpoints/small # 6 x 384, for CPU load tests
     python -m server.checkpoint --size full --out checkpoints/full   # bge-reranker-v2-m3 shapes
 """
 from __future__ import annotations
@@ -23,6 +24,10 @@ TOKENIZER_FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures
 # bge-reranker-v2-m3's config.json, less the fields transformers fills by default.
 FULL = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+# The shape of the smallest production cross-encoders (MiniLM-L6): what a CPU load test needs,
+# a forward that costs far more than the tokenizer, as on a real deployment, yet answers in 0.1 s.
+SMALL = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+SIZES = {"tiny": TINY, "small": SMALL, "full": FULL}
 
 
 def hf_config(**overrides) -> dict:
@@ -92,7 +97,7 @@ def write_random_checkpoint(out: Path, size: str = "tiny", seed: int = 0, dtype:
     """Writes config.json, model.safetensors and the tokenizer files into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = hf_config(**{**(TINY if size == "tiny" else FULL), **overrides})
+    config = hf_config(**{**SIZES[size], **overrides})
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     save_file(random_state_dict(config, seed, dtype), out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -109,8 +114,9 @@ def write_random_checkpoint(out: Path, size: str = "tiny", seed: int = 0, dtype:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="directory to write")
-    parser.add_argument("--size", choices=("tiny", "full"), default="tiny",
-                        help="tiny: 2 layers, hidden 64; full: bge-reranker-v2-m3 shapes (568M parameters)")
+    parser.add_argument("--size", choices=tuple(SIZES), default="tiny",
+                        help="tiny: 2 layers, hidden 64; small: 6 layers, hidden 384 (MiniLM-L6 shapes); "
+                             "full: bge-reranker-v2-m3 shapes (568M parameters)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     args = parser.parse_args()

@@ -6,6 +6,14 @@ import os
 from dataclasses import dataclass
 
 
+GPU_BATCH_TOKENS = 16384  # enough rows to fill an H100's GEMMs; larger adds memory, not speed
+CPU_BATCH_TOKENS = 4096  # a CPU's GEMMs are at full rate well below this
+
+
+def default_max_batch_tokens(asynchronous_device: bool, max_length: int) -> int:
+    return max(GPU_BATCH_TOKENS if asynchronous_device else CPU_BATCH_TOKENS, max_length)
+
+
 @dataclass(frozen=True)
 class Config:
     model: str
@@ -16,7 +24,7 @@ class Config:
     max_length: int | None
     device: str
     attention: str | None
-    max_batch_tokens: int
+    max_batch_tokens: int | None  # None: by device, see default_max_batch_tokens
     max_queued_tokens: int
     batching: bool
     max_documents: int
@@ -53,8 +61,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     add("--device", choices=("auto", "cpu", "cuda"), default=_env("device", "auto"))
     add("--attention", default=_env("attention", None),
         help="force an attention backend (flash-attn, torch-varlen, triton, torch-sdpa); default: best available")
-    add("--max-batch-tokens", type=int, default=int(_env("max-batch-tokens", 16384)),
-        help="real tokens per forward batch (at least --max-length)")
+    add("--max-batch-tokens", type=int, default=_env("max-batch-tokens", None),
+        help=f"real tokens per forward batch, at least --max-length (default {GPU_BATCH_TOKENS} on a GPU, "
+             f"{CPU_BATCH_TOKENS} on the CPU, where larger batches are no faster and only add latency)")
     add("--max-queued-tokens", type=int, default=int(_env("max-queued-tokens", 2_000_000)),
         help="tokens waiting for the model beyond which new requests get 429 / RESOURCE_EXHAUSTED")
     add("--no-batching", action="store_true", default=_env("no-batching", "") not in ("", "0", "false"),
@@ -82,10 +91,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     max_length = int(a.max_length) if a.max_length is not None else None
-    if max_length is not None and max_length > a.max_batch_tokens:
+    a.max_batch_tokens = int(a.max_batch_tokens) if a.max_batch_tokens is not None else None
+    if max_length is not None and a.max_batch_tokens is not None and max_length > a.max_batch_tokens:
         p.error(f"--max-batch-tokens ({a.max_batch_tokens}) must be at least --max-length ({max_length})")
     for flag in ("max_batch_tokens", "max_queued_tokens", "max_documents", "max_request_bytes"):
-        if getattr(a, flag) < 1:
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     return Config(
         model=a.model, served_model_name=names or [a.model], host=a.host, http_port=a.http_port,

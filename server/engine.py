@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from itertools import accumulate, chain
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -87,17 +88,40 @@ class Engine:
     def max_length(self) -> int:
         return self.tokenizer.max_length
 
-    def forward(self, pairs: list[list[int]]) -> list[float]:
-        """Token-id lists -> one logit each, as one unpadded batch.
-        ``cu_seqlens`` is built on the host, so nothing waits on the device before the forward."""
+    @property
+    def asynchronous(self) -> bool:
+        """Whether ``launch`` returns before the forward is computed (CUDA)."""
+        return self.model.device.type == "cuda"
+
+    def launch(self, pairs: list[list[int]]) -> Callable[[], list[float]]:
+        """Token-id lists -> a wait for one logit each, as one unpadded batch.
+
+        ``cu_seqlens`` is built on the host, so nothing waits on the device before or during
+        the forward: on CUDA this queues the copies and kernels and returns; the logits come
+        back to pinned memory behind an event, and only the returned wait blocks on it."""
         lengths = [len(p) for p in pairs]
         total = sum(lengths)
         ids = torch.from_numpy(np.fromiter(chain.from_iterable(pairs), dtype=np.int64, count=total))
         cu_seqlens = torch.tensor([0, *accumulate(lengths)], dtype=torch.int32)
         device = self.model.device
-        if device.type != "cpu":
-            ids, cu_seqlens = ids.pin_memory().to(device, non_blocking=True), cu_seqlens.pin_memory().to(device, non_blocking=True)
-        return self.model(ids, cu_seqlens, max(lengths)).tolist()
+        if device.type == "cpu":
+            logits = self.model(ids, cu_seqlens, max(lengths)).tolist()
+            return lambda: logits
+        ids, cu_seqlens = ids.pin_memory().to(device, non_blocking=True), cu_seqlens.pin_memory().to(device, non_blocking=True)
+        on_device = self.model(ids, cu_seqlens, max(lengths))
+        on_host = torch.empty(on_device.shape, dtype=on_device.dtype, pin_memory=True)
+        on_host.copy_(on_device, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def wait() -> list[float]:
+            copied.synchronize()
+            return on_host.tolist()
+        return wait
+
+    def forward(self, pairs: list[list[int]]) -> list[float]:
+        """Token-id lists -> one logit each (``launch`` and wait)."""
+        return self.launch(pairs)()
 
     def warm_up(self) -> None:
         """One short and one long forward, so first requests pay no allocation or compile cost."""

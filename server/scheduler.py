@@ -6,6 +6,11 @@ split over several). The forward runs on a dedicated thread so the event loop ke
 accepting, validating and tokenizing. A request whose caller has gone (its awaiting task
 was cancelled: HTTP disconnect, gRPC cancel or deadline) has its remaining pairs dropped
 before they are computed.
+
+A forward is a *launch* that returns a *wait*: on a GPU the launch only queues the kernels,
+so with ``in_flight=2`` the next batch is assembled, copied and queued while the device
+still runs the current one, and the device never idles between batches for the host. On
+the CPU the launch computes; ``in_flight=1`` there, or results would wait a whole forward.
 """
 from __future__ import annotations
 
@@ -22,6 +27,19 @@ log = logging.getLogger(__name__)
 
 class QueueFullError(RuntimeError):
     """Accepting the request would exceed the queued-token limit."""
+
+
+Pairs = list[list[int]]
+Wait = Callable[[], list[float]]  # blocks until the batch's logits are on the host
+Launch = Callable[[Pairs], Wait]  # starts a forward
+
+
+def launch_now(forward: Callable[[Pairs], list[float]]) -> Launch:
+    """A blocking forward as a launch: it computes at once, its wait returns the result."""
+    def launch(pairs: Pairs) -> Wait:
+        logits = forward(pairs)
+        return lambda: logits
+    return launch
 
 
 @dataclass(eq=False)
@@ -48,10 +66,13 @@ class BatchStats:
 
 
 class Scheduler:
-    def __init__(self, forward: Callable[[list[list[int]]], list[float]], max_batch_tokens: int,
-                 max_queued_tokens: int, on_batch: Callable[[int, int], None] | None = None,
-                 batch_requests: bool = True):
-        self._forward = forward
+    def __init__(self, launch: Launch, max_batch_tokens: int, max_queued_tokens: int,
+                 on_batch: Callable[[int, int], None] | None = None, batch_requests: bool = True,
+                 in_flight: int = 1):
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be >= 1, got {in_flight}")
+        self._launch = launch
+        self.in_flight = in_flight  # batches launched and not yet collected
         self.batch_requests = batch_requests  # False (--no-batching): one request per forward, for comparisons
         self._on_batch = on_batch  # (pairs, tokens) after each forward, e.g. for metrics
         self.max_batch_tokens = max_batch_tokens
@@ -119,34 +140,49 @@ class Scheduler:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        launched: deque[tuple[list[tuple[_Job, int]], Wait, float]] = deque()
         while True:
-            await self._work.wait()
-            batch = self._take_batch()
-            if not batch:
-                self._work.clear()
-                continue
-            pairs = [job.pairs[i] for job, i in batch]
-            started = time.perf_counter()
-            for job, _ in batch:
-                job.started = job.started or started
-            try:
-                logits = await loop.run_in_executor(self._thread, self._forward, pairs)
-            except Exception as e:  # one bad batch fails its requests, not the server
-                log.exception("forward failed for a batch of %d pairs", len(pairs))
+            batch = self._take_batch() if len(launched) < self.in_flight else None
+            if batch:
+                started = time.perf_counter()
                 for job, _ in batch:
-                    if not job.future.done():
-                        job.future.set_exception(RuntimeError(f"inference failed: {e}"))
-                continue
-            elapsed, tokens = time.perf_counter() - started, sum(len(p) for p in pairs)
-            self.stats.forwards += 1
-            self.stats.pairs += len(pairs)
-            self.stats.tokens += tokens
-            if self._on_batch:
-                self._on_batch(len(pairs), tokens)
-            for job in {job for job, _ in batch}:
-                job.inference_seconds += elapsed
-            for (job, i), logit in zip(batch, logits):
-                job.logits[i] = logit
-                job.done += 1
-                if job.done == len(job.pairs) and not job.future.done():
-                    job.future.set_result(job.logits)
+                    job.started = job.started or started
+                try:
+                    wait = await loop.run_in_executor(self._thread, self._launch, [job.pairs[i] for job, i in batch])
+                except Exception as e:  # one bad batch fails its requests, not the server
+                    self._fail(batch, e)
+                else:
+                    launched.append((batch, wait, started))
+            elif launched:
+                batch, wait, started = launched.popleft()
+                try:
+                    logits = await loop.run_in_executor(self._thread, wait)
+                except Exception as e:
+                    self._fail(batch, e)
+                else:
+                    self._deliver(batch, logits, time.perf_counter() - started)
+            else:
+                self._work.clear()
+                await self._work.wait()
+
+    def _deliver(self, batch: list[tuple[_Job, int]], logits: list[float], elapsed: float) -> None:
+        tokens = sum(len(job.pairs[i]) for job, i in batch)
+        self.stats.forwards += 1
+        self.stats.pairs += len(batch)
+        self.stats.tokens += tokens
+        if self._on_batch:
+            self._on_batch(len(batch), tokens)
+        for job in {job for job, _ in batch}:
+            job.inference_seconds += elapsed
+        for (job, i), logit in zip(batch, logits):
+            job.logits[i] = logit
+            job.done += 1
+            if job.done == len(job.pairs) and not job.future.done():
+                job.future.set_result(job.logits)
+
+    @staticmethod
+    def _fail(batch: list[tuple[_Job, int]], error: Exception) -> None:
+        log.error("forward failed for a batch of %d pairs", len(batch), exc_info=error)
+        for job, _ in batch:
+            if not job.future.done():
+                job.future.set_exception(RuntimeError(f"inference failed: {error}"))

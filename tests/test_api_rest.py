@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from conftest import DOCS, QUERY, SERVED_MODEL, start_server
+from server.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
 from server.tokenization import PairTokenizer
 
 ROUTES = ["/v1/rerank", "/rerank"]
@@ -72,6 +73,13 @@ def test_health(live_server):
     r = requests.get(live_server.http_url + "/health", timeout=10)
     assert r.status_code == 200
     assert r.json() == {"status": "SERVING"}
+
+
+def test_batch_budget_defaults_by_device(live_server):
+    """No --max-batch-tokens: the CPU budget (a CPU's GEMMs are at full rate well below the
+    GPU's budget, so larger CPU batches would only add latency)."""
+    info = requests.get(live_server.http_url + "/info", timeout=10).json()
+    assert info["device"] == "cpu" and info["max_batch_tokens"] == CPU_BATCH_TOKENS < GPU_BATCH_TOKENS
 
 
 @pytest.mark.parametrize("route", ROUTES)

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
-from server.scheduler import Scheduler
+from server.scheduler import Scheduler, launch_now
 from server.schema import pb
 from server.service import ApiError, RerankService
 from server.tokenization import PairTokenizer
@@ -30,7 +30,7 @@ def rerank(tokenizer, body: dict):
         return [10.0 if marker in p[p.index(2) + 2:] else 0.0 for p in pairs]  # marker in the document part
 
     async def go():
-        scheduler = Scheduler(forward, max_batch_tokens=4096, max_queued_tokens=10**6)
+        scheduler = Scheduler(launch_now(forward), max_batch_tokens=4096, max_queued_tokens=10**6)
         scheduler.start()
         service = RerankService(["m"], max_documents=100)
         service.attach(SimpleNamespace(tokenizer=tokenizer), scheduler)

@@ -20,6 +20,7 @@ from kernels.embeddings import embed_layernorm_torch, embed_layernorm_triton  # 
 from kernels.gelu import bias_gelu_torch, bias_gelu_triton  # noqa: E402
 from kernels.layernorm import add_layernorm_torch, add_layernorm_triton  # noqa: E402
 from server.checkpoint import write_random_checkpoint  # noqa: E402
+from server.engine import Engine  # noqa: E402
 from server.model import load_cross_encoder  # noqa: E402
 from tensor_checks import assert_close  # noqa: E402
 
@@ -230,3 +231,20 @@ def test_forward_never_waits_on_the_device(backend, checkpoint):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert logits.shape == (len(lengths),) and logits.isfinite().all()
+
+
+def test_engine_launch_queues_without_waiting(checkpoint):
+    """Engine.launch returns before the device is done (the scheduler launches the next batch
+    meanwhile); each wait gives the same logits as a plain forward."""
+    engine = Engine.load(str(checkpoint), device="cuda")
+    assert engine.asynchronous
+    seqs, _ = model_batch()
+    first, second = [s.tolist() for s in seqs[:5]], [s.tolist() for s in seqs[5:]]
+    want = engine.forward(first), engine.forward(second)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        waits = engine.launch(first), engine.launch(second)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert (waits[0](), waits[1]()) == want

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from server.scheduler import QueueFullError, Scheduler
+from server.scheduler import QueueFullError, Scheduler, launch_now
 
 
 class RecordingForward:
@@ -25,8 +25,10 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 20))
 
 
-async def with_scheduler(forward, body, max_batch_tokens=10, max_queued_tokens=1000):
-    scheduler = Scheduler(forward, max_batch_tokens, max_queued_tokens)
+async def with_scheduler(forward, body, max_batch_tokens=10, max_queued_tokens=1000, in_flight=None):
+    """``in_flight`` given: ``forward`` is a launch (returns a wait), else a blocking forward."""
+    launch = launch_now(forward) if in_flight is None else forward
+    scheduler = Scheduler(launch, max_batch_tokens, max_queued_tokens, in_flight=in_flight or 1)
     scheduler.start()
     try:
         return await body(scheduler)
@@ -110,3 +112,81 @@ def test_failing_forward_fails_its_requests_only():
             await s.score([[666]])
         return await s.score([[1], [2]])
     assert run(with_scheduler(forward, body)) == [1.0, 1.0]
+
+
+class AsyncDevice:
+    """A launch that returns before its batch is computed, like CUDA: each batch completes
+    when the test releases it. Records the order of launches and waits."""
+
+    def __init__(self, fail_on: int | None = None):
+        self.events: list[str] = []
+        self.released: list[threading.Event] = []
+        self.fail_on = fail_on  # a token whose batch fails in its wait, as a device error would
+
+    def release(self, n: int) -> None:
+        self.released[n].set()
+
+    def __call__(self, pairs):
+        n = len(self.released)
+        self.released.append(threading.Event())
+        self.events.append(f"launch {n}")
+
+        def wait():
+            self.events.append(f"wait {n}")
+            assert self.released[n].wait(5), f"batch {n} never released"
+            if any(self.fail_on in p for p in pairs):
+                raise RuntimeError("device fault")
+            return [float(sum(p)) for p in pairs]
+        return wait
+
+
+async def wait_for(condition, timeout=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never met"
+        await asyncio.sleep(0.005)
+
+
+def test_two_batches_in_flight_when_work_is_queued():
+    device = AsyncDevice()
+
+    async def body(s):
+        tasks = [asyncio.create_task(s.score([[n] * 10])) for n in range(1, 4)]  # one batch each
+        await wait_for(lambda: device.events[:3] == ["launch 0", "launch 1", "wait 0"])
+        assert "launch 2" not in device.events  # at most two batches launched and uncollected
+        device.release(0)
+        device.release(1)
+        await wait_for(lambda: "launch 2" in device.events)
+        device.release(2)
+        return [await t for t in tasks]
+    assert run(with_scheduler(device, body, in_flight=2)) == [[10.0], [20.0], [30.0]]
+    assert device.events == ["launch 0", "launch 1", "wait 0", "launch 2", "wait 1", "wait 2"]
+
+
+def test_one_in_flight_collects_before_launching_the_next():
+    class Finished(AsyncDevice):  # each batch is done by the time it is waited for
+        def __call__(self, pairs):
+            wait = super().__call__(pairs)
+            self.release(len(self.released) - 1)
+            return wait
+    device = Finished()
+
+    async def body(s):
+        return await asyncio.gather(*(s.score([[n] * 10]) for n in range(1, 4)))
+    assert run(with_scheduler(device, body, in_flight=1)) == [[10.0], [20.0], [30.0]]
+    assert device.events == ["launch 0", "wait 0", "launch 1", "wait 1", "launch 2", "wait 2"]
+
+
+def test_a_batch_failing_on_the_device_fails_its_requests_only():
+    device = AsyncDevice(fail_on=666)
+
+    async def body(s):
+        bad = asyncio.create_task(s.score([[666] * 10]))
+        good = asyncio.create_task(s.score([[5] * 10]))
+        await wait_for(lambda: len(device.released) == 2)
+        device.release(0)
+        device.release(1)
+        with pytest.raises(RuntimeError, match="inference failed: device fault"):
+            await bad
+        return await good
+    assert run(with_scheduler(device, body, in_flight=2)) == [50.0]

@@ -282,7 +282,7 @@ def split_servers(tiny_checkpoint, tmp_path_factory):
     small = start_server(tiny_checkpoint, logs / "small.log", "--max-length", "32", "--max-batch-tokens", "64",
                          wait=False)
     reference = start_server(tiny_checkpoint, logs / "reference.log", "--max-length", "32", "--no-batching",
-                             wait=False)
+                             "--max-batch-tokens", "16384", wait=False)
     wait_ready(small, reference)
     yield small, reference
     stop_cleanly(small, reference)
