@@ -381,8 +381,9 @@ def raw_forward(checkpoint: Path, workload: Workload, device: str, max_length: i
                 max_batch_tokens: int, duration: float, attention: str | None, passes: int = 3) -> dict:
     """Engine.forward in this process on the workload's pairs, in arrival order, cut into
     batches of at most ``max_batch_tokens`` tokens, as the scheduler would. Timed passes over
-    all batches (at least ``passes``, more while under ``duration``); the best pass is the
-    machine's rate (the others are slowed by whatever else runs on it), the median is kept."""
+    the batches (all of them, or the first ones that take about ``duration / passes``; at
+    least ``passes``, more while under ``duration``); the best pass is the machine's rate
+    (the others are slowed by whatever else runs on it), the median is kept."""
     import torch
 
     from server.engine import Engine
@@ -399,9 +400,13 @@ def raw_forward(checkpoint: Path, workload: Workload, device: str, max_length: i
             budget -= len(p)
     if batch:
         batches.append(batch)
-    tokens = sum(len(p) for b in batches for p in b)
-    engine.forward(batches[0])  # this shape once more, outside the timing
     sync = torch.cuda.synchronize if engine.model.device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    engine.forward(batches[0])  # this shape once more, outside the timing; and how long a batch takes
+    sync()
+    # a pass over as many batches as take about duration / passes (all of them for a fast model)
+    batches = batches[:max(4, math.ceil(duration / passes / (time.perf_counter() - t0)))]
+    tokens = sum(len(p) for b in batches for p in b)
     rates, foreign = [], []
     start = time.perf_counter()
     while len(rates) < passes or time.perf_counter() - start < duration:
@@ -578,7 +583,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--transports", default="rest,grpc", help="comma-separated subset of rest,grpc")
     p.add_argument("--requests", type=int, help="distinct requests in the workload (default 256; 32 quick)")
     p.add_argument("--raw-passes", type=int, default=3,
-                   help="timed passes of the raw forward, before and after serving (1 for a full-size model on a CPU)")
+                   help="timed passes of the raw forward, before and after serving")
     p.add_argument("--max-batch-tokens", type=int, help="the server's --max-batch-tokens (default: its default "
                                                        "for the device)")
     p.add_argument("--max-length", type=int, help="the server's --max-length (default: the model's)")
@@ -620,7 +625,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"raw forward (Engine.forward in-process, batches of <= {args.max_batch_tokens} tokens):", flush=True)
     raw = raw_forward(checkpoint, workload, args.device, args.max_length, args.max_batch_tokens,
-                      max(args.duration / 2, 2.0), args.attention, args.raw_passes)
+                      args.duration, args.attention, args.raw_passes)
     print_raw(raw)
 
     logs = Path(tempfile.mkdtemp(prefix="rerank-load-"))  # the servers' logs
@@ -632,7 +637,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print("raw forward again, after the servers:", flush=True)
     raw_after = raw_forward(checkpoint, workload, args.device, args.max_length, args.max_batch_tokens,
-                            max(args.duration / 2, 2.0), args.attention, args.raw_passes)
+                            args.duration, args.attention, args.raw_passes)
     print_raw(raw_after)
     raw_runs = [raw, raw_after]
     raw = max(raw_runs, key=lambda r: r["tokens_per_s"])
