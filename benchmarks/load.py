@@ -44,7 +44,7 @@ The client runs on the same machine as the server and competes with it for the C
 every run records the CPU time of the server and of this client, and of the rest of the
 machine (``foreign_cpus``, from ``/proc/stat``), so a contended run can be told apart.
 
-Results go to ``benchmarks/results/load-<device>-<YYYY-MM-DD>.json``.
+Results go to ``benchmarks/results/load-<checkpoint>-<device>-<YYYY-MM-DD>.json``.
 """
 from __future__ import annotations
 
@@ -318,9 +318,9 @@ async def closed_loop(transport: Transport, recorder: Recorder, concurrency: int
     await asyncio.gather(*(client() for _ in range(concurrency)))
 
 
-async def open_loop(transport: Transport, recorder: Recorder, rate: float, duration: float, seed: int,
-                    drain_s: float = 60) -> int:
-    """Poisson arrivals at ``rate``/s for ``duration`` s; waits (bounded) for the last answers.
+async def open_loop(transport: Transport, recorder: Recorder, rate: float, requests: int, seed: int,
+                    drain_s: float = 120) -> int:
+    """``requests`` Poisson arrivals at ``rate``/s; waits (bounded) for the last answers.
     -> requests sent."""
     rng = random.Random(seed)
     start = time.perf_counter()
@@ -332,7 +332,7 @@ async def open_loop(transport: Transport, recorder: Recorder, rate: float, durat
         ok = await transport.send(k)
         recorder.done(k, ok, time.perf_counter() - t0)
 
-    while next_at < duration:
+    while i < requests:
         delay = start + next_at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -535,7 +535,7 @@ async def serve_and_measure(args, checkpoint: Path, workload: Workload, batching
                     rate = best_rate / 2
                     before = await server.metrics(session)
                     with Recorder(server, workload) as rec:
-                        sent = await open_loop(transport, rec, rate, args.open_loop_duration, args.seed)
+                        sent = await open_loop(transport, rec, rate, args.open_loop_requests, args.seed)
                     after = await server.metrics(session)
                     run = rec.summary(transport=kind, batching=batching, mode="half load", offered_rate=rate,
                                       saturating_rate=best_rate, sent=sent)
@@ -578,7 +578,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="short runs, small workload: a smoke test of this script")
     p.add_argument("--duration", type=float,
                    help="seconds per closed-loop run at the raw forward's rate (default 20; 2 quick)")
-    p.add_argument("--open-loop-duration", type=float, help="seconds of open-loop arrivals (default 15; 3 quick)")
+    p.add_argument("--open-loop-requests", type=int,
+                   help="requests sent at half load, enough for a p99 (default 300; 40 quick)")
     p.add_argument("--concurrency", default="1,8,64", help="comma-separated client counts (default 1,8,64)")
     p.add_argument("--transports", default="rest,grpc", help="comma-separated subset of rest,grpc")
     p.add_argument("--requests", type=int, help="distinct requests in the workload (default 256; 32 quick)")
@@ -594,10 +595,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-no-batching", action="store_true", help="skip the --no-batching server")
     p.add_argument("--skip-open-loop", action="store_true", help="skip the half-load latency run")
-    p.add_argument("--out", type=Path, help="results file (default benchmarks/results/load-<device>-<date>.json)")
+    p.add_argument("--out", type=Path,
+                   help="results file (default benchmarks/results/load-<checkpoint>-<device>-<date>.json)")
     args = p.parse_args(argv)
     args.duration = args.duration or (2.0 if args.quick else 20.0)
-    args.open_loop_duration = args.open_loop_duration or (3.0 if args.quick else 15.0)
+    args.open_loop_requests = args.open_loop_requests or (40 if args.quick else 300)
     args.requests = args.requests or (32 if args.quick else 256)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.transports = [t.strip() for t in args.transports.split(",")]
@@ -680,7 +682,8 @@ def main(argv: list[str] | None = None) -> None:
         import torch
         device_name = slug(torch.cuda.get_device_name())
     date = datetime.date.today().isoformat()
-    out = args.out or RESULTS_DIR / f"load-{device_name}-{date}{'-quick' if args.quick else ''}.json"
+    model_name = slug(checkpoint.name)
+    out = args.out or RESULTS_DIR / f"load-{model_name}-{device_name}-{date}{'-quick' if args.quick else ''}.json"
     config = json.loads((checkpoint / "config.json").read_text())
     record = {
         "benchmark": "load",
@@ -692,7 +695,7 @@ def main(argv: list[str] | None = None) -> None:
         "quick": args.quick,
         "model": {"checkpoint": str(checkpoint.relative_to(REPO)) if checkpoint.is_relative_to(REPO) else str(checkpoint),
                   "layers": config["num_hidden_layers"], "hidden": config["hidden_size"]},
-        "settings": {"duration_s": args.duration, "open_loop_duration_s": args.open_loop_duration,
+        "settings": {"duration_s": args.duration, "open_loop_requests": args.open_loop_requests,
                      "concurrency": args.concurrency, "transports": args.transports,
                      "max_batch_tokens": args.max_batch_tokens, "max_length": args.max_length, "seed": args.seed,
                      "server_threads": args.server_threads},

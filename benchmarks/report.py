@@ -69,6 +69,13 @@ def load_section(path: Path, d: dict) -> str:
         lines.append(f"| {r['transport']} | {'on' if r['batching'] else 'off'} | {r['mode']} | {r['requests_per_s']:.1f} "
                      f"| {r['tokens_per_s']:,.0f} | {lat['p50'] * 1e3:.0f} | {lat['p95'] * 1e3:.0f} "
                      f"| {lat['p99'] * 1e3:.0f} | {r.get('fraction_of_raw_forward', float('nan')):.0%} |")
+    for r in d["runs"]:
+        ideal = r.get("ideal_fifo")
+        if ideal:
+            lines += ["", f"{r['transport']} at half load ({r['offered_rate']:.1f} requests/s, Poisson): p99/p50 = "
+                          f"{r['p99_over_p50']:.2f}; an ideal FIFO server (no overhead, the raw forward's rate) on the "
+                          f"same arrivals: p50 {ideal['p50'] * 1e3:.0f} ms, p99 {ideal['p99'] * 1e3:.0f} ms, p99/p50 = "
+                          f"{ideal['p99_over_p50']:.2f}."]
     lines += ["", "Targets: " + "; ".join(f"{name}: {t['value']:.2f} ({'pass' if t['pass'] else 'FAIL'})"
                                          for name, t in d["targets"].items())]
     return "\n".join(lines)
