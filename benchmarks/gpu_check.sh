@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (issue 3): the CUDA tests, then the forward benchmark on the
-# full-size random model. Device time is scarce (about 15 minutes per task, the machine's
-# start included): this script is sized to finish in about 8 minutes on an H100 (each step
-# has its own timeout), and is meant to be run once, from the repository root:
+# The prepared GPU check: the CUDA tests, then the forward benchmark on the full-size random
+# model (issue 3); with STEPS=load, the serving load benchmark instead (issue 4). Device time
+# is scarce (about 15 minutes per task, the machine's start included): each call is sized to
+# finish in about 8 minutes on an H100 (each step has its own timeout), from the repository root:
 #
-#     bash benchmarks/gpu_check.sh
+#     bash benchmarks/gpu_check.sh               # STEPS="tests forward"
+#     STEPS=load bash benchmarks/gpu_check.sh    # a second call, if device time is left
 #
 # through the device tool: run(command="BENCH_COMMIT=<git rev-parse HEAD here> bash benchmarks/gpu_check.sh",
 # timeout_s=600) (the copied tree there has no .git: BENCH_COMMIT names the commit in the results),
@@ -12,6 +13,14 @@
 # everything printed is also written to $OUT/log, and $OUT receives the benchmark's
 # results JSON (also under benchmarks/results/, which does not come back by itself) and
 # pytest's JUnit XML.
+#
+# STEPS=load serves over gRPC and REST: the image lacks some of the server's packages. Carry
+# them as wheels (about 11 MB), downloaded here into .whl/:
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl grpcio==1.85.3 \
+#         grpcio-tools==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 \
+#         googleapis-common-protos==1.76.0 protobuf==7.36.2
+# and pass carry=[".whl"]; the stubs are then built there by CMake (nothing is fetched).
 #
 # Installs nothing, except wheels carried in .whl/ if there are any: the machine's image
 # has torch, triton, transformers, safetensors, psutil, numpy and pytest, but not
@@ -23,9 +32,11 @@
 # (see /work/.library/device/README.md), and pass carry=[".whl"]. A wheel that does not
 # import is harmless: the benchmark says why and runs without it.
 #
-# Environment: PYTHON (default python3), PYTEST_TIMEOUT (180 s), BENCH_TIMEOUT (270 s),
-# BENCH_ARGS (extra arguments of benchmarks.forward; default --all-attention), BENCH_DEVICE
-# (cuda; a dry run of this script on a CPU machine: BENCH_DEVICE=cpu BENCH_ARGS=--quick).
+# Environment: STEPS (default "tests forward"; any of tests, forward, load), PYTHON (default
+# python3), PYTEST_TIMEOUT (180 s), BENCH_TIMEOUT (270 s), BENCH_ARGS (extra arguments of
+# benchmarks.forward; default --all-attention), LOAD_TIMEOUT (420 s), LOAD_ARGS (extra arguments
+# of benchmarks.load; default --duration 10), BENCH_DEVICE (cuda; a dry run of this script on
+# a CPU machine: BENCH_DEVICE=cpu BENCH_ARGS=--quick LOAD_ARGS=--quick).
 # Exit status: 0 when every step passed, else the last failing step's status.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +46,9 @@ PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-180}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-270}
 BENCH_ARGS=${BENCH_ARGS:---all-attention}
 BENCH_DEVICE=${BENCH_DEVICE:-cuda}
+STEPS=${STEPS:-tests forward}
+LOAD_TIMEOUT=${LOAD_TIMEOUT:-420}
+LOAD_ARGS=${LOAD_ARGS:---duration 10}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ -n "${OUT:-}" ]; then mkdir -p "$OUT"; LOG=$OUT/log; else LOG=$(mktemp /tmp/gpu_check.XXXXXX.log); fi
 : > "$LOG"
@@ -89,16 +103,48 @@ for name in ATTENTION_BACKENDS:
         print(f"  {name}: unavailable: {reason}")
 EOF
 
-junit=()
-[ -n "${OUT:-}" ] && junit=(--junitxml "$OUT/pytest.xml")
-step "GPU tests" "$PYTEST_TIMEOUT" "$PY" -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider "${junit[@]}"
+wants() { [[ " $STEPS " == *" $1 "* ]]; }
 
-# Writes checkpoints/full-random-fp16 first if it is missing (~10 s: fp16, not fp32).
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-step "forward benchmark" "$BENCH_TIMEOUT" "$PY" -m benchmarks.forward --device "$BENCH_DEVICE" $BENCH_ARGS
-result=$(sed -n 's/^wrote \(.*\.json\) (total .*/\1/p' "$LOG" | tail -n 1)
-if [ -n "$result" ] && [ -n "${OUT:-}" ]; then
-    cp "$result" "$OUT/" && say "copied $result to \$OUT"
+# copy_result PATTERN: the results file the last step wrote (from its "wrote ..." line) into $OUT
+copy_result() {
+    local result
+    result=$(sed -n "$1" "$LOG" | tail -n 1)
+    if [ -n "$result" ] && [ -n "${OUT:-}" ]; then
+        cp "$result" "$OUT/" && say "copied $result to \$OUT"
+    fi
+}
+
+if wants tests; then
+    junit=()
+    [ -n "${OUT:-}" ] && junit=(--junitxml "$OUT/pytest.xml")
+    step "GPU tests" "$PYTEST_TIMEOUT" "$PY" -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider "${junit[@]}"
+fi
+
+if wants forward; then
+    # Writes checkpoints/full-random-fp16 first if it is missing (~10 s: fp16, not fp32).
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+    step "forward benchmark" "$BENCH_TIMEOUT" "$PY" -m benchmarks.forward --device "$BENCH_DEVICE" $BENCH_ARGS
+    copy_result 's/^wrote \(.*\.json\) (total .*/\1/p'
+fi
+
+if wants load; then
+    # The server needs its gRPC stubs (server/gen, not in git): built here through CMake when
+    # missing, with grpcio-tools from the carried wheels (see the header).
+    if [ ! -f server/gen/rerank/v1/rerank_pb2.py ]; then
+        step "gRPC stubs" 120 bash -c "cmake -S . -B /tmp/rerank-build -DPython3_EXECUTABLE=$(command -v "$PY") > /dev/null \
+            && cmake --build /tmp/rerank-build --target proto"
+    fi
+    # The full-size model in fp16 on the GPU; on a CPU dry run, the load benchmark's own default.
+    load_model=()
+    if [ "$BENCH_DEVICE" = cuda ]; then
+        ckpt=checkpoints/full-random-fp16
+        [ -f "$ckpt/model.safetensors" ] || step "full-size fp16 checkpoint" 120 \
+            "$PY" -m server.checkpoint --size full --dtype float16 --out "$ckpt"
+        load_model=(--checkpoint "$ckpt")
+    fi
+    # shellcheck disable=SC2086  # LOAD_ARGS is a list of arguments
+    step "load benchmark" "$LOAD_TIMEOUT" "$PY" -m benchmarks.load --device "$BENCH_DEVICE" "${load_model[@]}" $LOAD_ARGS
+    copy_result 's/^wrote \(.*\.json\) in .*/\1/p'
 fi
 
 say "done, status $status"

@@ -55,13 +55,22 @@ def forward_section(path: Path, d: dict) -> str:
     return "\n".join(lines)
 
 
+def neighbours_note(d: dict) -> str:
+    """The top-concurrency runs' share is against the raw forward right before and after them."""
+    notes = [r["transport"] + " " + " and ".join(f"{n['tokens_per_s']:,.0f}" for n in r["raw_forward_neighbours"])
+             for r in d["runs"] if r.get("raw_forward_neighbours")]
+    return (" The share of the highest-concurrency rows is against the raw forward measured right before "
+            f"and after each ({'; '.join(notes)} tokens/s)." if notes else "")
+
+
 def load_section(path: Path, d: dict) -> str:
     raw = d["raw_forward"]
     lines = [f"**Serving under load** — {provenance(path, d)}; model `{d['model']['checkpoint']}` "
              f"({d['model']['layers']} layers, hidden {d['model']['hidden']}); requests of "
              f"{d['workload']['documents_min']}-{d['workload']['documents_max']} documents, "
              f"{d['workload']['tokens_per_request_mean']:.0f} tokens on average. Raw forward in the same run: "
-             f"{raw['tokens_per_s']:,.0f} tokens/s (best pass; median {raw['median_tokens_per_s']:,.0f}).", "",
+             f"{raw['tokens_per_s']:,.0f} tokens/s (best pass at its start or end; median "
+             f"{raw['median_tokens_per_s']:,.0f}).{neighbours_note(d)}", "",
              "| transport | batching | clients | requests/s | tokens/s | p50 ms | p95 ms | p99 ms | share of raw forward |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in d["runs"]:
