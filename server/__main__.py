@@ -7,6 +7,7 @@ import logging
 import signal
 import ssl
 import sys
+from pathlib import Path
 
 import grpc
 from aiohttp import web
@@ -23,6 +24,17 @@ log = logging.getLogger("server")
 
 async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
+    tokenizer = None
+    local_dir = Path(config.model).expanduser()
+    if local_dir.is_dir():
+        # Parsed before the listeners start: tokenizers holds the GIL for about a second while
+        # it parses tokenizer.json, which would leave health probes unanswered meanwhile. (A hub
+        # id is resolved, maybe downloaded, in the background below; its parse stalls there.)
+        try:
+            tokenizer = Engine.load_tokenizer(local_dir, config.max_length)
+        except Exception as e:
+            log.error("cannot start: %s", e)
+            return 2
     limits = dict(max_request_bytes=config.max_request_bytes, http_port=config.http_port,
                   grpc_port=config.grpc_port, auth=bool(config.api_keys), tls=bool(config.tls_cert),
                   batching=config.batching)
@@ -54,7 +66,7 @@ async def serve(config: Config) -> int:
 
     async def load() -> None:
         engine = await loop.run_in_executor(
-            None, lambda: Engine.load(config.model, config.device, config.max_length, config.attention))
+            None, lambda: Engine.load(config.model, config.device, config.max_length, config.attention, tokenizer))
         await loop.run_in_executor(None, engine.warm_up)
         max_batch_tokens = config.max_batch_tokens or default_max_batch_tokens(engine.asynchronous, config.max_length or 0)
         scheduler = Scheduler(engine.launch, max_batch_tokens, config.max_queued_tokens,

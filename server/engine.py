@@ -5,6 +5,7 @@ scheduler calls it from its forward thread, one batch at a time.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from kernels import select_ops
-from server.model import CrossEncoder, load_cross_encoder
+from server.model import CrossEncoder, EncoderConfig, load_cross_encoder
 from server.tokenization import PairTokenizer
 
 log = logging.getLogger(__name__)
@@ -59,24 +60,33 @@ class Engine:
     tokenizer: PairTokenizer
     model_dir: Path
 
+    @staticmethod
+    def load_tokenizer(model_dir: Path, max_length: int | None = None) -> PairTokenizer:
+        """The pair tokenizer of a checkpoint directory, cut at ``max_length`` (default: the
+        model's limit). Parsing tokenizer.json holds the GIL for about a second (tokenizers
+        does not release it), so a server does this before its listeners answer health."""
+        config = EncoderConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+        limit = config.max_tokens
+        if max_length is not None and not 8 <= max_length <= limit:
+            raise ValueError(f"--max-length must be between 8 and the model's {limit}, got {max_length}")
+        tokenizer_file = model_dir / "tokenizer.json"
+        if not tokenizer_file.exists():
+            raise ModelNotFoundError(f"{model_dir} has no tokenizer.json (the fast tokenizer is required)")
+        return PairTokenizer(tokenizer_file, max_length or limit, config.bos_token_id, config.eos_token_id)
+
     @classmethod
     def load(cls, model: str, device: str = "auto", max_length: int | None = None,
-             attention: str | None = None) -> "Engine":
+             attention: str | None = None, tokenizer: PairTokenizer | None = None) -> "Engine":
+        """``tokenizer``: one already loaded by ``load_tokenizer`` from the same directory."""
         started = time.perf_counter()
         model_dir = resolve_model_dir(model)
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                            ("cpu" if device == "auto" else device))
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
         ops = select_ops(dev, attention)
+        tokenizer = tokenizer or cls.load_tokenizer(model_dir, max_length)  # checks max_length before the weights
         encoder = load_cross_encoder(model_dir, ops, dev, dtype)
-        limit = encoder.config.max_tokens
-        if max_length is not None and not 8 <= max_length <= limit:
-            raise ValueError(f"--max-length must be between 8 and the model's {limit}, got {max_length}")
-        tokenizer_file = model_dir / "tokenizer.json"
-        if not tokenizer_file.exists():
-            raise ModelNotFoundError(f"{model_dir} has no tokenizer.json (the fast tokenizer is required)")
         c = encoder.config
-        tokenizer = PairTokenizer(tokenizer_file, max_length or limit, c.bos_token_id, c.eos_token_id)
         n_params = sum(t.numel() for _, t in encoder.named_weights())
         log.info("loaded %s from %s: %d layers, hidden %d, %.0fM parameters, %s on %s, attention %s, "
                  "max length %d, in %.1fs", model, model_dir, c.num_layers, c.hidden_size, n_params / 1e6,
