@@ -1,7 +1,8 @@
 """Model + tokenizer on one device: token-id lists in, logits out.
 
-``Engine.forward`` is the one entry point that takes pairs and returns scores; the
-scheduler calls it from its forward thread, one batch at a time.
+``Engine.launch`` is the one entry point that takes pairs and returns their scores (through
+a wait, so that on a GPU the next batch can be queued while this one runs); the scheduler
+calls it from its forward thread. ``Engine.forward`` is launch-and-wait.
 """
 from __future__ import annotations
 

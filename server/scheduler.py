@@ -11,6 +11,7 @@ A forward is a *launch* that returns a *wait*: on a GPU the launch only queues t
 so with ``in_flight=2`` the next batch is assembled, copied and queued while the device
 still runs the current one, and the device never idles between batches for the host. On
 the CPU the launch computes; ``in_flight=1`` there, or results would wait a whole forward.
+A batch already launched is computed even if its callers leave meanwhile.
 """
 from __future__ import annotations
 
