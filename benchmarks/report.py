@@ -81,7 +81,8 @@ def load_section(path: Path, d: dict) -> str:
     for r in d["runs"]:
         ideal = r.get("ideal_fifo")
         if ideal:
-            lines += ["", f"{r['transport']} at half load ({r['offered_rate']:.1f} requests/s, Poisson): p99/p50 = "
+            lines += ["", f"{r['transport']} at half load ({r['offered_rate']:.1f} requests/s, "
+                          f"{r.get('arrivals', 'Poisson')} arrivals): p99/p50 = "
                           f"{r['p99_over_p50']:.2f}; an ideal FIFO server (no overhead, the raw forward's rate) on the "
                           f"same arrivals: p50 {ideal['p50'] * 1e3:.0f} ms, p99 {ideal['p99'] * 1e3:.0f} ms, p99/p50 = "
                           f"{ideal['p99_over_p50']:.2f}."]

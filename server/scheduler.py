@@ -69,7 +69,9 @@ class BatchStats:
 class Scheduler:
     def __init__(self, launch: Launch, max_batch_tokens: int, max_queued_tokens: int,
                  on_batch: Callable[[int, int], None] | None = None, batch_requests: bool = True,
-                 in_flight: int = 1):
+                 in_flight: int = 1, device_thread: ThreadPoolExecutor | None = None):
+        """``device_thread``: the one-thread executor that runs launches and waits (default: a
+        new one), owned by the scheduler from here on: ``close`` shuts it down."""
         if in_flight < 1:
             raise ValueError(f"in_flight must be >= 1, got {in_flight}")
         self._launch = launch
@@ -80,7 +82,7 @@ class Scheduler:
         self.max_queued_tokens = max_queued_tokens
         self._jobs: deque[_Job] = deque()
         self._work = asyncio.Event()
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._thread = device_thread or ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
         self.queued_tokens = 0
         self.stats = BatchStats()
         self._task: asyncio.Task | None = None

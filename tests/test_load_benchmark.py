@@ -1,7 +1,7 @@
 """The load benchmark's ideal FIFO server, the reference its half-load tail is judged against."""
 import pytest
 
-from benchmarks.load import Workload, ideal_fifo_latencies
+from benchmarks.load import Workload, arrival_gaps, ideal_fifo_latencies
 
 
 def workload(*requests: list[int]) -> Workload:
@@ -26,3 +26,24 @@ def test_waiting_requests_share_a_batch_up_to_the_budget():
     assert got == pytest.approx([1.0, 1.7, 2.0])
     # with room for both they finish together at 2.2
     assert ideal_fifo_latencies([(0.0, 0), (0.1, 1), (0.2, 2)], wl, 100, 200) == pytest.approx([1.0, 2.1, 2.0])
+
+
+def test_paced_arrivals_are_evenly_spaced_and_poisson_ones_average_the_rate():
+    paced = arrival_gaps("paced", 4.0, seed=0)
+    assert [next(paced) for _ in range(3)] == [0.25, 0.25, 0.25]
+    poisson = arrival_gaps("Poisson", 4.0, seed=0)
+    gaps = [next(poisson) for _ in range(4000)]
+    assert len(set(gaps)) == len(gaps)
+    assert sum(gaps) / len(gaps) == pytest.approx(0.25, rel=0.05)
+
+
+def test_paced_at_half_load_the_ideal_server_never_queues():
+    # requests of 1 to 3 units (mean 2) every 4 units: each takes just its own time
+    sizes = [100, 300, 200, 300, 100, 200]
+    wl = workload(*([n] for n in sizes))
+    gaps = arrival_gaps("paced", 1 / 4.0, seed=0)
+    sent, t = [], 0.0
+    for k in range(len(sizes)):
+        sent.append((t, k))
+        t += next(gaps)
+    assert ideal_fifo_latencies(sent, wl, 100, 1000) == pytest.approx([n / 100 for n in sizes])

@@ -235,3 +235,60 @@ def test_a_checkpoint_the_tokenizer_cannot_serve_exits_nonzero_with_one_clear_li
     assert len(errors) == 1, log
     assert ("tokenizer.json" if problem == "no tokenizer.json" else "--max-length") in errors[0], errors[0]
     assert "Traceback" not in log, log
+
+
+def test_all_torch_work_runs_on_one_thread(tiny_checkpoint, monkeypatch):
+    """Loading, warm-up and every forward run on one thread, never the event loop's: each
+    thread that runs a parallel CPU op gets its own OpenMP team, and a second team on the
+    same cores slows every op (see server.__main__). The server runs in this process."""
+    import asyncio
+
+    import aiohttp
+
+    from server import __main__ as entry
+    from server.config import parse_args
+    from server.engine import Engine
+
+    seen: dict[str, set[str]] = {"load": set(), "warm_up": set(), "launch": set()}
+
+    def recorded(name, fn):
+        def wrapper(*args, **kwargs):
+            seen[name].add(threading.current_thread().name)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(Engine, "load", recorded("load", Engine.load))
+    monkeypatch.setattr(Engine, "warm_up", recorded("warm_up", Engine.warm_up))
+    monkeypatch.setattr(Engine, "launch", recorded("launch", Engine.launch))
+    http_port = free_port()
+    config = parse_args(["--model", str(tiny_checkpoint), "--served-model-name", SERVED_MODEL, "--host", "127.0.0.1",
+                         "--http-port", str(http_port), "--grpc-port", str(free_port()), "--device", "cpu"])
+
+    async def scenario() -> tuple[int, list]:
+        stop = asyncio.Event()
+        serving = asyncio.create_task(entry.serve(config, stop))
+        url = f"http://127.0.0.1:{http_port}"
+        async with aiohttp.ClientSession() as session:
+            for _ in range(600):
+                assert not serving.done(), "the server stopped while starting"
+                try:
+                    async with session.get(url + "/health") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.1)
+            bodies = [{"model": SERVED_MODEL, "query": f"q{i}", "documents": ["a b c", f"d {i}"]} for i in range(4)]
+
+            async def post(body):
+                async with session.post(url + "/v1/rerank", json=body) as r:
+                    return r.status
+            statuses = await asyncio.gather(*(post(b) for b in bodies))
+        stop.set()
+        return await serving, statuses
+
+    status, statuses = asyncio.run(scenario())
+    assert status == 0 and statuses == [200] * 4
+    threads = set().union(*seen.values())
+    assert all(seen.values()), seen
+    assert len(threads) == 1 and threading.main_thread().name not in threads, seen
