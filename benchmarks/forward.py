@@ -155,7 +155,9 @@ def git_commit() -> dict:
     if shutil.which("git") is None:  # a bare GPU machine: the results must still be written
         return {"commit": None, "tree_differs_from_commit": None}
     head = git("rev-parse", "HEAD")
-    dirty = git("diff-index", "--quiet", "HEAD", "--", "server", "kernels", "benchmarks")
+    # the code only: results files written meanwhile do not make a run's code differ
+    dirty = git("diff-index", "--quiet", "HEAD", "--", "server", "kernels", "benchmarks",
+                ":(exclude)benchmarks/results")
     return {"commit": head.stdout.strip() if head.returncode == 0 else None,
             "tree_differs_from_commit": dirty.returncode == 1}
 
