@@ -93,8 +93,9 @@ def load_section(path: Path, d: dict) -> str:
 
 def render() -> str:
     sections = []
-    for path in sorted(RESULTS.glob("*.json")):
-        d = json.loads(path.read_text())
+    files = [(path, json.loads(path.read_text())) for path in RESULTS.glob("*.json")]
+    # the forward benchmark first, then the runs in the order they were made
+    for path, d in sorted(files, key=lambda f: (f[1].get("benchmark") != "forward", f[1].get("timestamp", ""), f[0].name)):
         if d.get("quick"):
             continue
         if d.get("benchmark") == "forward":
