@@ -63,7 +63,6 @@ import json
 import math
 import os
 import random
-import re
 import signal
 import socket
 import statistics
@@ -77,7 +76,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.forward import git_commit
+from benchmarks.forward import device_description, git_commit, slug
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -466,18 +465,6 @@ class RawForward:
 
 # --------------------------------------------------------------------------- the run
 
-def device_description() -> str:
-    """This machine's CPU (the client and the server share it)."""
-    import torch
-
-    from benchmarks.forward import device_description as describe
-    return describe(torch.device("cpu"))
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
 def ensure_checkpoint(size: str) -> Path:
     path = REPO / "checkpoints" / f"{size}-random"
     if not ((path / "config.json").exists() and (path / "model.safetensors").exists()):
@@ -650,11 +637,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import torch
+
     args = parse_args(argv)
     checkpoint = (args.checkpoint or ensure_checkpoint("tiny" if args.quick else args.size)).resolve()
     if args.max_batch_tokens is None:
-        import torch
-
         from server.config import default_max_batch_tokens
         cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         args.max_batch_tokens = default_max_batch_tokens(cuda, args.max_length or 0)
@@ -721,10 +708,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, t in targets.items():
         print(f"  {'PASS' if t['pass'] else 'FAIL'}  {name}: {t['value']:.3f}")
 
-    describe = device_description()
+    describe = device_description(torch.device("cpu"))  # the client and the server share it
     device_name = "cpu-" + slug(describe) if raw["device"] == "cpu" else slug(raw["device"])
     if raw["device"].startswith("cuda"):
-        import torch
         device_name = slug(torch.cuda.get_device_name())
     date = datetime.date.today().isoformat()
     model_name = slug(checkpoint.name)

@@ -3,9 +3,9 @@
 Requests queue FIFO; the batcher fills each batch with up to ``max_batch_tokens`` real
 tokens, taking pairs from as many requests as fit (a request larger than one batch is
 split over several). The forward runs on the device thread (the one that loaded the
-model: see server.__main__) so the event loop keeps accepting, validating and tokenizing. A request whose caller has gone (its awaiting task
-was cancelled: HTTP disconnect, gRPC cancel or deadline) has its remaining pairs dropped
-before they are computed.
+model: see server.__main__) so the event loop keeps accepting, validating and tokenizing.
+A request whose caller has gone (its awaiting task was cancelled: HTTP disconnect, gRPC
+cancel or deadline) has its remaining pairs dropped before they are computed.
 
 A forward is a *launch* that returns a *wait*: on a GPU the launch only queues the kernels,
 so with ``in_flight=2`` the next batch is assembled, copied and queued while the device
