@@ -36,17 +36,18 @@ COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
 COPY README.md CMakeLists.txt ./
+COPY cmake ./cmake
 COPY proto ./proto
+COPY python ./python
 COPY kernels ./kernels
 COPY server ./server
-COPY rerank_client ./rerank_client
-# The stubs through CMake's `proto` target, as on every other machine; they ship as package data.
-RUN cmake -S . -B /tmp/build -DPython3_EXECUTABLE=/opt/venv/bin/python \
- && cmake --build /tmp/build --target proto
-# The project itself (not editable). The `gpu` extra, Triton, came with the CUDA torch wheel,
-# whose own pin lies within the extra's range; the import below proves it is there.
-RUN pip install --no-deps . \
- && python -P -c "import server.schema, server.openapi, server.__main__, rerank_client, triton; server.openapi.openapi_document()"
+COPY client ./client
+# The service and its client (not editable): their builds (scikit-build-core -> CMake's `proto`
+# target) generate the gRPC stubs into the wheels, as on every other machine.
+# The `gpu` extra, Triton, came with the CUDA torch wheel, whose own pin lies within the extra's
+# range; the import below proves it is there.
+RUN pip install --no-deps . ./client \
+ && python -P -c "import rerank_server.schema, rerank_server.openapi, rerank_server.__main__, rerank_client, triton; rerank_server.openapi.openapi_document()"
 
 FROM ${CUDA_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="rerank-server (CUDA)" \
@@ -81,4 +82,4 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/health' % os.environ.get('RERANK_HTTP_PORT', '8000'), timeout=4)"]
 # SIGTERM: stop accepting, finish accepted requests for --shutdown-grace seconds, exit 0.
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["python", "-m", "server"]
+ENTRYPOINT ["rerank-server"]

@@ -1,39 +1,40 @@
 # Two commands do all the set-up on a fresh machine:
 #   make serve [MODEL=dir-or-hub-id] [ARGS="--http-port 8000 ..."]   starts the service
 #   make test                                                          runs the tests
-# Both create .venv (CPU torch first, then this project with its test extras) and
-# generate the protobuf/gRPC stubs through CMake.
+# Both create .venv: torch first (TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU
+# build on a machine without a local torch wheel), then this project editable with its test
+# extras and the client, whose builds (scikit-build-core -> CMake) generate the gRPC stubs.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 MODEL ?= BAAI/bge-reranker-v2-m3
 ARGS ?=
+# what a rebuild depends on: the metadata, the proto and the CMake that compiles it
+BUILD_INPUTS := pyproject.toml client/pyproject.toml CMakeLists.txt client/CMakeLists.txt \
+	cmake/ProtoStubs.cmake cmake/relative_imports.cmake proto/rerank/v1/rerank.proto
 
-.PHONY: serve test proto checkpoint bench clean
+.PHONY: serve test checkpoint bench clean
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+$(VENV)/.installed: $(BUILD_INPUTS)
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[test]" -e ./client
 	touch $@
 
-proto: $(VENV)/.installed
-	cmake -S . -B build -DPython3_EXECUTABLE=$(abspath $(PY)) > /dev/null
-	cmake --build build --target proto
+serve: $(VENV)/.installed
+	$(VENV)/bin/rerank-server --model "$(MODEL)" $(ARGS)
 
-serve: proto
-	$(PY) -m server --model "$(MODEL)" $(ARGS)
-
-test: proto
+test: $(VENV)/.installed
 	$(PY) -m pytest $(ARGS)
 
 checkpoint: $(VENV)/.installed
-	$(PY) -m server.checkpoint --size tiny --out checkpoints/tiny
+	$(VENV)/bin/rerank-server checkpoint --size tiny --out checkpoints/tiny
 
-bench: proto
+bench: $(VENV)/.installed
 	$(PY) -m benchmarks.forward $(ARGS)
 
 clean:
-	rm -rf build server/gen
+	rm -rf build client/build

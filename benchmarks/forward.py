@@ -18,7 +18,7 @@ rounded as the fp16 model would round them, written in half the time) on the sam
 
 The CPU runs uniform and mixed with 16 documents each; CUDA all four, with 128 documents.
 
-Backends: *ours* (the best attention backend of ``kernels.available_attention_backends``,
+Backends: *ours* (the best attention backend of ``rerank_kernels.available_attention_backends``,
 or ``--attention NAME``; ``--all-attention`` adds ``ours:NAME`` for every other available
 one, the same weights with other ops) and Hugging Face
 (``XLMRobertaForSequenceClassification``): *hf* with SDPA attention and, where the
@@ -68,9 +68,9 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from kernels import ATTENTION_BACKENDS, Ops, available_attention_backends, select_ops
-from server.checkpoint import write_random_checkpoint
-from server.model import CrossEncoder, EncoderConfig, load_cross_encoder
+from rerank_kernels import ATTENTION_BACKENDS, Ops, available_attention_backends, select_ops
+from rerank_server.checkpoint import write_random_checkpoint
+from rerank_server.model import CrossEncoder, EncoderConfig, load_cross_encoder
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"

@@ -93,8 +93,8 @@ for name in ("triton", "transformers", "flash_attn", "safetensors", "psutil", "n
         print(f"{name} {importlib.import_module(name).__version__}")
     except Exception as e:
         print(f"{name}: does not import ({e.__class__.__name__}: {e})")
-from kernels import available_attention_backends
-from kernels.attention import ATTENTION_BACKENDS, attention_unavailable_reason
+from rerank_kernels import available_attention_backends
+from rerank_kernels.attention import ATTENTION_BACKENDS, attention_unavailable_reason
 device = "cuda" if torch.cuda.is_available() else "cpu"
 print("our attention backends (fp16, best first):", available_attention_backends(device, torch.float16))
 for name in ATTENTION_BACKENDS:
@@ -139,7 +139,7 @@ if wants load; then
     if [ "$BENCH_DEVICE" = cuda ]; then
         ckpt=checkpoints/full-random-fp16
         [ -f "$ckpt/model.safetensors" ] || step "full-size fp16 checkpoint" 120 \
-            "$PY" -m server.checkpoint --size full --dtype float16 --out "$ckpt"
+            "$PY" -m rerank_server.checkpoint --size full --dtype float16 --out "$ckpt"
         load_model=(--checkpoint "$ckpt")
     fi
     # shellcheck disable=SC2086  # LOAD_ARGS is a list of arguments

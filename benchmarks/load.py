@@ -119,7 +119,7 @@ class Workload:
 
 
 def make_workload(checkpoint: Path, n_requests: int, seed: int, max_length: int | None) -> Workload:
-    from server.tokenization import PairTokenizer
+    from rerank_server.tokenization import PairTokenizer
 
     config = json.loads((checkpoint / "config.json").read_text())
     limit = config["max_position_embeddings"] - config.get("pad_token_id", 1) - 1
@@ -146,7 +146,7 @@ def free_port() -> int:
 
 
 class Server:
-    """``python -m server`` on free loopback ports, stopped with SIGTERM."""
+    """``rerank-server`` on free loopback ports, stopped with SIGTERM."""
 
     def __init__(self, checkpoint: Path, log_path: Path, *flags: str, threads: int | None = None):
         self.http_port, self.grpc_port = free_port(), free_port()
@@ -154,7 +154,7 @@ class Server:
         self.grpc_address = f"127.0.0.1:{self.grpc_port}"
         self.log_path = log_path
         self.flags = flags
-        args = [sys.executable, "-m", "server", "--model", str(checkpoint), "--served-model-name", MODEL_NAME,
+        args = [sys.executable, "-m", "rerank_server", "--model", str(checkpoint), "--served-model-name", MODEL_NAME,
                 "--host", "127.0.0.1", "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                 "--log-level", "WARNING", *flags]
         self.log = open(log_path, "w")
@@ -216,7 +216,7 @@ class Transport:
     def __init__(self, kind: str, server: Server, workload: Workload, session):
         from google.protobuf import struct_pb2
 
-        from server.schema import pb
+        from rerank_server.schema import pb
 
         self.kind = kind
         if kind == "rest":
@@ -412,7 +412,7 @@ class RawForward:
                  max_batch_tokens: int, duration: float, attention: str | None, passes: int = 3):
         import torch
 
-        from server.engine import Engine
+        from rerank_server.engine import Engine
 
         self.engine = engine = Engine.load(str(checkpoint), device, max_length, attention)
         engine.warm_up()
@@ -468,7 +468,7 @@ class RawForward:
 def ensure_checkpoint(size: str) -> Path:
     path = REPO / "checkpoints" / f"{size}-random"
     if not ((path / "config.json").exists() and (path / "model.safetensors").exists()):
-        from server.checkpoint import write_random_checkpoint
+        from rerank_server.checkpoint import write_random_checkpoint
 
         tmp = path.with_name(path.name + ".tmp")
         write_random_checkpoint(tmp, size, seed=0)
@@ -642,7 +642,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     checkpoint = (args.checkpoint or ensure_checkpoint("tiny" if args.quick else args.size)).resolve()
     if args.max_batch_tokens is None:
-        from server.config import default_max_batch_tokens
+        from rerank_server.config import default_max_batch_tokens
         cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         args.max_batch_tokens = default_max_batch_tokens(cuda, args.max_length or 0)
     started = time.perf_counter()

@@ -6,16 +6,16 @@ from typing import Callable
 
 import torch
 
-from kernels._triton import HAS_TRITON
-from kernels.attention import (
+from rerank_kernels._triton import HAS_TRITON
+from rerank_kernels.attention import (
     ATTENTION_BACKENDS,
     available_attention_backends,
     select_attention,
     varlen_attention_torch,
 )
-from kernels.embeddings import embed_layernorm_torch, embed_layernorm_triton
-from kernels.gelu import bias_gelu_inplace, bias_gelu_torch, bias_gelu_triton
-from kernels.layernorm import add_layernorm_inplace, add_layernorm_torch, add_layernorm_triton
+from rerank_kernels.embeddings import embed_layernorm_torch, embed_layernorm_triton
+from rerank_kernels.gelu import bias_gelu_inplace, bias_gelu_torch, bias_gelu_triton
+from rerank_kernels.layernorm import add_layernorm_inplace, add_layernorm_torch, add_layernorm_triton
 
 __all__ = ["ATTENTION_BACKENDS", "Ops", "TORCH_OPS", "available_attention_backends", "select_ops"]
 

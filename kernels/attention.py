@@ -43,7 +43,7 @@ def varlen_attention_torch(
 
 # ----------------------------------------------------------------------------- Triton
 
-from kernels._triton import HAS_TRITON, require_triton, tl, triton  # noqa: E402
+from rerank_kernels._triton import HAS_TRITON, require_triton, tl, triton  # noqa: E402
 
 
 @triton.jit

@@ -10,7 +10,7 @@ def bias_gelu_torch(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- Triton
 
-from kernels._triton import require_triton, tl, triton  # noqa: E402
+from rerank_kernels._triton import require_triton, tl, triton  # noqa: E402
 
 
 @triton.jit

@@ -13,7 +13,7 @@ def add_layernorm_torch(
 
 # ----------------------------------------------------------------------------- Triton
 
-from kernels._triton import next_power_of_2, require_triton, tl, triton  # noqa: E402
+from rerank_kernels._triton import next_power_of_2, require_triton, tl, triton  # noqa: E402
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""python -m server --model <dir or hub id> [flags]: gRPC and REST in one process."""
+"""rerank-server (or python -m rerank_server) --model <dir or hub id> [flags]: gRPC and REST in one process."""
 from __future__ import annotations
 
 import asyncio
@@ -13,14 +13,14 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 
-from server.config import Config, default_max_batch_tokens, parse_args
-from server.engine import Engine
-from server.grpc_server import build_grpc_server, set_serving
-from server.rest import build_app
-from server.scheduler import Scheduler
-from server.service import RerankService, request_id_var
+from rerank_server.config import Config, default_max_batch_tokens, parse_args
+from rerank_server.engine import Engine
+from rerank_server.grpc_server import build_grpc_server, set_serving
+from rerank_server.rest import build_app
+from rerank_server.scheduler import Scheduler
+from rerank_server.service import RerankService, request_id_var
 
-log = logging.getLogger("server")
+log = logging.getLogger("rerank_server")
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
@@ -131,6 +131,11 @@ def setup_logging(config: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``rerank-server [flags]`` serves; ``rerank-server checkpoint ...`` writes a random checkpoint."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["checkpoint"]:
+        from rerank_server.checkpoint import main as checkpoint_main
+        return checkpoint_main(argv[1:])
     config = parse_args(argv)
     setup_logging(config)
     sys.exit(asyncio.run(serve(config)))

@@ -4,22 +4,26 @@ Real weights cannot be downloaded everywhere; tests, benchmarks and offline tria
 these. The directory is a normal Hugging Face checkpoint (config.json, model.safetensors,
 tokenizer.json), loadable by this server and by ``transformers`` alike.
 
-    python -m server.checkpoint --size tiny --out checkpoints/tiny
-    python -m server.checkpoint --size small --out checkpoints/small # 6 x 384, for CPU load tests
-    python -m server.checkpoint --size full --out checkpoints/full   # bge-reranker-v2-m3 shapes
+    rerank-server checkpoint --size tiny --out checkpoints/tiny
+    rerank-server checkpoint --size small --out checkpoints/small  # 6 x 384, for CPU load tests
+    rerank-server checkpoint --size full --out checkpoints/full    # bge-reranker-v2-m3 shapes
+
+(``python -m rerank_server.checkpoint`` is the same.)
 """
 from __future__ import annotations
 
 import argparse
 import gzip
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-TOKENIZER_FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "xlm-roberta-tokenizer.json.gz"
+# The real XLM-RoBERTa tokenizer (MIT; see assets/NOTICE.md), shipped as package data.
+TOKENIZER_FIXTURE = Path(__file__).resolve().parent / "assets" / "xlm-roberta-tokenizer.json.gz"
 
 # bge-reranker-v2-m3's config.json, less the fields transformers fills by default.
 FULL = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
@@ -108,18 +112,22 @@ def write_random_checkpoint(out: Path, size: str = "tiny", seed: int = 0, dtype:
         "bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>",
         "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>",
     }, indent=2))
+    # Readable by every user (safetensors writes 0600): a checkpoint mounted into the image is
+    # read by its non-root user.
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
+        os.chmod(out / name, 0o644)
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="rerank-server checkpoint", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="directory to write")
     parser.add_argument("--size", choices=tuple(SIZES), default="tiny",
                         help="tiny: 2 layers, hidden 64; small: 6 layers, hidden 384 (MiniLM-L6 shapes); "
                              "full: bge-reranker-v2-m3 shapes (568M parameters)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     path = write_random_checkpoint(args.out, args.size, args.seed, getattr(torch, args.dtype))
     print(f"wrote a random {args.size} checkpoint to {path}")
 

@@ -44,7 +44,7 @@ def _env(flag: str, default):
 
 def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(
-        prog="python -m server",
+        prog="rerank-server",
         description="Rerank service: gRPC and REST in one process. Every flag can also be set by "
                     "an environment variable RERANK_<FLAG> (e.g. RERANK_HTTP_PORT=8000).")
     add = p.add_argument

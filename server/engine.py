@@ -18,9 +18,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from kernels import select_ops
-from server.model import CrossEncoder, EncoderConfig, load_cross_encoder
-from server.tokenization import PairTokenizer
+from rerank_kernels import select_ops
+from rerank_server.model import CrossEncoder, EncoderConfig, load_cross_encoder
+from rerank_server.tokenization import PairTokenizer
 
 log = logging.getLogger(__name__)
 

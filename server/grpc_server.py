@@ -8,8 +8,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.schema import SERVICE, pb, pb_grpc
-from server.service import ApiError, Call, RerankService, request_id_var
+from rerank_server.schema import SERVICE, pb, pb_grpc
+from rerank_server.service import ApiError, Call, RerankService, request_id_var
 
 log = logging.getLogger(__name__)
 

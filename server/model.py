@@ -3,7 +3,7 @@
 Every pair's tokens are concatenated into one ``(total_tokens, hidden)`` tensor
 described by ``cu_seqlens`` (batch + 1,) int32 and ``max_seqlen``: no padding, so
 no FLOP is spent on it, and every GEMM sees all pairs' tokens in its M dimension.
-The memory-bound glue and attention are called through ``kernels.Ops`` (PyTorch on
+The memory-bound glue and attention are called through ``rerank_kernels.Ops`` (PyTorch on
 the CPU, Triton/FlashAttention on CUDA); the GEMMs are ``F.linear``.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels import Ops
+from rerank_kernels import Ops
 
 log = logging.getLogger(__name__)
 

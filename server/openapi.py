@@ -10,8 +10,8 @@ from functools import lru_cache
 from google.api import field_behavior_pb2
 from google.protobuf import descriptor, descriptor_pb2
 
-from server import __version__
-from server.schema import GENERATED, SERVICE, http_bindings
+from rerank_server import __version__
+from rerank_server.schema import SERVICE, descriptor_set, http_bindings
 
 F = descriptor.FieldDescriptor
 _SCALARS = {
@@ -35,7 +35,7 @@ ERROR_SCHEMA = {
 @lru_cache(maxsize=1)
 def _comments() -> dict[str, str]:
     """Full name of each message, field and method -> its leading comment in the .proto."""
-    files = descriptor_pb2.FileDescriptorSet.FromString((GENERATED / "rerank.binpb").read_bytes())
+    files = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set())
     out = {}
     for f in files.file:
         locations = {tuple(loc.path): loc.leading_comments.strip() for loc in f.source_code_info.location}

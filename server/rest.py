@@ -13,9 +13,9 @@ import grpc
 from aiohttp import web
 from google.protobuf import json_format, message_factory
 
-from server.openapi import docs_page, openapi_document
-from server.schema import http_bindings
-from server.service import ApiError, Call, RerankService, request_id_var
+from rerank_server.openapi import docs_page, openapi_document
+from rerank_server.schema import http_bindings
+from rerank_server.service import ApiError, Call, RerankService, request_id_var
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Requests queue FIFO; the batcher fills each batch with up to ``max_batch_tokens`` real
 tokens, taking pairs from as many requests as fit (a request larger than one batch is
 split over several). The forward runs on the device thread (the one that loaded the
-model: see server.__main__) so the event loop keeps accepting, validating and tokenizing.
+model: see rerank_server.__main__) so the event loop keeps accepting, validating and tokenizing.
 A request whose caller has gone (its awaiting task was cancelled: HTTP disconnect, gRPC
 cancel or deadline) has its remaining pairs dropped before they are computed.
 

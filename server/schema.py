@@ -1,30 +1,39 @@
-"""The generated protobuf/gRPC stubs (built from proto/ by CMake into server/gen) and the
-HTTP bindings read back from their ``google.api.http`` annotations."""
+"""The generated protobuf/gRPC stubs (``rerank_server._proto``, built from proto/ by CMake
+during the package build) and the HTTP bindings read back from their ``google.api.http``
+annotations."""
 from __future__ import annotations
 
-import sys
+from importlib import resources
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PROTO = ROOT / "proto" / "rerank" / "v1" / "rerank.proto"
-GENERATED = Path(__file__).resolve().parent / "gen"
+try:
+    from rerank_server._proto import rerank_pb2 as pb
+    from rerank_server._proto import rerank_pb2_grpc as pb_grpc
+except ImportError as e:  # a source tree used without building the package
+    raise ImportError(
+        f"the gRPC stubs rerank_server._proto are missing ({e}): install the package, e.g. "
+        "`pip install -e .` in the repository (the build runs protoc), or `make test`") from None
+
+from google.api import annotations_pb2  # noqa: E402
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Rerank"]
+# The proto beside the sources, in a repository checkout (not in an installed wheel).
+SOURCE_PROTO = Path(__file__).resolve().parent.parent / "proto" / "rerank" / "v1" / "rerank.proto"
 
 
 def _check_fresh() -> None:
-    stub = GENERATED / "rerank" / "v1" / "rerank_pb2.py"
-    if not stub.exists() or (PROTO.exists() and stub.stat().st_mtime < PROTO.stat().st_mtime):
-        raise ImportError(f"{stub} is missing or older than {PROTO}: run `make proto` (CMake target `proto`)")
+    """An editable install whose .proto changed after the build would serve a stale schema."""
+    stub = Path(pb.__file__)
+    if SOURCE_PROTO.exists() and stub.stat().st_mtime < SOURCE_PROTO.stat().st_mtime:
+        raise ImportError(f"{stub} is older than {SOURCE_PROTO}: rebuild with `pip install -e .` (or `make test`)")
 
 
 _check_fresh()
-# protoc emits absolute imports (`from rerank.v1 import rerank_pb2`), rooted at server/gen.
-sys.path.insert(0, str(GENERATED))
 
-from google.api import annotations_pb2  # noqa: E402
-from rerank.v1 import rerank_pb2 as pb  # noqa: E402
-from rerank.v1 import rerank_pb2_grpc as pb_grpc  # noqa: E402
 
-SERVICE = pb.DESCRIPTOR.services_by_name["Rerank"]
+def descriptor_set() -> bytes:
+    """The FileDescriptorSet of rerank.proto with its source info (the comments)."""
+    return resources.files("rerank_server._proto").joinpath("rerank.binpb").read_bytes()
 
 
 def http_bindings(service=SERVICE) -> list[tuple[str, str, object]]:

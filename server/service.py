@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from server import __version__
-from server.engine import Engine
-from server.metrics import Metrics
-from server.scheduler import QueueFullError, Scheduler
-from server.schema import pb
+from rerank_server import __version__
+from rerank_server.engine import Engine
+from rerank_server.metrics import Metrics
+from rerank_server.scheduler import QueueFullError, Scheduler
+from rerank_server.schema import pb
 
 
 class ApiError(Exception):
@@ -66,7 +66,7 @@ def _plain(value: struct_pb2.Value) -> str:
     return json.dumps(json_format.MessageToDict(value), ensure_ascii=False)
 
 
-# The id of the request being served, for log lines (see server.__main__'s log filter).
+# The id of the request being served, for log lines (see rerank_server.__main__'s log filter).
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from server.checkpoint import write_random_checkpoint
+from rerank_server.checkpoint import write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVED_MODEL = "BAAI/bge-reranker-v2-m3"
@@ -69,7 +69,7 @@ def start_server(checkpoint: Path | None, log_path: Path, *extra: str, wait: boo
         http_port, grpc_port = int(env.get("RERANK_HTTP_PORT", 8000)), int(env.get("RERANK_GRPC_PORT", 50051))
         args = []
     log = open(log_path, "w")
-    process = subprocess.Popen([sys.executable, "-m", "server", *args, *extra],
+    process = subprocess.Popen([sys.executable, "-m", "rerank_server", *args, *extra],
                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = LiveServer(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log_path)
     if wait:

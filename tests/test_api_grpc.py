@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conftest import DOCS, QUERY, SERVED_MODEL
-from server.schema import pb, pb_grpc
-from server.tokenization import PairTokenizer
+from rerank_server.schema import pb, pb_grpc
+from rerank_server.tokenization import PairTokenizer
 
 SERVICE = "rerank.v1.Rerank"
 

@@ -11,8 +11,8 @@ import pytest
 import requests
 
 from conftest import DOCS, QUERY, SERVED_MODEL, start_server
-from server.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
-from server.tokenization import PairTokenizer
+from rerank_server.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
+from rerank_server.tokenization import PairTokenizer
 
 ROUTES = ["/v1/rerank", "/rerank"]
 ALIAS = "reranker"

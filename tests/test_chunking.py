@@ -8,10 +8,10 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
-from server.scheduler import Scheduler, launch_now
-from server.schema import pb
-from server.service import ApiError, RerankService
-from server.tokenization import PairTokenizer
+from rerank_server.scheduler import Scheduler, launch_now
+from rerank_server.schema import pb
+from rerank_server.service import ApiError, RerankService
+from rerank_server.tokenization import PairTokenizer
 
 MAX_LENGTH = 64
 

@@ -10,7 +10,7 @@
 - every RERANK_* variable the Dockerfiles and manifests set names a flag of server/config.py;
 - Dockerfile and Dockerfile.cpu pass hadolint (warnings and errors fail; .hadolint.yaml lists the
   ignored rules with their reasons) and follow the image conventions (non-root numeric user,
-  EXPOSE 8000 50051, HEALTHCHECK, ENTRYPOINT python -m server, STOPSIGNAL SIGTERM, model cache
+  EXPOSE 8000 50051, HEALTHCHECK, ENTRYPOINT rerank-server, STOPSIGNAL SIGTERM, model cache
   volume).
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ yaml = pytest.importorskip("yaml")
 kubernetes_validate = pytest.importorskip(
     "kubernetes_validate", reason="kubernetes-validate is not installed (pip install -e '.[test]')")
 
-from server import config as server_config  # noqa: E402
+from rerank_server import config as server_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -116,7 +116,7 @@ def server_parser(monkeypatch) -> argparse.ArgumentParser:
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", spy)
     server_config.parse_args([])
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", original)
-    assert seen, "server.config.parse_args built no argparse parser"
+    assert seen, "rerank_server.config.parse_args built no argparse parser"
     return seen[-1]
 
 
@@ -441,12 +441,12 @@ def test_dockerfile_conventions(path):
     health = [rest for w, rest in final if w == "HEALTHCHECK"]
     assert health and "/health" in health[-1] and "python" in health[-1] and "curl" not in health[-1]
     entry = [rest for w, rest in final if w == "ENTRYPOINT"]
-    assert entry and json.loads(entry[-1]) == ["python", "-m", "server"]
+    assert entry and json.loads(entry[-1]) == ["rerank-server"]
     assert ("STOPSIGNAL", "SIGTERM") in final
     volumes = [rest for w, rest in final if w == "VOLUME"]
     assert volumes and dockerfile_env(path).get("HF_HOME") in json.loads(volumes[-1])
     runs = " ".join(rest for w, rest in ins if w == "RUN")
-    assert "grpc_tools.protoc" in runs or "--target proto" in runs, "the image generates the gRPC stubs"
+    assert re.search(r"pip install (--no-deps )?\. \./client", runs), "the image builds both wheels (their builds run protoc)"
     assert re.search(r"torch==\$\{TORCH_VERSION\}|torch==2\.1[0-4]", runs), "torch is pinned within pyproject's range"
     args = dict(re.match(r"(\w+)=?(.*)", rest).groups() for w, rest in ins if w == "ARG")
     if "TORCH_VERSION" in args:
@@ -463,7 +463,7 @@ def test_dockerfile_conventions(path):
 def test_dockerignore_keeps_what_the_dockerfiles_copy():
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
-    for must_skip in (".venv", ".git", "build", "server/gen"):
+    for must_skip in (".venv", ".git", "build", "client/build"):
         assert must_skip in patterns, f".dockerignore should exclude {must_skip}"
     for df in DOCKERFILES:
         for word, rest in dockerfile_instructions(df):
@@ -478,18 +478,18 @@ def test_dockerignore_keeps_what_the_dockerfiles_copy():
 
 
 def test_dockerfiles_copy_every_package():
-    """Each top-level package pyproject installs is copied into the build (else the installed
-    project lacks it, e.g. the `rerank` console script's rerank_client)."""
+    """Every folder the wheels are built from is copied into the image's build (else the
+    installed project lacks it), with the build inputs."""
     import tomllib
-    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
-    packages = {p.name for p in ROOT.iterdir()
-                if (p / "__init__.py").is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in include)}
-    assert {"server", "kernels"} <= packages
+    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["scikit-build"]["wheel"]["packages"]
+    assert set(mapping) == {"rerank_server", "rerank_kernels"}
+    needed = {"python", "client"} | {(ROOT / src).resolve().relative_to(ROOT).as_posix() for src in mapping.values()}
+    assert {"server", "kernels"} <= needed
     for df in DOCKERFILES:
         copied = {src.rstrip("/").removeprefix("./") for word, rest in dockerfile_instructions(df)
                   if word == "COPY" and "--from=" not in rest for src in shlex.split(rest)[:-1]}
-        assert packages <= copied, f"{df.name} does not copy {sorted(packages - copied)}"
-        assert {"pyproject.toml", "README.md", "proto"} <= copied, f"{df.name} misses build inputs"
+        assert needed <= copied, f"{df.name} does not copy {sorted(needed - copied)}"
+        assert {"pyproject.toml", "README.md", "proto", "CMakeLists.txt", "cmake"} <= copied, f"{df.name} misses build inputs"
 
 
 def hadolint_binary() -> str | None:

@@ -25,10 +25,10 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-import kernels.attention as attention  # noqa: E402  (references; the Triton ops run in the child)
-import kernels.embeddings as embeddings  # noqa: E402
-import kernels.gelu as gelu  # noqa: E402
-import kernels.layernorm as layernorm  # noqa: E402
+import rerank_kernels.attention as attention  # noqa: E402  (references; the Triton ops run in the child)
+import rerank_kernels.embeddings as embeddings  # noqa: E402
+import rerank_kernels.gelu as gelu  # noqa: E402
+import rerank_kernels.layernorm as layernorm  # noqa: E402
 from tensor_checks import assert_close  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,7 +176,7 @@ cases = torch.load(sys.argv[1], weights_only=False)
 results = {}
 for name, (module, function, args) in cases.items():
     try:
-        results[name] = getattr(importlib.import_module("kernels." + module), function)(*args)
+        results[name] = getattr(importlib.import_module("rerank_kernels." + module), function)(*args)
     except Exception as e:
         results[name] = "".join(traceback.format_exception_only(e)).strip()
 torch.save(results, sys.argv[2])
@@ -237,10 +237,10 @@ def test_kernels_compile_for_cuda():
         from triton.compiler import ASTSource
     except ImportError as e:
         pytest.skip(f"this triton has no CUDA backend: {e}")
-    import kernels.attention as a
-    import kernels.embeddings as e
-    import kernels.gelu as g
-    import kernels.layernorm as n
+    import rerank_kernels.attention as a
+    import rerank_kernels.embeddings as e
+    import rerank_kernels.gelu as g
+    import rerank_kernels.layernorm as n
     cases = [(e._embed_layernorm_kernel, {"BLOCK_H": 1024}, 4), (n._add_layernorm_kernel, {"BLOCK_H": 1024}, 4),
              (g._bias_gelu_kernel, {"BLOCK": 1024}, 4),
              (a._varlen_attention_kernel, {"HEAD_DIM": 64, "BLOCK_M": 16, "BLOCK_N": 64, "IEEE": False}, 4),
@@ -260,7 +260,7 @@ def test_kernels_import_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
         "import torch, kernels\n"
-        "from kernels.gelu import bias_gelu_triton\n"
+        "from rerank_kernels.gelu import bias_gelu_triton\n"
         "ops = kernels.select_ops(torch.device('cpu'))\n"
         "assert ops.attention_backend == 'torch-sdpa', ops\n"
         "assert kernels.available_attention_backends('cpu') == ['torch-sdpa']\n"
@@ -278,7 +278,7 @@ def test_kernels_import_without_triton():
 
 
 def test_select_ops_on_cpu():
-    from kernels import ATTENTION_BACKENDS, TORCH_OPS, select_ops
+    from rerank_kernels import ATTENTION_BACKENDS, TORCH_OPS, select_ops
     cpu = torch.device("cpu")
     assert select_ops(cpu) is TORCH_OPS and select_ops(cpu, "torch-sdpa") is TORCH_OPS
     for name in ATTENTION_BACKENDS[:-1]:
@@ -293,9 +293,9 @@ def test_select_ops_on_a_simulated_cuda_machine(monkeypatch, flash_attn_installe
     """The CUDA preference order and error messages, with CUDA and the libraries faked
     (nothing is launched): flash-attn > torch-varlen > triton, fp32 and pre-Ampere rule
     out the FlashAttention backends, the glue ops are the Triton kernels."""
-    import kernels
-    import kernels.attention as dispatch
-    from kernels.embeddings import embed_layernorm_triton
+    import rerank_kernels
+    import rerank_kernels.attention as dispatch
+    from rerank_kernels.embeddings import embed_layernorm_triton
 
     def fake_flash(*args, **kwargs):
         raise AssertionError("not called")
@@ -307,19 +307,19 @@ def test_select_ops_on_a_simulated_cuda_machine(monkeypatch, flash_attn_installe
     monkeypatch.setattr(dispatch, "_torch_varlen_attn", lambda: fake_flash)
     cuda = torch.device("cuda")
     best = ["flash-attn"] if flash_attn_installed else []
-    assert kernels.available_attention_backends() == [*best, "torch-varlen", "triton", "torch-sdpa"]
-    ops = kernels.select_ops(cuda)
+    assert rerank_kernels.available_attention_backends() == [*best, "torch-varlen", "triton", "torch-sdpa"]
+    ops = rerank_kernels.select_ops(cuda)
     assert ops.attention_backend == (best + ["torch-varlen"])[0]
     assert ops.embed_layernorm is embed_layernorm_triton
-    assert kernels.select_ops(cuda, "triton").varlen_attention is dispatch.varlen_attention_triton
-    assert kernels.select_ops(cuda, "torch-sdpa").varlen_attention is dispatch.varlen_attention_torch
+    assert rerank_kernels.select_ops(cuda, "triton").varlen_attention is dispatch.varlen_attention_triton
+    assert rerank_kernels.select_ops(cuda, "torch-sdpa").varlen_attention is dispatch.varlen_attention_torch
     if not flash_attn_installed:
         with pytest.raises(ValueError, match="'flash-attn' is unavailable on cuda: the flash-attn package does not"):
-            kernels.select_ops(cuda, "flash-attn")
-    assert kernels.select_ops(cuda, dtype=torch.float32).attention_backend == "triton"
+            rerank_kernels.select_ops(cuda, "flash-attn")
+    assert rerank_kernels.select_ops(cuda, dtype=torch.float32).attention_backend == "triton"
     with pytest.raises(ValueError, match="fp16/bf16 only"):
-        kernels.select_ops(cuda, "torch-varlen", dtype=torch.float32)
+        rerank_kernels.select_ops(cuda, "torch-varlen", dtype=torch.float32)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    assert kernels.available_attention_backends(cuda) == ["triton", "torch-sdpa"]
+    assert rerank_kernels.available_attention_backends(cuda) == ["triton", "torch-sdpa"]
     with pytest.raises(ValueError, match="compute capability 8.0"):
-        kernels.select_ops(cuda, "torch-varlen")
+        rerank_kernels.select_ops(cuda, "torch-varlen")

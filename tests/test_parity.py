@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import XLMRobertaForSequenceClassification
 
-from kernels import TORCH_OPS
-from server.checkpoint import write_random_checkpoint
-from server.model import load_cross_encoder
+from rerank_kernels import TORCH_OPS
+from rerank_server.checkpoint import write_random_checkpoint
+from rerank_server.model import load_cross_encoder
 
 CONFIGS = {
     # the default tiny shape

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from server.scheduler import QueueFullError, Scheduler, launch_now
+from rerank_server.scheduler import QueueFullError, Scheduler, launch_now
 
 
 class RecordingForward:

@@ -14,7 +14,7 @@ import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import SERVED_MODEL, free_port, start_server
-from server.checkpoint import write_random_checkpoint
+from rerank_server.checkpoint import write_random_checkpoint
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -240,14 +240,14 @@ def test_a_checkpoint_the_tokenizer_cannot_serve_exits_nonzero_with_one_clear_li
 def test_all_torch_work_runs_on_one_thread(tiny_checkpoint, monkeypatch):
     """Loading, warm-up and every forward run on one thread, never the event loop's: each
     thread that runs a parallel CPU op gets its own OpenMP team, and a second team on the
-    same cores slows every op (see server.__main__). The server runs in this process."""
+    same cores slows every op (see rerank_server.__main__). The server runs in this process."""
     import asyncio
 
     import aiohttp
 
-    from server import __main__ as entry
-    from server.config import parse_args
-    from server.engine import Engine
+    from rerank_server import __main__ as entry
+    from rerank_server.config import parse_args
+    from rerank_server.engine import Engine
 
     seen: dict[str, set[str]] = {"load": set(), "warm_up": set(), "launch": set()}
 

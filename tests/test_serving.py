@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import SERVED_MODEL, LiveServer, start_server
-from server.schema import pb, pb_grpc
+from rerank_server.schema import pb, pb_grpc
 
 LONG = 2048  # --max-length of the servers that need slow forwards: long documents are cut to it
 WORDS = ("the a of to and in is was for on with as by at from that which model data system time "

@@ -6,8 +6,8 @@ import hashlib
 import pytest
 from transformers import AutoTokenizer
 
-from server.checkpoint import TOKENIZER_FIXTURE
-from server.tokenization import PairTokenizer
+from rerank_server.checkpoint import TOKENIZER_FIXTURE
+from rerank_server.tokenization import PairTokenizer
 
 PANDA_Q = "what is panda?"
 PANDA_D = "The giant panda (Ailuropoda melanoleuca) is a bear species endemic to China."

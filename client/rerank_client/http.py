@@ -11,7 +11,7 @@ import grpc
 from google.protobuf import json_format
 
 from rerank_client.client import RerankError
-from server.schema import pb
+from rerank_server.schema import pb
 
 
 def post_rerank(url: str, request: pb.RerankRequest, *, api_key: str | None = None, timeout: float | None = 30.0,

@@ -8,6 +8,8 @@ Example::
         for r in client.rerank("What is machine learning?", ["ML is a subset of AI.", "It is sunny."]).results:
             print(r.index, r.relevance_score)
 """
+__version__ = "0.1.0"
+
 from rerank_client.client import (
     DEFAULT_MODEL,
     AsyncRerankClient,

@@ -11,9 +11,9 @@ from typing import Any, Mapping, Sequence, Union
 
 import grpc
 from google.protobuf import json_format, struct_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from server.schema import pb, pb_grpc
+from rerank_client import health as _health
+from rerank_client._proto import rerank_pb2 as pb
+from rerank_client._proto import rerank_pb2_grpc as pb_grpc
 
 DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 #: A document as sent: a string, or an object such as ``{"text": ...}`` (any JSON-like mapping).
@@ -179,7 +179,7 @@ class RerankClient(_Base):
                          else grpc.insecure_channel(target, self._options))
         channel = grpc.intercept_channel(self._channel, *interceptors) if interceptors else self._channel
         self._stub = pb_grpc.RerankStub(channel)
-        self._health = health_pb2_grpc.HealthStub(channel)
+        self._health_check = _health.check_method(channel)
 
     def rerank(self, query: str, documents: Sequence[Document], *, model: str = DEFAULT_MODEL,
                top_n: int | None = None, return_documents: bool = False, raw_scores: bool = False,
@@ -210,11 +210,11 @@ class RerankClient(_Base):
         """True when grpc.health.v1 reports SERVING (``service``: "" for the server, or
         "rerank.v1.Rerank"); False when not serving or unreachable."""
         try:
-            reply = self._health.Check(health_pb2.HealthCheckRequest(service=service),
+            reply = self._health_check(_health.HealthCheckRequest(service=service),
                                        timeout=timeout or self.timeout or 5.0, metadata=self._metadata)
         except grpc.RpcError:
             return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+        return reply.status == _health.SERVING
 
     def close(self) -> None:
         self._channel.close()
@@ -252,7 +252,7 @@ class AsyncRerankClient(_Base):
                          if self._credentials else
                          grpc.aio.insecure_channel(target, self._options, interceptors=interceptors))
         self._stub = pb_grpc.RerankStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._health_check = _health.check_method(self._channel)
 
     async def rerank(self, query: str, documents: Sequence[Document], *, model: str = DEFAULT_MODEL,
                      top_n: int | None = None, return_documents: bool = False, raw_scores: bool = False,
@@ -281,11 +281,11 @@ class AsyncRerankClient(_Base):
     async def health(self, service: str = "", timeout: float | None = None) -> bool:
         """See :meth:`RerankClient.health`."""
         try:
-            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service),
+            reply = await self._health_check(_health.HealthCheckRequest(service=service),
                                              timeout=timeout or self.timeout or 5.0, metadata=self._metadata)
         except grpc.RpcError:
             return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+        return reply.status == _health.SERVING
 
     async def close(self) -> None:
         await self._channel.close()
