@@ -53,7 +53,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     await set_serving(health, False)
     await grpc_server.start()
     # handler_cancellation: a client that disconnects cancels its handler, so its queued pairs are dropped
-    runner = web.AppRunner(build_app(service, config.max_request_bytes, config.metrics_auth), access_log=None,
+    runner = web.AppRunner(build_app(service, config.max_request_bytes, config.metrics_auth,
+                                     document_objects=config.document_objects), access_log=None,
                            shutdown_timeout=config.shutdown_grace, handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, config.host, config.http_port, ssl_context=ssl_context).start()

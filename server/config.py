@@ -36,6 +36,7 @@ class Config:
     metrics_auth: bool
     tls_cert: str | None
     tls_key: str | None
+    document_objects: bool = False  # /v1/rerank and /rerank answer documents as {"text": ...} too
 
 
 def _env(flag: str, default):
@@ -83,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="put GET /metrics behind the API key too")
     add("--tls-cert", default=_env("tls-cert", None), help="PEM certificate: serve both listeners over TLS")
     add("--tls-key", default=_env("tls-key", None), help="PEM private key for --tls-cert")
+    add("--document-objects", action="store_true",
+        default=_env("document-objects", "") not in ("", "0", "false"),
+        help='answer string documents as {"text": ...} on /v1/rerank and /rerank too, as /v2/rerank does '
+             "(for Cohere v1, Jina and vLLM parsers); default: the string as sent")
     a = p.parse_args(argv)
     api_keys = a.api_key or [k.strip() for k in _env("api-key", "").split(",") if k.strip()]
     if bool(a.tls_cert) != bool(a.tls_key):
@@ -104,4 +109,5 @@ def parse_args(argv: list[str] | None = None) -> Config:
         max_documents=a.max_documents, max_request_bytes=a.max_request_bytes,
         shutdown_grace=a.shutdown_grace, log_level=a.log_level.upper(), log_json=a.log_json,
         api_keys=api_keys, metrics_auth=a.metrics_auth, tls_cert=a.tls_cert, tls_key=a.tls_key,
+        document_objects=a.document_objects,
     )

@@ -1,4 +1,4 @@
-"""The gRPC transport: the Rerank servicer, grpc.health.v1 and server reflection."""
+"""The gRPC transport: the Rerank servicer (Rerank, Score), grpc.health.v1 and server reflection."""
 from __future__ import annotations
 
 import logging
@@ -19,26 +19,32 @@ class RerankServicer(pb_grpc.RerankServicer):
         self.service = service
 
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
+        return await self._serve("Rerank", self.service.rerank, request, context)
+
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        return await self._serve("Score", self.service.score, request, context)
+
+    async def _serve(self, name: str, method, request, context: grpc.aio.ServicerContext):
         metadata = dict(context.invocation_metadata() or ())
         call = Call(request_id=metadata.get("x-request-id") or Call().request_id)
         request_id_var.set(call.request_id)
         code, error = grpc.StatusCode.CANCELLED, None  # stays CANCELLED if the caller goes away
         try:
             self.service.authenticate(metadata.get("authorization"))
-            response = await self.service.rerank(request, call)
+            response = await method(request, call)
             code = grpc.StatusCode.OK
         except ApiError as e:
             code, error = e.code, e.message
         except Exception:  # a bug, not the caller's fault: INTERNAL, logged, the server goes on
-            log.exception("unhandled error in Rerank")
+            log.exception("unhandled error in %s", name)
             code, error = grpc.StatusCode.INTERNAL, "internal error; see the server log"
         finally:
             context.set_trailing_metadata([("x-request-id", call.request_id)] + [
                 (f"x-{stage}-time", f"{seconds * 1000:.2f}") for stage, seconds in call.timings.items()])
-            self.service.metrics.requests.labels("grpc", "Rerank", code.name).inc()
+            self.service.metrics.requests.labels("grpc", name, code.name).inc()
             elapsed = time.perf_counter() - call.started
             self.service.metrics.request_seconds.labels("grpc").observe(elapsed)
-            log.info("gRPC Rerank %s in %.1f ms", code.name, elapsed * 1000)
+            log.info("gRPC %s %s in %.1f ms", name, code.name, elapsed * 1000)
         if error is not None:
             await context.abort(code, error)
         return response

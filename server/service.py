@@ -1,5 +1,6 @@
-"""The one place a rerank request is validated, scored and ranked; the gRPC servicer and
-the REST shim both call ``RerankService.rerank`` with the proto request.
+"""The one place a request is validated and scored; the gRPC servicer and the REST shim
+(every dialect: Cohere v1/v2, TEI, vLLM's /score) call ``RerankService.rerank`` or
+``RerankService.score`` with the proto request.
 
 validation -> tokenize (thread pool) -> scheduler queue -> batched forward -> rank, top_n.
 """
@@ -24,15 +25,29 @@ from rerank_server.engine import Engine
 from rerank_server.metrics import Metrics
 from rerank_server.scheduler import QueueFullError, Scheduler
 from rerank_server.schema import pb
+from rerank_server.tokenization import PairTooLongError
 
 
 class ApiError(Exception):
-    """A request the service refuses: a gRPC status code and a sentence naming the field."""
+    """A request the service refuses: a gRPC status code and a sentence naming the field.
+    ``reason`` names the refusals that other dialects answer with statuses of their own
+    ("empty": no documents, "too_many": over --max-documents, "too_long": a pair over
+    --max-length with truncation off)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, http_status: int | None = None):
+    def __init__(self, code: grpc.StatusCode, message: str, http_status: int | None = None,
+                 reason: str | None = None):
         super().__init__(message)
         self.code, self.message = code, message
         self.http_status = http_status  # only where HTTP is more precise than the code's mapping
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """A transport's deadline: seconds, and how to say it ("500 ms")."""
+
+    seconds: float
+    text: str
 
 
 def invalid(message: str) -> ApiError:
@@ -41,17 +56,14 @@ def invalid(message: str) -> ApiError:
 
 def document_text(doc: struct_pb2.Value, index: int, rank_fields: list[str]) -> str:
     """A document is a string, or an object: ranked on its "text" field, or with
-    ``rank_fields`` on "field: value" lines built from those fields (Cohere style)."""
+    ``rank_fields`` on "field: value" lines built from those of the fields it has (Cohere style)."""
     kind = doc.WhichOneof("kind")
     if kind == "string_value":
         return doc.string_value
     if kind == "struct_value":
         fields = doc.struct_value.fields
-        if rank_fields:
-            present = [f for f in rank_fields if f in fields]
-            if not present:
-                raise invalid(f"documents[{index}] has none of the rank_fields {list(rank_fields)}")
-            return "\n".join(f"{f}: {_plain(fields[f])}" for f in present)
+        if rank_fields:  # the fields a document lacks are skipped; with none, its text is empty
+            return "\n".join(f"{f}: {_plain(fields[f])}" for f in rank_fields if f in fields)
         text = fields.get("text")
         if text is not None and text.WhichOneof("kind") == "string_value":
             return text.string_value
@@ -145,20 +157,28 @@ class RerankService:
         if scheme.lower() != "bearer" or not any(matched):
             raise ApiError(grpc.StatusCode.UNAUTHENTICATED, "authorization: invalid API key")
 
+    def check_model(self, model: str) -> None:
+        if model not in self.served_names:
+            raise ApiError(grpc.StatusCode.NOT_FOUND,
+                           f"model {model!r} is not served here; served: {', '.join(sorted(self.served_names))}")
+
+    def _check_count(self, field_name: str, n: int) -> None:
+        if n == 0:
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{field_name} is required and must hold at least one document", reason="empty")
+        if n > self.max_documents:
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{field_name} has {n} entries; the limit is {self.max_documents} (--max-documents)",
+                           reason="too_many")
+
     def validate(self, request: pb.RerankRequest) -> list[str]:
         """-> the documents' texts; raises ApiError naming the offending field."""
         if not request.model:
             raise invalid("model is required: name the served model, e.g. " + repr(self.model_id))
-        if request.model not in self.served_names:
-            raise ApiError(grpc.StatusCode.NOT_FOUND,
-                           f"model {request.model!r} is not served here; served: {', '.join(sorted(self.served_names))}")
+        self.check_model(request.model)
         if not request.query:
             raise invalid("query is required and must be a non-empty string")
-        if not request.documents:
-            raise invalid("documents is required and must hold at least one document")
-        if len(request.documents) > self.max_documents:
-            raise invalid(f"documents has {len(request.documents)} entries; the limit is {self.max_documents} "
-                          "(--max-documents)")
+        self._check_count("documents", len(request.documents))
         if request.HasField("top_n") and request.top_n < 1:
             raise invalid(f"top_n must be an integer >= 1, got {request.top_n}")
         if request.HasField("max_tokens_per_doc") and request.max_tokens_per_doc < 1:
@@ -171,18 +191,104 @@ class RerankService:
                               f"{len(request.documents)} x {request.max_chunks_per_doc}")
         return [document_text(d, i, request.rank_fields) for i, d in enumerate(request.documents)]
 
-    async def rerank(self, request: pb.RerankRequest, call: Call | None = None) -> pb.RerankResponse:
+    def validate_score(self, request: pb.ScoreRequest) -> list[tuple[str, str]]:
+        """-> the (text_1, text_2) pairs in order; raises ApiError naming the offending field."""
+        if request.HasField("model"):
+            self.check_model(request.model)
+        if not request.HasField("text_1") or not request.HasField("text_2"):
+            raise invalid("text_1 and text_2 are required: a string or a list of strings each")
+        first, second = _texts(request.text_1, "text_1"), _texts(request.text_2, "text_2")
+        self._check_count("text_2", len(second))
+        if len(first) not in (1, len(second)):
+            raise invalid(f"text_1 must be one string or as many as text_2 ({len(second)}), got {len(first)}")
+        if not first or not all(first):
+            raise invalid("text_1 must hold non-empty strings")
+        return list(zip(first * len(second) if len(first) == 1 else first, second))
+
+    def _require_ready(self) -> None:
+        if not self.ready:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, "the model is not serving (loading or shutting down); retry shortly")
+
+    async def _within(self, work, deadline: Deadline | None):
+        """Runs ``work`` (validation done) under the transport's deadline, if any."""
+        if deadline is None:
+            return await work
+        try:
+            return await asyncio.wait_for(work, deadline.seconds)
+        except asyncio.TimeoutError:  # the scoring task was cancelled: its queued pairs are dropped
+            raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                           f"deadline exceeded: the request took longer than its Grpc-Timeout ({deadline.text})") from None
+
+    async def rerank(self, request: pb.RerankRequest, call: Call | None = None,
+                     deadline: Deadline | None = None) -> pb.RerankResponse:
         call = call or Call()
         created = int(time.time())
         texts = self.validate(request)
-        if not self.ready:
-            raise ApiError(grpc.StatusCode.UNAVAILABLE, "the model is not serving (loading or shutting down); retry shortly")
+        self._require_ready()
+        chunks = request.max_chunks_per_doc if request.HasField("max_chunks_per_doc") else 1
+        logits, best_chunk, tokens = await self._within(self._score_groups(
+            [(request.query, texts)], call, chunks=chunks,
+            max_doc_tokens=request.max_tokens_per_doc if request.HasField("max_tokens_per_doc") else None,
+            keep_end=request.truncation_direction == pb.RerankRequest.LEFT,
+            truncate=not request.HasField("truncate") or request.truncate), deadline)
+        scores = logits if request.raw_scores else [sigmoid(x) for x in logits]
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        if request.HasField("top_n"):
+            order = order[: request.top_n]
+        response = pb.RerankResponse(
+            object="rerank", id=f"rerank-{call.request_id}", model=self.model_id, created=created,
+            usage=pb.Usage(prompt_tokens=tokens, total_tokens=tokens),
+        )
+        for i in order:
+            result = response.results.add(index=i, relevance_score=scores[i])
+            if request.HasField("max_chunks_per_doc"):
+                result.chunk_index = best_chunk[i]
+            if request.return_documents:
+                result.document.CopyFrom(request.documents[i])
+        self._observe(call)
+        return response
+
+    async def score(self, request: pb.ScoreRequest, call: Call | None = None,
+                    deadline: Deadline | None = None) -> pb.ScoreResponse:
+        call = call or Call()
+        created = int(time.time())
+        pairs = self.validate_score(request)
+        self._require_ready()
+        # pairs that share text_1 are tokenized together (the query once), then put back in order
+        groups: dict[str, list[int]] = {}
+        for i, (first, _) in enumerate(pairs):
+            groups.setdefault(first, []).append(i)
+        logits, _, tokens = await self._within(self._score_groups(
+            [(first, [pairs[i][1] for i in members]) for first, members in groups.items()], call,
+            truncate=not request.HasField("truncate") or request.truncate), deadline)
+        by_pair = [0.0] * len(pairs)
+        for logit, i in zip(logits, (i for members in groups.values() for i in members)):
+            by_pair[i] = logit
+        response = pb.ScoreResponse(id=f"score-{call.request_id}", object="list", created=created,
+                                    model=self.model_id, usage=pb.Usage(prompt_tokens=tokens, total_tokens=tokens))
+        for i, logit in enumerate(by_pair):
+            response.data.add(index=i, object="score", score=logit if request.raw_scores else sigmoid(logit))
+        self._observe(call)
+        return response
+
+    async def _score_groups(self, groups: list[tuple[str, list[str]]], call: Call, chunks: int = 1,
+                            max_doc_tokens: int | None = None, keep_end: bool = False,
+                            truncate: bool = True) -> tuple[list[float], list[int], int]:
+        """(query, documents) groups -> (one logit per document, in group order; the best
+        window of each; the tokens fed to the model). The one scoring path of every route."""
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        chunks = request.max_chunks_per_doc if request.HasField("max_chunks_per_doc") else 1
-        max_doc_tokens = request.max_tokens_per_doc if request.HasField("max_tokens_per_doc") else None
-        pairs, owner = await loop.run_in_executor(
-            self._tokenize_pool, self.engine.tokenizer.encode_chunked, request.query, texts, max_doc_tokens, chunks)
+        pairs, owner, n_documents = [], [], 0
+        for query, documents in groups:
+            try:
+                group_pairs, group_owner = await loop.run_in_executor(
+                    self._tokenize_pool, lambda: self.engine.tokenizer.encode_chunked(
+                        query, documents, max_doc_tokens, chunks, keep_end=keep_end, truncate=truncate))
+            except PairTooLongError as e:
+                raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(e), http_status=413, reason="too_long") from None
+            pairs += group_pairs
+            owner += [n_documents + o for o in group_owner]
+            n_documents += len(documents)
         call.timings["tokenize"] = time.perf_counter() - t0
         # identical pairs (duplicate documents) are scored once: equal scores tie exactly, and
         # the compute is not spent twice
@@ -196,28 +302,25 @@ class RerankService:
             raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
         except RuntimeError as e:
             raise ApiError(grpc.StatusCode.INTERNAL, str(e)) from None
-        logits, best_chunk = [-math.inf] * len(texts), [0] * len(texts)
+        logits, best_chunk = [-math.inf] * n_documents, [0] * n_documents
         chunk = 0
         for i, (doc, logit) in enumerate(zip(owner, window_logits)):
             chunk = chunk + 1 if i and owner[i - 1] == doc else 0
             if logit > logits[doc]:
                 logits[doc], best_chunk[doc] = logit, chunk
-        scores = logits if request.raw_scores else [sigmoid(x) for x in logits]
-        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-        if request.HasField("top_n"):
-            order = order[: request.top_n]
-        tokens = sum(len(p) for p in pairs)  # every pair counts, duplicates included
-        response = pb.RerankResponse(
-            object="rerank", id=f"rerank-{call.request_id}", model=self.model_id, created=created,
-            usage=pb.Usage(prompt_tokens=tokens, total_tokens=tokens),
-        )
-        for i in order:
-            result = response.results.add(index=i, relevance_score=scores[i])
-            if request.HasField("max_chunks_per_doc"):
-                result.chunk_index = best_chunk[i]
-            if request.return_documents:
-                result.document.CopyFrom(request.documents[i])
+        return logits, best_chunk, sum(len(p) for p in pairs)  # every pair counts, duplicates included
+
+    def _observe(self, call: Call) -> None:
         call.timings["total"] = time.perf_counter() - call.started
         for stage in ("tokenize", "queue", "inference"):
             self.metrics.stage_seconds.labels(stage).observe(call.timings.get(stage, 0.0))
-        return response
+
+
+def _texts(value: struct_pb2.Value, name: str) -> list[str]:
+    """A string or a list of strings -> the list."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return [value.string_value]
+    if kind == "list_value" and all(v.WhichOneof("kind") == "string_value" for v in value.list_value.values):
+        return [v.string_value for v in value.list_value.values]
+    raise invalid(f"{name} must be a string or a list of strings")
