@@ -53,7 +53,7 @@ ERROR_SCHEMA = {
     "type": "object", "required": ["code", "message", "details"],
     "properties": {
         "code": {"type": "integer", "description": "gRPC status code"},
-        "message": {"type": "string", "description": "what is wrong, naming the field"},
+        "message": {"type": "string", "minLength": 1, "description": "what is wrong, naming the field"},
         "details": {"type": "array", "items": {}},
     },
 }

@@ -82,13 +82,25 @@ _INTEGER_TYPES = {descriptor.FieldDescriptor.CPPTYPE_INT32, descriptor.FieldDesc
                   descriptor.FieldDescriptor.CPPTYPE_INT64, descriptor.FieldDescriptor.CPPTYPE_UINT64}
 
 
+def _integral(value) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
+
+
 def parse_message(body: dict, message_class):
     """protobuf's JSON mapping, read strictly: it would also take an integer written as a
-    string ("5"), which the OpenAPI document (and every client) calls a type error."""
+    string ("5"), an enum as any number (true, 2.5e-42), and it drops an unknown enum name
+    (ignore_unknown_fields): the OpenAPI document (and every client) calls these errors."""
     for field in message_class.DESCRIPTOR.fields:
-        if field.cpp_type in _INTEGER_TYPES and isinstance(body.get(field.name), str):
+        value = body.get(field.name)
+        if value is None or field.is_repeated:
+            continue
+        if field.cpp_type in _INTEGER_TYPES and not _integral(value):
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"{field.name} must be an integer, got {value!r}")
+        names = field.enum_type.values_by_name if field.enum_type else {}
+        if field.enum_type and not (value in names if isinstance(value, str) else _integral(value)):
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"{field.name} must be an integer, got the string {body[field.name]!r}")
+                           f"{field.name} must be one of {', '.join(v.name for v in field.enum_type.values)}, "
+                           f"got {value!r}")
     try:
         return json_format.ParseDict(body, message_class(), ignore_unknown_fields=True)
     except json_format.ParseError as e:

@@ -1,11 +1,12 @@
-"""Property-based fuzzing of the REST API against one live server (tiny random checkpoint).
+"""Property-based fuzzing of the REST API against one live server (tiny random checkpoint),
+for what schemathesis (tests/test_schemathesis.py) does not cover. Schema-valid and
+schema-violating JSON bodies, on every route, are schemathesis's; here:
 
-Hypothesis generates request bodies of four kinds: valid requests, near-valid ones (one
-field's type or value changed, a field dropped or an unknown one added, a document
-replaced), arbitrary JSON values, and raw bytes (invalid UTF-8, bad escapes, truncated
-JSON, an oversized body). Headers vary too: Content-Type (JSON, JSON with parameters,
-``+json``, other types, garbage, none), X-Request-Id (printable, Latin-1, long), the
-method and the route.
+- valid requests under varied headers: Content-Type (JSON, JSON with parameters, ``+json``,
+  other types, none), X-Request-Id (printable, Latin-1, long), and each response checked
+  against its request (result count with top_n, documents echoed as sent, score range);
+- raw bytes (invalid UTF-8, bad escapes, truncated JSON, deep nesting, an oversized body)
+  under garbage Content-Types, methods and routes.
 
 Properties: never a 5xx and never a dropped connection; every 4xx is a JSON body with an
 integer ``code`` and a non-empty ``message``; every valid request (with a JSON Content-Type
@@ -27,9 +28,7 @@ from conftest import SERVED_MODEL, start_server
 MAX_DOCUMENTS = 12
 MAX_REQUEST_BYTES = 20_000
 ROUTES = ["/v1/rerank", "/rerank", "/v2/rerank"]
-FIELDS = ["model", "query", "documents", "top_n", "return_documents", "raw_scores", "rank_fields",
-          "max_tokens_per_doc", "max_chunks_per_doc"]
-FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None, print_blob=True,
+FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 
 
@@ -48,9 +47,6 @@ def server(tiny_checkpoint, tmp_path_factory):
 # ---------------------------------------------------------------- strategies
 
 text = st.text(max_size=40)
-json_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False) | text
-json_values = st.recursive(json_scalars, lambda children: st.lists(children, max_size=4)
-                           | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=10)
 documents = st.lists(text | st.builds(lambda t: {"text": t}, text), min_size=1, max_size=MAX_DOCUMENTS)
 
 
@@ -63,25 +59,6 @@ def valid_requests(draw) -> dict:
                          ("raw_scores", st.booleans()), ("max_tokens_per_doc", st.integers(1, 100))):
         if draw(st.booleans()):
             request[name] = draw(values)
-    return request
-
-
-@st.composite
-def near_valid_requests(draw) -> dict:
-    request = draw(valid_requests())
-    mutation = draw(st.sampled_from(["replace", "replace", "drop", "add", "document", "null"]))
-    if mutation == "replace":
-        request[draw(st.sampled_from(FIELDS))] = draw(json_values | st.sampled_from(
-            [0, -1, 2**31, 2**63, 1.5, "3", "", [], {}, True, 10**30, [""] * (MAX_DOCUMENTS + 1)]))
-    elif mutation == "drop":
-        request.pop(draw(st.sampled_from(sorted(request))))
-    elif mutation == "add":
-        request[draw(st.text(max_size=12))] = draw(json_values)
-    elif mutation == "document":
-        docs = request["documents"]
-        docs[draw(st.integers(0, len(docs) - 1))] = draw(json_values)
-    else:
-        request[draw(st.sampled_from(FIELDS))] = None
     return request
 
 
@@ -174,17 +151,6 @@ def test_valid_requests(server, request, content_type, request_id, route):
         assert_well_formed(r, request)
         if request_id is not None and request_id.isascii() and len(request_id) <= 128:  # else replaced
             assert r.headers["X-Request-Id"] == request_id
-    else:
-        assert_error_body(r)
-
-
-@FUZZ
-@given(body=near_valid_requests() | json_values, content_type=st.sampled_from([None, "application/json"]),
-       request_id=request_ids, route=st.sampled_from(ROUTES))
-def test_near_valid_and_arbitrary_json(server, body, content_type, request_id, route):
-    r = send(server, json.dumps(body).encode(), content_type, request_id, route)
-    if r.status_code == 200:
-        assert_well_formed(r, None)
     else:
         assert_error_body(r)
 
