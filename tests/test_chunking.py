@@ -93,8 +93,28 @@ def test_rank_fields_build_the_ranked_text(tokenizer):
     assert [r.relevance_score for r in sorted(by_title.results, key=lambda r: r.index)] == [10.0, 0.0]
     by_body, _ = rerank(tokenizer, {"query": "q", "documents": docs, "rank_fields": ["body"]})
     assert [r.relevance_score for r in sorted(by_body.results, key=lambda r: r.index)] == [0.0, 10.0]
-    with pytest.raises(ApiError, match=r"documents\[0\] has none of the rank_fields"):
-        rerank(tokenizer, {"query": "q", "documents": docs, "rank_fields": ["nope"]})
+    # the fields a document lacks are skipped; with none of them its text is empty (as an
+    # empty document is), so the request's validity never depends on each object's keys
+    _, pairs = rerank(tokenizer, {"query": "q", "documents": docs, "rank_fields": ["nope", "title"]})
+    assert pairs == tokenizer.encode_pairs("q", ["title: zebra facts", "title: Cats"])
+    _, pairs = rerank(tokenizer, {"query": "q", "documents": docs, "rank_fields": ["nope"]})
+    assert pairs == tokenizer.encode_pairs("q", ["", ""])
+
+
+def test_left_truncation_and_chunks_from_the_end(tokenizer):
+    """truncation_direction LEFT keeps a document's end: the marker at the end survives."""
+    body = {"query": "where does the zebra live?", "documents": [LONG]}
+    right, _ = rerank(tokenizer, body)
+    left, left_pairs = rerank(tokenizer, {**body, "truncation_direction": "LEFT"})
+    assert right.results[0].relevance_score == 0.0 and left.results[0].relevance_score == 10.0
+    doc = tokenizer.tokenizer.encode(LONG, add_special_tokens=False).ids
+    assert left_pairs[0][-11:-1] == doc[-10:]
+    chunked, chunk_pairs = rerank(tokenizer, {**body, "truncation_direction": "LEFT", "max_chunks_per_doc": 2})
+    assert chunked.results[0].chunk_index == 0 and chunk_pairs[0] == left_pairs[0]  # window 0 is the end
+    assert chunk_pairs[1][-11:-1] != doc[-10:]
+    with pytest.raises(ApiError, match="--max-length") as e:
+        rerank(tokenizer, {**body, "truncate": False})
+    assert e.value.http_status == 413 and e.value.reason == "too_long"
 
 
 @pytest.mark.parametrize("field, value", [("max_chunks_per_doc", 0), ("max_tokens_per_doc", -3)])
