@@ -98,7 +98,7 @@ def test_rank_fields_build_the_ranked_text(tokenizer):
     _, pairs = rerank(tokenizer, {"query": "q", "documents": docs, "rank_fields": ["nope", "title"]})
     assert pairs == tokenizer.encode_pairs("q", ["title: zebra facts", "title: Cats"])
     _, pairs = rerank(tokenizer, {"query": "q", "documents": docs, "rank_fields": ["nope"]})
-    assert pairs == tokenizer.encode_pairs("q", ["", ""])
+    assert pairs == tokenizer.encode_pairs("q", [""])  # both documents are the same pair, scored once
 
 
 def test_left_truncation_and_chunks_from_the_end(tokenizer):
