@@ -157,7 +157,7 @@ def test_valid_requests(server, request, content_type, request_id, route):
 
 @settings(FUZZ, max_examples=150)
 @given(data=raw_bodies, content_type=content_types, method=st.sampled_from(["POST", "POST", "POST", "GET", "PUT"]),
-       route=st.sampled_from(ROUTES * 3 + ["/v1/rerank/", "/v1/nothing"]))
+       route=st.sampled_from(ROUTES * 3 + ["/score", "/v1/score", "/v1/rerank/", "/v1/nothing"]))
 def test_raw_bytes(server, data, content_type, method, route):
     r = send(server, data, content_type, None, route, method)
     if r.status_code == 200:
