@@ -29,30 +29,45 @@ class ModelNotFoundError(RuntimeError):
     """The --model value is neither a directory nor a hub id we can resolve."""
 
 
+CHECKPOINT_FILES = ("config.json", "tokenizer.json", "*.safetensors")
+
+
+def check_checkpoint_dir(path: Path) -> Path:
+    """``path`` if it holds a checkpoint; else ModelNotFoundError naming the missing file."""
+    missing = [name for name in CHECKPOINT_FILES if not any(path.glob(name))]
+    if missing:
+        raise ModelNotFoundError(f"--model {path}: the directory has no {' and no '.join(missing)} "
+                                 f"(a checkpoint directory holds {', '.join(CHECKPOINT_FILES)})")
+    return path
+
+
 def resolve_model_dir(model: str) -> Path:
     """A local directory as is; otherwise a Hugging Face hub id through the HF cache
     (``HF_HOME``, ``HF_HUB_OFFLINE`` honoured by huggingface_hub)."""
     path = Path(model).expanduser()
     if path.is_dir():
-        return path
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ModelNotFoundError(f"--model {model!r} is not a directory with config.json and *.safetensors")
+        return check_checkpoint_dir(path)
+    where = f"no such directory {path.absolute()}"
+    if path.exists():
+        raise ModelNotFoundError(f"--model {model!r}: {path.absolute()} is a file, not a checkpoint directory")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:  # cannot be a hub id
+        raise ModelNotFoundError(f"--model {model!r}: {where}")
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     log.info("resolving %s through the Hugging Face cache %s%s (download progress in bytes below)", model,
              constants.HF_HUB_CACHE, " offline" if constants.HF_HUB_OFFLINE else "")
     try:
-        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors"]))
+        return check_checkpoint_dir(Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors"])))
     except LocalEntryNotFoundError as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0")
+        how = ("offline (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE
+               else f"and could not be downloaded ({e.__class__.__name__})")
         raise ModelNotFoundError(
-            f"model {model!r} is not in the Hugging Face cache (HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}) "
-            f"and could not be downloaded (HF_HUB_OFFLINE={offline}): download it where the hub is reachable, "
-            f"or pass --model /path/to/dir holding config.json, tokenizer.json and *.safetensors ({e.__class__.__name__})"
-        ) from None
+            f"--model {model!r}: {where}, and not in the Hugging Face cache {constants.HF_HUB_CACHE} {how}: "
+            f"download it where the hub is reachable, or pass --model /path/to/dir holding "
+            f"{', '.join(CHECKPOINT_FILES)}") from None
     except HFValidationError as e:
-        raise ModelNotFoundError(f"--model {model!r} is neither a directory nor a valid hub id: {e}") from None
+        raise ModelNotFoundError(f"--model {model!r}: {where}, and not a valid hub id ({e})") from None
 
 
 @dataclass

@@ -32,11 +32,18 @@ _HTTP_TO_CODE = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMEN
                  413: grpc.StatusCode.RESOURCE_EXHAUSTED}
 # never behind the API key (/metrics: unless --metrics-auth)
 OPEN_PATHS = {"/health", "/metrics", "/openapi.json", "/docs"}
+PROBE_PATHS = OPEN_PATHS | {"/info"}
 
 
 def error_response(code: grpc.StatusCode, message: str, status: int | None = None) -> web.Response:
-    return web.json_response({"code": code.value[0], "message": message, "details": []},
-                             status=status or HTTP_STATUS.get(code, 500))
+    response = web.json_response({"code": code.value[0], "message": message, "details": []},
+                                 status=status or HTTP_STATUS.get(code, 500))
+    response[GRPC_CODE] = code
+    return response
+
+
+GRPC_CODE = "grpc_code"  # the response's gRPC status, for the metrics' `code` label
+_STATUS_TO_CODE = {status: code for code, status in reversed(HTTP_STATUS.items())}
 
 
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
@@ -107,9 +114,13 @@ def build_app(service: RerankService, max_request_bytes: int, metrics_auth: bool
         response.headers["X-Request-Id"] = call.request_id
         for stage, seconds in call.timings.items():
             response.headers[f"X-{stage.capitalize()}-Time"] = f"{seconds * 1000:.2f}"  # milliseconds
-        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-        service.metrics.requests.labels("http", route, str(response.status)).inc()
-        if request.path not in OPEN_PATHS:
+        if service.draining:
+            response.force_close()  # keep-alive clients reconnect, to another replica
+        if request.path not in PROBE_PATHS:  # health, metrics, docs and info probes are no requests
+            route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+            code = response.get(GRPC_CODE) or (grpc.StatusCode.OK if response.status < 400 else
+                                               _STATUS_TO_CODE.get(response.status, grpc.StatusCode.UNKNOWN))
+            service.metrics.requests.labels("http", route, code.name, str(response.status)).inc()
             elapsed = time.perf_counter() - call.started
             service.metrics.request_seconds.labels("http").observe(elapsed)
             log.info("%s %s %d in %.1f ms", request.method, request.path, response.status, elapsed * 1000)

@@ -30,6 +30,10 @@ class QueueFullError(RuntimeError):
     """Accepting the request would exceed the queued-token limit."""
 
 
+class ShuttingDownError(RuntimeError):
+    """The server is shutting down: the request was cut off (or arrived after the cut-off)."""
+
+
 Pairs = list[list[int]]
 Wait = Callable[[], list[float]]  # blocks until the batch's logits are on the host
 Launch = Callable[[Pairs], Wait]  # starts a forward
@@ -86,21 +90,40 @@ class Scheduler:
         self.queued_tokens = 0
         self.stats = BatchStats()
         self._task: asyncio.Task | None = None
+        self._cut_off: str | None = None  # set at the end of the shutdown grace: the reason
+        self._launched: deque[tuple[list[tuple[_Job, int]], Wait, float]] = deque()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
     async def close(self) -> None:
+        """Stops batching. A forward still running on the device thread is not waited for."""
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._thread.shutdown(wait=True)
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+    def cut_off(self, reason: str) -> int:
+        """Fails every request not yet answered (queued or in a launched batch) with
+        ShuttingDownError(reason), and every later one. -> how many were cut."""
+        self._cut_off = reason
+        jobs = {job for job in self._jobs} | {job for batch, _, _ in self._launched for job, _ in batch}
+        cut = 0
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(ShuttingDownError(reason))
+                cut += 1
+        self._jobs.clear()
+        self.queued_tokens = 0
+        return cut
 
     async def score(self, pairs: list[list[int]], timings: dict | None = None) -> list[float]:
         """Token-id lists (each at most max_batch_tokens long) -> one logit each.
         ``timings`` (if given) receives "queue" and "inference" seconds."""
         if not pairs:
             return []
+        if self._cut_off:
+            raise ShuttingDownError(self._cut_off)
         tokens = sum(len(p) for p in pairs)
         if self.queued_tokens and self.queued_tokens + tokens > self.max_queued_tokens:
             raise QueueFullError(
@@ -143,7 +166,7 @@ class Scheduler:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        launched: deque[tuple[list[tuple[_Job, int]], Wait, float]] = deque()
+        launched = self._launched
         while True:
             batch = self._take_batch() if len(launched) < self.in_flight else None
             if batch:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import hmac
 import json
 import math
@@ -22,7 +23,7 @@ from google.protobuf import json_format, struct_pb2
 from rerank_server import __version__
 from rerank_server.engine import Engine
 from rerank_server.metrics import Metrics
-from rerank_server.scheduler import QueueFullError, Scheduler
+from rerank_server.scheduler import QueueFullError, Scheduler, ShuttingDownError
 from rerank_server.schema import pb
 
 
@@ -95,6 +96,19 @@ def sigmoid(x: float) -> float:
 MAX_TOTAL_CHUNKS = 10_000  # as Cohere: documents x max_chunks_per_doc
 
 
+def counted_in_flight(method):
+    """Counts a service call in ``RerankService.in_flight`` while it runs (the shutdown drain
+    waits for that count to reach zero)."""
+    @functools.wraps(method)
+    async def run(self: "RerankService", *args, **kwargs):
+        self.in_flight += 1
+        try:
+            return await method(self, *args, **kwargs)
+        finally:
+            self.in_flight -= 1
+    return run
+
+
 class RerankService:
     def __init__(self, served_model_names: list[str], max_documents: int, api_keys: list[str] = (),
                  metrics: Metrics | None = None, settings: dict | None = None):
@@ -106,6 +120,7 @@ class RerankService:
         self.metrics = metrics or Metrics()
         self.engine: Engine | None = None
         self.draining = False  # set at shutdown: health goes NOT_SERVING, new requests 503
+        self.in_flight = 0  # service calls running now (see counted_in_flight)
         self.scheduler: Scheduler | None = None
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
 
@@ -116,6 +131,16 @@ class RerankService:
     def attach(self, engine: Engine, scheduler: Scheduler) -> None:
         """Called once the model is loaded and warmed: from here on requests are served."""
         self.engine, self.scheduler = engine, scheduler
+
+    def cut_off(self, reason: str) -> None:
+        """End of the shutdown grace: every request still running is answered UNAVAILABLE."""
+        if self.scheduler:
+            self.scheduler.cut_off(reason)
+
+    def not_serving(self) -> ApiError:
+        if self.draining:
+            return ApiError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry (on another replica)")
+        return ApiError(grpc.StatusCode.UNAVAILABLE, "the model is loading; retry shortly")
 
     def describe(self) -> dict:
         """What GET /info reports: the model, how it runs, and the limits."""
@@ -171,12 +196,13 @@ class RerankService:
                               f"{len(request.documents)} x {request.max_chunks_per_doc}")
         return [document_text(d, i, request.rank_fields) for i, d in enumerate(request.documents)]
 
+    @counted_in_flight
     async def rerank(self, request: pb.RerankRequest, call: Call | None = None) -> pb.RerankResponse:
         call = call or Call()
         created = int(time.time())
         texts = self.validate(request)
         if not self.ready:
-            raise ApiError(grpc.StatusCode.UNAVAILABLE, "the model is not serving (loading or shutting down); retry shortly")
+            raise self.not_serving()
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         chunks = request.max_chunks_per_doc if request.HasField("max_chunks_per_doc") else 1
@@ -194,6 +220,8 @@ class RerankService:
             window_logits = [unique_logits[i] for i in slot]
         except QueueFullError as e:
             raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except ShuttingDownError as e:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         except RuntimeError as e:
             raise ApiError(grpc.StatusCode.INTERNAL, str(e)) from None
         logits, best_chunk = [-math.inf] * len(texts), [0] * len(texts)

@@ -100,7 +100,7 @@ def scrape(server: LiveServer, headers: dict | None = None, scheme_url: str | No
 
 FORWARDS, PAIRS, TOKENS, QUEUED = ("rerank_batch_pairs_count", "rerank_batch_pairs_sum", "rerank_tokens_total",
                                   "rerank_queued_tokens")
-GRPC_CANCELLED = 'rerank_requests_total{code="CANCELLED",route="Rerank",transport="grpc"}'
+GRPC_CANCELLED = 'rerank_requests_total{code="CANCELLED",http_status="",route="Rerank",transport="grpc"}'
 
 
 def delta(after: dict, before: dict, key: str) -> float:
@@ -393,10 +393,14 @@ class TestOverload:
         for details, _ in grpc_refused:
             assert "queued" in details and "retry" in details
         after = scrape(server)
-        assert delta(after, before, 'rerank_requests_total{code="429",route="/v1/rerank",transport="http"}') \
-            == len(refused)
-        assert delta(after, before, 'rerank_requests_total{code="RESOURCE_EXHAUSTED",route="Rerank",transport="grpc"}') \
-            == len(grpc_refused)
+        # the same code label on both transports (the gRPC name), the HTTP status beside it
+        assert delta(after, before, 'rerank_requests_total{code="RESOURCE_EXHAUSTED",http_status="429",'
+                                    'route="/v1/rerank",transport="http"}') == len(refused)
+        assert delta(after, before, 'rerank_requests_total{code="RESOURCE_EXHAUSTED",http_status="",'
+                                    'route="Rerank",transport="grpc"}') == len(grpc_refused)
+        assert not [k for k in after if k.startswith("rerank_requests_total{") and
+                    any(f'route="{p}"' in k for p in ("/health", "/metrics", "/info", "/docs", "/openapi.json"))], \
+            "probes are not counted as rerank requests"
         # refusals come at once: a refused client does not wait for the queue
         latencies = sorted([t for _, t in refused] + [t for _, t in grpc_refused])
         median = latencies[len(latencies) // 2]
