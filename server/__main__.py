@@ -174,11 +174,11 @@ def _tls(config: Config):
             credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(config.tls_cert, config.tls_key)
-    except OSError as e:
-        raise StartupError(f"TLS: cannot read {e.filename}: {e.strerror}") from None
     except ssl.SSLError as e:
         raise StartupError(f"TLS: --tls-cert {config.tls_cert} / --tls-key {config.tls_key} are not a usable "
                            f"PEM certificate and key ({e.reason or e})") from None
+    except OSError as e:
+        raise StartupError(f"TLS: cannot read {e.filename}: {e.strerror}") from None
     return credentials, ssl_context
 
 
