@@ -299,8 +299,11 @@ def test_termination_grace_outlasts_prestop_and_shutdown_grace(monkeypatch):
         sleep = float(command[1])
     assert sleep > 0
     grace = pod.get("terminationGracePeriodSeconds", 30)
-    assert grace > sleep + cfg.shutdown_grace, \
-        f"terminationGracePeriodSeconds {grace} must exceed preStop {sleep}s + --shutdown-grace {cfg.shutdown_grace}s"
+    # the server exits a few seconds after its grace (cut requests answered, listeners closed):
+    # tests/test_shutdown.py bounds that at 8 s on a loaded 2-core machine; 5 s is the usual
+    assert grace >= sleep + cfg.shutdown_grace + 5, \
+        f"terminationGracePeriodSeconds {grace} must exceed preStop {sleep}s + --shutdown-grace " \
+        f"{cfg.shutdown_grace}s + 5 s for the exit"
 
 
 def test_pod_security_and_volumes():
