@@ -5,6 +5,8 @@ each sequence's first token (``cu_seqlens_q = arange(batch + 1)``, ``max_seqlen_
 against all of its keys.
 """
 import functools
+import inspect
+import math
 from typing import Callable
 
 import torch
@@ -43,7 +45,7 @@ def varlen_attention_torch(
 
 # ----------------------------------------------------------------------------- Triton
 
-from rerank_kernels._triton import HAS_TRITON, require_triton, tl, triton  # noqa: E402
+from rerank_kernels._triton import HAS_TRITON, cuda_grid, require_triton, tl, triton  # noqa: E402
 
 
 @triton.jit
@@ -51,11 +53,15 @@ def _varlen_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, o_stride_t, o_stride_h,
     qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    """FlashAttention forward for one (query block, sequence, head): scores never leave
+    """FlashAttention forward for one (sequence x head, query block): scores never leave
     registers; the softmax is computed online over key blocks with fp32 statistics."""
-    block_m, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # (sequence, head) pairs on grid axis x (limit 2**31 - 1): a batch of many pairs would
+    # overflow axis y's 65,535. Query blocks on y: at most 8192 / 16 = 512.
+    seq_head, block_m = tl.program_id(0), tl.program_id(1)
+    seq, head = seq_head // HEADS, seq_head % HEADS
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
     if block_m * BLOCK_M >= q_len:  # the grid covers max_seqlen_q; shorter sequences stop here
@@ -103,22 +109,38 @@ def _varlen_attention_kernel(
              out.to(out_ptr.dtype.element_ty), mask=(offs_m < q_len)[:, None])
 
 
+# Query-block tiers: the longest query range of a batch picks BLOCK_M (each tier is one
+# compiled variant, which the engine's warm-up visits): <= 16 rows, <= 64, longer.
+QUERY_TIERS = (16, 64)
+
+
+def attention_block_m(max_seqlen_q: int, head_dim: int) -> int:
+    """Query rows per program. tl.dot needs 16; the last layer (one query per sequence)
+    takes the smallest tile; head_dim > 64 stays at 64 rows (registers)."""
+    if max_seqlen_q <= QUERY_TIERS[0]:
+        return 16
+    return 64 if max_seqlen_q <= QUERY_TIERS[1] or head_dim > 64 else 128
+
+
+def attention_grid(max_seqlen_q: int, batch: int, heads: int, block_m: int) -> tuple[int, int]:
+    """(batch x heads, query blocks of the longest sequence), within CUDA's grid limits."""
+    return cuda_grid(batch * heads, -(-max_seqlen_q // block_m))
+
+
 def _varlen_attention_launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale):
     total_q, heads, head_dim = q.shape
     out = torch.empty_like(q)
     batch = cu_seqlens_q.shape[0] - 1
     if total_q == 0 or batch == 0:
         return out
-    # tl.dot needs 16 rows; the last layer (one query per sequence) takes the smallest tile.
-    BLOCK_M = 16 if max_seqlen_q <= 16 else (64 if max_seqlen_q <= 64 or head_dim > 64 else 128)
+    BLOCK_M = attention_block_m(max_seqlen_q, head_dim)
     BLOCK_N = 64 if head_dim <= 64 else 32
     num_warps = 4 if BLOCK_M <= 64 else 8
-    grid = (triton.cdiv(max_seqlen_q, BLOCK_M), batch, heads)
-    _varlen_attention_kernel[grid](
+    _varlen_attention_kernel[attention_grid(max_seqlen_q, batch, heads, BLOCK_M)](
         q, k, v, out, cu_seqlens_q, cu_seqlens_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         scale * 1.4426950408889634,  # log2(e)
-        HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IEEE=q.dtype == torch.float32,
+        HEADS=heads, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IEEE=q.dtype == torch.float32,
         num_warps=num_warps, num_stages=2,
     )
     return out
@@ -185,9 +207,36 @@ def varlen_attention_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
                                      softmax_scale=scale, causal=False)
 
 
+# FlashAttention's varlen kernels (flash-attn's and PyTorch's) put the batch on grid axis y:
+# at most 65,535 sequences per call. The scheduler never forms a larger batch.
+FLASH_MAX_BATCH = 65535
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_scale(fn: Callable) -> bool:
+    return "scale" in inspect.signature(fn).parameters
+
+
+def torch_varlen_arguments(fn: Callable, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           scale) -> tuple[tuple, dict]:
+    """(args, kwargs) of a ``varlen_attn`` call that every torch >= 2.10 accepts. torch 2.10
+    has no ``scale`` argument (``(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
+    is_causal=False, return_aux=None)``) and applies 1/sqrt(head_dim); 2.11+ take ``scale=``.
+    Without it, another scale is folded into the queries."""
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if _takes_scale(fn):
+        return args, {"scale": scale}
+    default = 1.0 / math.sqrt(q.shape[-1])
+    if not math.isclose(scale, default, rel_tol=1e-6):
+        args = (q * (scale / default), *args[1:])
+    return args, {}
+
+
 def varlen_attention_torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale):
     """PyTorch's own FlashAttention varlen forward (fp16/bf16, CUDA sm80+)."""
-    return _torch_varlen_attn()(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale)
+    fn = _torch_varlen_attn()
+    args, kwargs = torch_varlen_arguments(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
+    return fn(*args, **kwargs)
 
 
 _ATTENTION_FUNCTIONS = {

@@ -13,7 +13,7 @@ def add_layernorm_torch(
 
 # ----------------------------------------------------------------------------- Triton
 
-from rerank_kernels._triton import next_power_of_2, require_triton, tl, triton  # noqa: E402
+from rerank_kernels._triton import cuda_grid, next_power_of_2, require_triton, tl, triton  # noqa: E402
 
 
 @triton.jit
@@ -45,7 +45,7 @@ def _add_layernorm_launch(x, residual, weight, bias, eps):
         return out
     BLOCK_H = next_power_of_2(hidden)
     num_warps = min(max(BLOCK_H // 256, 1), 16)  # a few elements per thread
-    _add_layernorm_kernel[(rows,)](
+    _add_layernorm_kernel[cuda_grid(rows)](
         x, residual, weight, bias, out,
         hidden, x.stride(0), residual.stride(0), out.stride(0), eps,
         BLOCK_H=BLOCK_H, num_warps=num_warps,
