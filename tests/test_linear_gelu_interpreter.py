@@ -1,0 +1,134 @@
+"""The fused up-projection + bias + erf-GELU kernel under the Triton interpreter, against its
+PyTorch reference, fp32 and fp16, odd shapes; every autotuning config once; and (no GPU
+needed) its lowering to cubin for sm_80 and sm_90.
+
+As in test_kernels_interpreter.py, ``TRITON_INTERPRET=1`` must be set before triton is
+imported, so all cases run in one child process and come back through ``torch.save``.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from rerank_kernels import linear_gelu  # noqa: E402  (the reference; the kernel runs in the child)
+from tensor_checks import assert_close  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+# Both sides accumulate in fp32 and round once; fp16 may differ by an ulp of the output.
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3)}
+
+
+def _inputs(rows: int, features_in: int, features_out: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = 2 * torch.randn(rows, features_in, generator=g)
+    weight = torch.randn(features_out, features_in, generator=g) / features_in ** 0.5
+    bias = torch.randn(features_out, generator=g)
+    return x.to(dtype), weight.to(dtype), bias.to(dtype)
+
+
+CASES: dict[str, tuple] = {}  # name -> (args, kwargs) of linear_gelu_triton
+for dtype in (torch.float32, torch.float16):
+    name = str(dtype).removeprefix("torch.")
+    # (rows, in, out): one row; ragged K (20, 33: the masked main loop) and even K; output
+    # tiles cut in both directions; more row blocks than GROUP_M (the grouped order's tail).
+    for rows, k, n in ((1, 20, 40), (37, 48, 72), (5, 64, 130), (19, 33, 47), (70, 16, 33)):
+        CASES[f"{name}-{rows}x{k}->{n}"] = (_inputs(rows, k, n, dtype, rows * k + n), {})
+    # Every tile the autotuner may pick on a GPU, each once, on one odd shape.
+    for i, config in enumerate(linear_gelu.AUTOTUNE_CONFIGS):
+        if dtype == torch.float16 or i == 0:
+            CASES[f"{name}-config{i}-70x136->300"] = (_inputs(70, 136, 300, dtype, i), {"config": config})
+# Rows read by their stride (a view into a wider buffer), as the model's FFN slices may be.
+_x, _w, _b = _inputs(7, 96, 40, torch.float32, 0)
+CASES["float32-strided-rows"] = ((_x[:, 8:56], _w[:, :48].contiguous(), _b), {})
+CASES["empty"] = ((torch.empty(0, 48), torch.ones(40, 48), torch.zeros(40)), {})
+CASES["shapes-do-not-fit"] = ((torch.ones(3, 48), torch.ones(40, 47), torch.zeros(40)), {})
+
+_WORKER = """
+import sys, traceback
+import torch
+from rerank_kernels.linear_gelu import linear_gelu_triton
+cases = torch.load(sys.argv[1], weights_only=False)
+results = {}
+for name, (args, kwargs) in cases.items():
+    try:
+        results[name] = linear_gelu_triton(*args, **kwargs)
+    except Exception as e:
+        results[name] = "".join(traceback.format_exception_only(e)).strip()
+torch.save(results, sys.argv[2])
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory) -> dict:
+    """Case name -> the kernel's output (or its error text), all run in one interpreter child."""
+    tmp = tmp_path_factory.mktemp("linear_gelu")
+    torch.save(CASES, tmp / "cases.pt")
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", _WORKER, str(tmp / "cases.pt"), str(tmp / "out.pt")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"interpreter child failed:\n{result.stderr[-5000:]}"
+    return torch.load(tmp / "out.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n != "shapes-do-not-fit"])
+def test_linear_gelu_in_interpreter(name, interpreted):
+    (x, weight, bias), _ = CASES[name]
+    out = interpreted[name]
+    if isinstance(out, str):
+        pytest.fail(f"linear_gelu_triton raised in the interpreter: {out}")
+    assert out.dtype == x.dtype and out.is_contiguous()
+    assert_close(out, linear_gelu.linear_gelu_torch(x, weight, bias), *TOL[x.dtype], what=name)
+
+
+def test_linear_gelu_rejects_shapes_that_do_not_fit(interpreted):
+    out = interpreted["shapes-do-not-fit"]
+    assert isinstance(out, str) and "ValueError" in out and "(3, 48)" in out and "(40, 47)" in out, out
+
+
+def test_unfused_baseline_matches_the_reference():
+    """The baseline the selection times against is the same op (CPU: MKL GEMM + reference GELU)."""
+    x, weight, bias = _inputs(9, 40, 56, torch.float32, 3)
+    assert_close(linear_gelu.linear_gelu_unfused(x, weight, bias), linear_gelu.linear_gelu_torch(x, weight, bias),
+                 *TOL[torch.float32], what="unfused")
+
+
+def test_rows_buckets():
+    """Few tiers, so a new batch size never re-tunes; the last layer's rows fall in the first."""
+    assert [linear_gelu.rows_bucket(r) for r in (1, 64, 65, 512, 513, 4096)] == [64, 64, 512, 512, 2 ** 30, 2 ** 30]
+
+
+def test_linear_gelu_compiles_for_hopper_and_ampere():
+    """The compiled kernel lowers to cubin with the wheel's ptxas: the largest tile on sm_90
+    uses wgmma and fits its shared memory (227 KB) with 3 stages, and a few-row tile on sm_80."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        pytest.skip(f"this triton has no CUDA backend: {e}")
+    kernel = linear_gelu._linear_gelu_kernel
+    if not isinstance(kernel, triton.runtime.JITFunction):
+        pytest.skip("kernels were decorated in interpreter mode (TRITON_INTERPRET=1 for the whole run)")
+    names = [p.name for p in kernel.params]
+    signature = {p.name: "constexpr" if p.is_constexpr else ("*fp16" if p.name.endswith("_ptr") else "i32")
+                 for p in kernel.params}
+    # What the JIT assumes at a real launch: 16-byte aligned tensors, the model's dims multiples of 16.
+    aligned = {(names.index(n),): [["tt.divisibility", 16]]
+               for n in ("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "N", "K", "x_stride", "w_stride", "out_stride")}
+    for capability, config in ((90, linear_gelu.AUTOTUNE_CONFIGS[0]), (80, linear_gelu.AUTOTUNE_CONFIGS[-2])):
+        constexprs = {k: v for k, v in config.items() if k.isupper()} | {"EVEN_K": True, "IEEE": False}
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=aligned),
+                                  target=GPUTarget("cuda", capability, 32),
+                                  options={"num_warps": config["num_warps"], "num_stages": config["num_stages"],
+                                           "enable_fp_fusion": True})
+        assert compiled.asm["cubin"], f"sm_{capability}: no cubin"
+        if capability == 90:
+            assert "wgmma" in compiled.asm["ptx"], "sm_90: the main loop does not use wgmma"
+            assert compiled.metadata.shared <= 227 * 1024, compiled.metadata.shared
