@@ -1,6 +1,7 @@
-"""The fused up-projection + bias + erf-GELU kernel under the Triton interpreter, against its
-PyTorch reference, fp32 and fp16, odd shapes; every autotuning config once; and (no GPU
-needed) its lowering to cubin for sm_80 and sm_90.
+"""The fused FFN kernels under the Triton interpreter, against their PyTorch references:
+up-projection + bias + erf-GELU (fp32 and fp16, odd shapes, every autotuning config once),
+and add+LayerNorm written straight into a slice of its residual; plus (no GPU needed) the
+up-projection's lowering to cubin for sm_80 and sm_90.
 
 As in test_kernels_interpreter.py, ``TRITON_INTERPRET=1`` must be set before triton is
 imported, so all cases run in one child process and come back through ``torch.save``.
@@ -17,7 +18,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from rerank_kernels import linear_gelu  # noqa: E402  (the reference; the kernel runs in the child)
+from rerank_kernels import layernorm, linear_gelu  # noqa: E402  (references; the kernels run in the child)
 from tensor_checks import assert_close  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +34,7 @@ def _inputs(rows: int, features_in: int, features_out: int, dtype: torch.dtype, 
     return x.to(dtype), weight.to(dtype), bias.to(dtype)
 
 
-CASES: dict[str, tuple] = {}  # name -> (args, kwargs) of linear_gelu_triton
+CASES: dict[str, tuple] = {}  # name -> (args, kwargs) of linear_gelu_triton, or of add_layernorm_triton
 for dtype in (torch.float32, torch.float16):
     name = str(dtype).removeprefix("torch.")
     # (rows, in, out): one row; ragged K (20, 33: the masked main loop) and even K; output
@@ -50,15 +51,29 @@ CASES["float32-strided-rows"] = ((_x[:, 8:56], _w[:, :48].contiguous(), _b), {})
 CASES["empty"] = ((torch.empty(0, 48), torch.ones(40, 48), torch.zeros(40)), {})
 CASES["shapes-do-not-fit"] = ((torch.ones(3, 48), torch.ones(40, 47), torch.zeros(40)), {})
 
+# The model's FFN slice: LayerNorm(down + rows) written over ``rows`` itself, a row slice of
+# the (total, hidden) activation; the rows around it must stay as they were.
+for dtype in (torch.float32, torch.float16):
+    g = torch.Generator().manual_seed(5)
+    buffer = torch.randn(12, 80, generator=g).to(dtype)
+    rows = buffer[2:9]
+    CASES[f"add_layernorm-into-residual-{str(dtype).removeprefix('torch.')}"] = (
+        ((3 * torch.randn(7, 80, generator=g)).to(dtype), rows, (1 + 0.1 * torch.randn(80, generator=g)).to(dtype),
+         (0.1 * torch.randn(80, generator=g)).to(dtype), 1e-5), {"out": rows})
+CASES["add_layernorm-out-wrong-shape"] = (
+    (torch.ones(3, 48), torch.ones(3, 48), torch.ones(48), torch.zeros(48), 1e-5), {"out": torch.empty(3, 40)})
+
 _WORKER = """
 import sys, traceback
 import torch
+from rerank_kernels.layernorm import add_layernorm_triton
 from rerank_kernels.linear_gelu import linear_gelu_triton
 cases = torch.load(sys.argv[1], weights_only=False)
 results = {}
 for name, (args, kwargs) in cases.items():
+    function = add_layernorm_triton if name.startswith("add_layernorm") else linear_gelu_triton
     try:
-        results[name] = linear_gelu_triton(*args, **kwargs)
+        results[name] = (function(*args, **kwargs), args)  # args too: out= writes into one of them
     except Exception as e:
         results[name] = "".join(traceback.format_exception_only(e)).strip()
 torch.save(results, sys.argv[2])
@@ -67,7 +82,8 @@ torch.save(results, sys.argv[2])
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict:
-    """Case name -> the kernel's output (or its error text), all run in one interpreter child."""
+    """Case name -> (the kernel's output, its args after the call) or its error text, all run
+    in one interpreter child."""
     tmp = tmp_path_factory.mktemp("linear_gelu")
     torch.save(CASES, tmp / "cases.pt")
     env = {**os.environ, "TRITON_INTERPRET": "1",
@@ -78,12 +94,12 @@ def interpreted(tmp_path_factory) -> dict:
     return torch.load(tmp / "out.pt", weights_only=False)
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if n != "shapes-do-not-fit"])
+@pytest.mark.parametrize("name", [n for n in CASES if not n.startswith(("shapes", "add_layernorm"))])
 def test_linear_gelu_in_interpreter(name, interpreted):
     (x, weight, bias), _ = CASES[name]
-    out = interpreted[name]
-    if isinstance(out, str):
-        pytest.fail(f"linear_gelu_triton raised in the interpreter: {out}")
+    if isinstance(interpreted[name], str):
+        pytest.fail(f"linear_gelu_triton raised in the interpreter: {interpreted[name]}")
+    out, _ = interpreted[name]
     assert out.dtype == x.dtype and out.is_contiguous()
     assert_close(out, linear_gelu.linear_gelu_torch(x, weight, bias), *TOL[x.dtype], what=name)
 
@@ -91,6 +107,41 @@ def test_linear_gelu_in_interpreter(name, interpreted):
 def test_linear_gelu_rejects_shapes_that_do_not_fit(interpreted):
     out = interpreted["shapes-do-not-fit"]
     assert isinstance(out, str) and "ValueError" in out and "(3, 48)" in out and "(40, 47)" in out, out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_add_layernorm_writes_into_its_residual_slice(dtype, interpreted):
+    name = f"add_layernorm-into-residual-{dtype}"
+    (x, residual, weight, bias, eps), _ = CASES[name]
+    if isinstance(interpreted[name], str):
+        pytest.fail(f"add_layernorm_triton raised in the interpreter: {interpreted[name]}")
+    out, (_, rows_after, *_) = interpreted[name]
+    buffer_before = residual._base
+    # torch.load rebuilds views on the shared storage (without _base): read the whole buffer from it
+    buffer_after = rows_after.new_empty(0).set_(rows_after.untyped_storage(), 0, buffer_before.shape)
+    assert out.data_ptr() == rows_after.data_ptr() and out.stride() == residual.stride(), "not written in place"
+    expected = layernorm.add_layernorm_torch(x, residual, weight, bias, eps)
+    assert_close(buffer_after[2:9], expected, *TOL[x.dtype], what=name)
+    assert torch.equal(buffer_after[:2], buffer_before[:2]) and torch.equal(buffer_after[9:], buffer_before[9:])
+
+
+def test_add_layernorm_out_must_fit(interpreted):
+    out = interpreted["add_layernorm-out-wrong-shape"]
+    assert isinstance(out, str) and "ValueError" in out and "(3, 40)" in out, out
+
+
+@pytest.mark.parametrize("function", [layernorm.add_layernorm_torch, layernorm.add_layernorm_inplace])
+def test_cpu_add_layernorm_out(function):
+    """The CPU ops take the same ``out=`` (the model passes it on every device)."""
+    g = torch.Generator().manual_seed(1)
+    x, buffer = torch.randn(5, 48, generator=g), torch.randn(9, 48, generator=g)
+    weight, bias = torch.randn(48, generator=g), torch.randn(48, generator=g)
+    expected = layernorm.add_layernorm_torch(x, buffer[2:7], weight, bias, 1e-5)
+    before = buffer.clone()
+    out = function(x.clone(), buffer[2:7], weight, bias, 1e-5, out=buffer[2:7])
+    assert out.data_ptr() == buffer[2:7].data_ptr()
+    assert_close(buffer[2:7], expected, *TOL[torch.float32], what=function.__name__)
+    assert torch.equal(buffer[:2], before[:2]) and torch.equal(buffer[7:], before[7:])
 
 
 def test_unfused_baseline_matches_the_reference():
