@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from rerank_kernels import select_ops
+from rerank_kernels.attention import QUERY_TIERS
 from rerank_server.model import CrossEncoder, EncoderConfig, load_cross_encoder
 from rerank_server.tokenization import PairTokenizer
 
@@ -122,7 +123,8 @@ class Engine:
         on_device = self.model(ids, cu_seqlens, max(lengths))
         on_host = torch.empty(on_device.shape, dtype=on_device.dtype, pin_memory=True)
         on_host.copy_(on_device, non_blocking=True)
-        copied = torch.cuda.Event()
+        # blocking: the wait sleeps in the driver instead of spinning a core
+        copied = torch.cuda.Event(blocking=True)
         copied.record()
 
         def wait() -> list[float]:
@@ -134,8 +136,23 @@ class Engine:
         """Token-id lists -> one logit each (``launch`` and wait)."""
         return self.launch(pairs)()
 
+    def warm_up_batches(self) -> list[list[list[int]]]:
+        """The batches ``warm_up`` runs. On CUDA they reach every compiled Triton variant the
+        server can meet: each attention query tier (longest sequence <= 16, <= 64, longer),
+        the first-token-only last layer, and pair counts of 1, odd and a multiple of 16 (the
+        per-batch integers are not specialized, but this proves it at start-up). On the CPU
+        one short and one long forward (allocator, BLAS) are enough."""
+        short = self.tokenizer.encode_pairs("warm-up query", ["warm-up document"])[0]
+
+        def pair(n: int) -> list[int]:  # a pair of n tokens (at most the model's max length)
+            n = max(len(short), min(n, self.max_length))
+            return short[:-1] + [5] * (n - len(short)) + short[-1:]
+        longest = pair(512)
+        if not self.asynchronous:
+            return [[short] * 4, [longest]]
+        return [[short], [pair(QUERY_TIERS[0])] * 16, [pair(QUERY_TIERS[1])] * 3, [longest, short]]
+
     def warm_up(self) -> None:
-        """One short and one long forward, so first requests pay no allocation or compile cost."""
-        short = self.tokenizer.encode_pairs("warm-up query", ["warm-up document"])
-        self.forward(short * 4)
-        self.forward([short[0] + [5] * (min(self.max_length, 512) - len(short[0]))])
+        """Forwards that compile and allocate before the first request (see ``warm_up_batches``)."""
+        for batch in self.warm_up_batches():
+            self.forward(batch)

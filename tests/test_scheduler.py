@@ -152,15 +152,63 @@ def test_two_batches_in_flight_when_work_is_queued():
 
     async def body(s):
         tasks = [asyncio.create_task(s.score([[n] * 10])) for n in range(1, 4)]  # one batch each
-        await wait_for(lambda: device.events[:3] == ["launch 0", "launch 1", "wait 0"])
+        await wait_for(lambda: {"launch 0", "launch 1", "wait 0"} <= set(device.events))
+        await asyncio.sleep(0.05)
         assert "launch 2" not in device.events  # at most two batches launched and uncollected
         device.release(0)
+        await wait_for(lambda: "launch 2" in device.events)  # batch 1 still runs meanwhile
         device.release(1)
-        await wait_for(lambda: "launch 2" in device.events)
         device.release(2)
         return [await t for t in tasks]
     assert run(with_scheduler(device, body, in_flight=2)) == [[10.0], [20.0], [30.0]]
-    assert device.events == ["launch 0", "launch 1", "wait 0", "launch 2", "wait 1", "wait 2"]
+    # launches and waits in launch order; each wait after its own launch
+    assert [e for e in device.events if e.startswith("launch")] == ["launch 0", "launch 1", "launch 2"]
+    assert [e for e in device.events if e.startswith("wait")] == ["wait 0", "wait 1", "wait 2"]
+    assert device.events.index("launch 2") > device.events.index("wait 0")
+
+
+def test_work_arriving_while_a_batch_runs_is_launched_at_once():
+    """The queue is empty at the first launch; a request that arrives while the device runs
+    that batch (its wait is blocking) is launched before the first batch finishes."""
+    device = AsyncDevice()
+
+    async def body(s):
+        first = asyncio.create_task(s.score([[1] * 10]))
+        await wait_for(lambda: device.events == ["launch 0", "wait 0"])  # blocked on the device
+        second = asyncio.create_task(s.score([[2] * 10]))
+        await wait_for(lambda: "launch 1" in device.events)
+        assert not device.released[0].is_set()  # batch 0 is still running
+        device.release(1)
+        device.release(0)
+        return await first, await second
+    assert run(with_scheduler(device, body, in_flight=2)) == ([10.0], [20.0])
+
+
+def test_non_finite_logit_fails_its_request_only():
+    """A NaN or infinite logit fails the request it belongs to with a clear error; the
+    requests batched with it get their scores."""
+    def forward(pairs):
+        return [float("nan") if p[0] == 13 else float("inf") if p[0] == 14 else float(sum(p)) for p in pairs]
+
+    async def body(s):
+        results = await asyncio.gather(s.score([[1], [13]]), s.score([[2, 2]]), s.score([[3], [14]]),
+                                       return_exceptions=True)
+        return results, s.queued_tokens
+    (bad_nan, good, bad_inf), queued = run(with_scheduler(forward, body, max_batch_tokens=100))
+    assert good == [4.0] and queued == 0
+    for bad, value in ((bad_nan, "nan"), (bad_inf, "inf")):
+        assert isinstance(bad, RuntimeError), bad
+        assert f"non-finite score ({value}) for pair 1 of this request's 2" in str(bad)
+
+
+def test_pairs_per_batch_are_capped():
+    forward = RecordingForward()
+
+    async def body(s):
+        s.max_batch_pairs = 3
+        return await s.score([[1]] * 7)
+    assert run(with_scheduler(forward, body, max_batch_tokens=100)) == [1.0] * 7
+    assert [len(b) for b in forward.batches] == [3, 3, 1]
 
 
 def test_one_in_flight_collects_before_launching_the_next():
