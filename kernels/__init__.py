@@ -36,7 +36,7 @@ class Ops:
     # then this set's bias_gelu; on CUDA, rerank_kernels.tuning may pick the fused kernel at load.
     linear_gelu: Callable | None = None
     # What load-time measurements chose, with their timings, by op (shown by /info).
-    choices: dict = field(default_factory=dict)
+    choices: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         if self.linear_gelu is None:
