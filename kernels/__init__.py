@@ -1,6 +1,5 @@
 """The ops the model calls, chosen once per device: PyTorch references on the CPU,
 fused Triton kernels and FlashAttention varlen on CUDA."""
-import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -32,15 +31,18 @@ class Ops:
     bias_gelu: Callable
     varlen_attention: Callable
     attention_backend: str
-    # (x, weight, bias) -> gelu(x @ weight^T + bias), the FFN's up-projection. Default: the GEMM
-    # then this set's bias_gelu; on CUDA, rerank_kernels.tuning may pick the fused kernel at load.
-    linear_gelu: Callable | None = None
+    # The FFN's up-projection where a load-time measurement (rerank_kernels.tuning, CUDA) found
+    # something faster than the GEMM then bias_gelu, e.g. the fused Triton kernel; see linear_gelu.
+    measured_linear_gelu: Callable | None = None
     # What load-time measurements chose, with their timings, by op (shown by /info).
     choices: dict = field(default_factory=dict, compare=False)
 
-    def __post_init__(self):
-        if self.linear_gelu is None:
-            object.__setattr__(self, "linear_gelu", functools.partial(linear_gelu_unfused, bias_gelu=self.bias_gelu))
+    def linear_gelu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x (rows, in), weight (out, in), bias (out,) -> gelu_erf(x @ weight^T + bias) (rows, out):
+        the measured choice, else the GEMM then this set's bias_gelu."""
+        if self.measured_linear_gelu is not None:
+            return self.measured_linear_gelu(x, weight, bias)
+        return linear_gelu_unfused(x, weight, bias, self.bias_gelu)
 
 
 # The CPU path: the references, with the two glue ops writing into their (fresh) input.

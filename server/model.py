@@ -4,7 +4,8 @@ Every pair's tokens are concatenated into one ``(total_tokens, hidden)`` tensor
 described by ``cu_seqlens`` (batch + 1,) int32 and ``max_seqlen``: no padding, so
 no FLOP is spent on it, and every GEMM sees all pairs' tokens in its M dimension.
 The memory-bound glue and attention are called through ``rerank_kernels.Ops`` (PyTorch on
-the CPU, Triton/FlashAttention on CUDA); the GEMMs are ``F.linear``.
+the CPU, Triton/FlashAttention on CUDA); the GEMMs are ``F.linear``, but for the FFN's
+up-projection, ``ops.linear_gelu`` (on CUDA a fused Triton kernel where it measured faster).
 """
 from __future__ import annotations
 
@@ -186,15 +187,14 @@ class CrossEncoder:
         attn = F.linear(attn.reshape(-1, H), p.out_weight, p.out_bias)
         x = ops.add_layernorm(attn, residual, p.attn_norm_weight, p.attn_norm_bias, c.layer_norm_eps)
         # The FFN in row slices: its (rows, intermediate) activation is the forward's largest
-        # tensor; slices of FFN_ROWS keep it bounded while the GEMMs stay large enough.
-        out = torch.empty_like(x)
+        # tensor; slices of FFN_ROWS keep it bounded while the GEMMs stay large enough. Each
+        # slice's LayerNorm is written over the rows it read (no second buffer, no copy).
         for start in range(0, x.shape[0], FFN_ROWS):
             rows = x[start:start + FFN_ROWS]
-            up = ops.bias_gelu(F.linear(rows, p.up_weight), p.up_bias)
+            up = ops.linear_gelu(rows, p.up_weight, p.up_bias)
             down = F.linear(up, p.down_weight, p.down_bias)
-            out[start:start + FFN_ROWS] = ops.add_layernorm(down, rows, p.ffn_norm_weight, p.ffn_norm_bias,
-                                                            c.layer_norm_eps)
-        return out
+            ops.add_layernorm(down, rows, p.ffn_norm_weight, p.ffn_norm_bias, c.layer_norm_eps, out=rows)
+        return x
 
     def named_weights(self):
         """(name, tensor) for every weight, in a stable order."""
