@@ -6,6 +6,7 @@ reading and writing it again. cuBLAS(Lt) has bias+GELU epilogues for the tanh fo
 checkpoint was trained with the erf form, hence our own kernel. Whether it beats cuBLAS plus
 the separate pass depends on the GPU, so ``rerank_kernels.tuning`` times both at load.
 """
+import inspect
 import os
 
 import torch
@@ -135,11 +136,15 @@ def _even_k(args) -> bool:
 
 if HAS_TRITON:
     _linear_gelu_heuristic = triton.heuristics({"EVEN_K": _even_k})(_linear_gelu_kernel)
+    # Tuning results kept in Triton's cache dir (a volume in the image), so a restart does not
+    # benchmark again; where this Triton has that option.
+    _cache = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     _linear_gelu_autotuned = triton.autotune(
         configs=[triton.Config({k: v for k, v in c.items() if k.isupper()},
                                num_stages=c["num_stages"], num_warps=c["num_warps"]) for c in AUTOTUNE_CONFIGS],
         key=["rows_bucket", "N", "K"],  # the autotuner adds every tensor's dtype
         prune_configs_by={"early_config_prune": _prune_for_rows},
+        **_cache,
     )(_linear_gelu_heuristic)
 
 

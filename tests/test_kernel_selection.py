@@ -1,0 +1,177 @@
+"""Load-time kernel selection (rerank_kernels.tuning) on the CPU with a fake timer: which
+path wins per row tier, ties, what is logged and reported, a failing or wrong candidate
+falling back to the baseline. The candidates are CPU functions standing in for the GPU's."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+
+import pytest
+import torch
+
+from rerank_kernels import TORCH_OPS, Ops
+from rerank_kernels import tuning
+from rerank_kernels.linear_gelu import linear_gelu_torch
+
+HIDDEN, INTERMEDIATE = 32, 48
+TIERS = ["rows<=64", "rows<=512", "rows>512"]
+
+
+class FakeGpu:
+    """Candidates that record their calls, and a timer that returns the time configured for
+    the (candidate, rows) it was asked to time (it runs the call once to find out)."""
+
+    def __init__(self, times: dict[tuple[str, int], float], fused_error: Exception | None = None,
+                 fused_offset: float = 0.0, baseline_error: Exception | None = None):
+        self.times, self.fused_error, self.fused_offset = times, fused_error, fused_offset
+        self.baseline_error = baseline_error
+        self.calls: list[tuple[str, int]] = []
+        self.timed: list[tuple[str, int]] = []
+
+    def baseline(self, x, weight, bias):
+        self.calls.append(("baseline", x.shape[0]))
+        if self.baseline_error is not None:
+            raise self.baseline_error
+        return TORCH_OPS.linear_gelu(x, weight, bias)
+
+    def fused(self, x, weight, bias):
+        self.calls.append(("fused", x.shape[0]))
+        if self.fused_error is not None:
+            raise self.fused_error
+        return linear_gelu_torch(x, weight, bias) + self.fused_offset
+
+    def timer(self, fn) -> float:
+        before = len(self.calls)
+        fn()
+        assert len(self.calls) == before + 1, "the timed call must run exactly one candidate"
+        self.timed.append(self.calls[-1])
+        return self.times[self.calls[-1]]
+
+
+def weights():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(INTERMEDIATE, HIDDEN, generator=g) / HIDDEN ** 0.5, torch.randn(INTERMEDIATE, generator=g)
+
+
+def choose(gpu: FakeGpu, max_rows: int = 1024) -> Ops:
+    ops = replace(TORCH_OPS, measured_linear_gelu=gpu.baseline)  # the baseline: ops.linear_gelu
+    return tuning.choose_ffn_up(ops, *weights(), max_rows=max_rows, timer=gpu.timer, fused=gpu.fused)
+
+
+def times(baseline: tuple[float, float, float], fused: tuple[float, float, float], rows=(64, 512, 1024)):
+    return {**{("baseline", r): t for r, t in zip(rows, baseline)}, **{("fused", r): t for r, t in zip(rows, fused)}}
+
+
+def test_fused_wins_every_tier(caplog):
+    gpu = FakeGpu(times(baseline=(0.10, 0.50, 1.00), fused=(0.05, 0.30, 0.70)))
+    with caplog.at_level(logging.INFO, logger="rerank_kernels.tuning"):
+        ops = choose(gpu)
+    assert ops.measured_linear_gelu == gpu.fused  # one op for every tier: no per-call dispatch
+    # each tier timed at its largest row count, baseline first, both candidates
+    assert gpu.timed == [("baseline", 64), ("fused", 64), ("baseline", 512), ("fused", 512),
+                         ("baseline", 1024), ("fused", 1024)]
+    report = ops.choices[tuning.FFN_UP]
+    assert list(report) == TIERS
+    assert report["rows>512"] == {"rows_timed": 1024, "chosen": "triton-fused", "baseline": "cublas+bias_gelu",
+                                  "timings_ms": {"cublas+bias_gelu": 1.0, "triton-fused": 0.7}}
+    assert [report[t]["timings_ms"]["triton-fused"] for t in TIERS] == [0.05, 0.30, 0.70]
+    json.dumps(ops.choices)  # /info serves it as JSON
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 4
+    assert logged[2] == ("FFN up-projection + GELU at 1024 x 32 -> 48: triton-fused chosen "
+                         "(cublas+bias_gelu 1.0000 ms, triton-fused 0.7000 ms)")
+    assert logged[3].startswith("FFN up-projection measured in ")
+    assert logged[3].endswith("s: rows<=64 triton-fused, rows<=512 triton-fused, rows>512 triton-fused")
+
+
+def test_baseline_wins_every_tier_keeps_todays_path():
+    gpu = FakeGpu(times(baseline=(0.10, 0.50, 1.00), fused=(0.20, 0.60, 1.50)))
+    ops = choose(gpu)
+    assert ops.measured_linear_gelu == gpu.baseline
+    assert {t: r["chosen"] for t, r in ops.choices[tuning.FFN_UP].items()} == dict.fromkeys(TIERS, "cublas+bias_gelu")
+
+
+def test_a_tie_keeps_the_baseline():
+    """Within TIE_MARGIN (3%) the measurement is noise: the known path stays."""
+    gpu = FakeGpu(times(baseline=(1.00, 1.00, 1.00), fused=(0.98, 1.00, 0.96)))
+    report = choose(gpu).choices[tuning.FFN_UP]
+    assert [report[t]["chosen"] for t in TIERS] == ["cublas+bias_gelu", "cublas+bias_gelu", "triton-fused"]
+
+
+def test_mixed_choice_dispatches_by_rows():
+    """Baseline for few rows, fused for the full slices: each call goes to its tier's winner."""
+    gpu = FakeGpu(times(baseline=(0.10, 0.50, 1.00), fused=(0.30, 0.40, 0.50)))
+    ops = choose(gpu)
+    assert isinstance(ops.measured_linear_gelu, tuning.ByRows)
+    assert repr(ops.measured_linear_gelu) == ("ByRows(<=64: cublas+bias_gelu, <=512: triton-fused, "
+                                              "more: triton-fused)")
+    weight, bias = weights()
+    gpu.calls.clear()
+    for rows in (1, 64, 65, 512, 513, 4096):
+        out = ops.linear_gelu(torch.randn(rows, HIDDEN), weight, bias)
+        assert out.shape == (rows, INTERMEDIATE)
+    assert gpu.calls == [("baseline", 1), ("baseline", 64), ("fused", 65), ("fused", 512), ("fused", 513),
+                         ("fused", 4096)]
+
+
+def test_failing_candidate_falls_back_with_a_log_line(caplog):
+    gpu = FakeGpu(times(baseline=(0.10, 0.50, 1.00), fused=(0.01, 0.01, 0.01)),
+                  fused_error=RuntimeError("out of resources: shared memory"))
+    with caplog.at_level(logging.INFO, logger="rerank_kernels.tuning"):
+        ops = choose(gpu)
+    assert ops.measured_linear_gelu == gpu.baseline
+    report = ops.choices[tuning.FFN_UP]
+    for tier in TIERS:
+        assert report[tier]["chosen"] == "cublas+bias_gelu"
+        assert report[tier]["failed"] == {"triton-fused": "RuntimeError: out of resources: shared memory"}
+        assert list(report[tier]["timings_ms"]) == ["cublas+bias_gelu"]  # a failed candidate is not timed
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 3
+    assert warnings[0] == ("FFN up-projection + GELU at 64 x 32 -> 48: candidate triton-fused is not used, "
+                           "it failed at load: RuntimeError: out of resources: shared memory")
+
+
+def test_wrong_candidate_falls_back():
+    """A kernel that runs but disagrees with the baseline (a miscompile on an untested GPU)
+    is never chosen, however fast."""
+    gpu = FakeGpu(times(baseline=(0.10, 0.50, 1.00), fused=(0.01, 0.01, 0.01)), fused_offset=0.5)
+    ops = choose(gpu)
+    assert ops.measured_linear_gelu == gpu.baseline
+    failed = ops.choices[tuning.FFN_UP]["rows>512"]["failed"]["triton-fused"]
+    assert failed.startswith("max abs diff 0.5 from the baseline"), failed
+
+
+def test_nan_candidate_falls_back():
+    gpu = FakeGpu(times(baseline=(0.10, 0.50, 1.00), fused=(0.01, 0.01, 0.01)), fused_offset=float("nan"))
+    assert choose(gpu).choices[tuning.FFN_UP]["rows<=64"]["failed"] == {"triton-fused": "non-finite values"}
+
+
+def test_a_failing_baseline_is_an_error():
+    """The baseline is today's path: if it cannot run, loading must fail loudly."""
+    gpu = FakeGpu(times(baseline=(0.10, 0.50, 1.00), fused=(0.05, 0.30, 0.70)),
+                  baseline_error=RuntimeError("CUBLAS_STATUS_ALLOC_FAILED"))
+    with pytest.raises(RuntimeError, match="CUBLAS_STATUS_ALLOC_FAILED"):
+        choose(gpu)
+
+
+def test_small_slices_have_fewer_tiers():
+    """With FFN slices of at most 300 rows there is nothing above 512 to time."""
+    gpu = FakeGpu(times(baseline=(0.10, 0.50), fused=(0.05, 0.30), rows=(64, 300)))
+    ops = choose(gpu, max_rows=300)
+    assert list(ops.choices[tuning.FFN_UP]) == ["rows<=64", "rows>64"]
+    assert ops.choices[tuning.FFN_UP]["rows>64"]["rows_timed"] == 300
+
+
+def test_other_choices_are_kept():
+    gpu = FakeGpu(times(baseline=(0.10, 0.50, 1.00), fused=(0.05, 0.30, 0.70)))
+    ops = replace(TORCH_OPS, measured_linear_gelu=gpu.baseline, choices={"attention": {"chosen": "x"}})
+    ops = tuning.choose_ffn_up(ops, *weights(), max_rows=1024, timer=gpu.timer, fused=gpu.fused)
+    assert list(ops.choices) == ["attention", tuning.FFN_UP]
+
+
+def test_cpu_ops_choose_nothing():
+    """The CPU runs no measurement: its op set reports no choices and computes the reference."""
+    assert TORCH_OPS.choices == {} and TORCH_OPS.measured_linear_gelu is None
+    x, (weight, bias) = torch.randn(5, HIDDEN), weights()
+    assert torch.allclose(TORCH_OPS.linear_gelu(x, weight, bias), linear_gelu_torch(x, weight, bias), atol=1e-6)
