@@ -175,3 +175,21 @@ def test_cpu_ops_choose_nothing():
     assert TORCH_OPS.choices == {} and TORCH_OPS.measured_linear_gelu is None
     x, (weight, bias) = torch.randn(5, HIDDEN), weights()
     assert torch.allclose(TORCH_OPS.linear_gelu(x, weight, bias), linear_gelu_torch(x, weight, bias), atol=1e-6)
+
+
+def test_info_shows_the_choices(tmp_path):
+    """GET /info (RerankService.describe) carries the op set's choices as they are."""
+    from types import SimpleNamespace
+
+    from rerank_server.service import RerankService
+    gpu = FakeGpu(times(baseline=(0.10, 0.50, 1.00), fused=(0.30, 0.40, 0.50)))
+    ops = choose(gpu)
+    service = RerankService(["m"], max_documents=10)
+    model = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float16, ops=ops,
+                            config=SimpleNamespace(num_layers=2, hidden_size=64))
+    service.engine = SimpleNamespace(model=model, max_length=512, model_dir=tmp_path)
+    info = json.loads(json.dumps(service.describe()))
+    assert info["kernel_choices"] == ops.choices
+    assert info["kernel_choices"]["ffn_up_gelu"]["rows<=64"]["chosen"] == "cublas+bias_gelu"
+    assert info["kernel_choices"]["ffn_up_gelu"]["rows>512"]["timings_ms"] == {"cublas+bias_gelu": 1.0,
+                                                                              "triton-fused": 0.5}
