@@ -21,7 +21,8 @@ rounded as the fp16 model would round them, written in half the time) on the sam
 The CPU runs uniform and mixed with 16 documents each; CUDA all four, with 128 documents.
 
 Backends: *ours* (the best attention backend of ``rerank_kernels.available_attention_backends``,
-or ``--attention NAME``; ``--all-attention`` adds ``ours:NAME`` for every other available
+or ``--attention NAME``; ``--all-attention`` adds ``ours:NAME`` for every other available (on CUDA
+but torch-sdpa, the per-sequence reference)
 one, the same weights with other ops) and Hugging Face
 (``XLMRobertaForSequenceClassification``): *hf* with SDPA attention and, where the
 ``flash_attn`` package imports on CUDA, *hf-fa2* with ``flash_attention_2`` (the best HF
@@ -174,7 +175,8 @@ def ours_backends(ours: CrossEncoder, all_attention: bool, device: torch.device,
     backends = [Backend("ours", "ours", ours, ours.ops.attention_backend, nbytes)]
     if all_attention:
         for name in available_attention_backends(device, dtype):
-            if name != ours.ops.attention_backend:
+            # torch-sdpa on CUDA is the reference (one SDPA call and a host sync per sequence)
+            if name != ours.ops.attention_backend and not (device.type == "cuda" and name == "torch-sdpa"):
                 variant = copy.copy(ours)
                 variant.ops = select_ops(device, name, dtype=dtype)
                 backends.append(Backend(f"ours:{name}", "ours", variant, name, nbytes))
@@ -494,7 +496,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention", choices=ATTENTION_BACKENDS,
                    help="our attention backend (default: the best available)")
     p.add_argument("--all-attention", action="store_true",
-                   help="also time ours with every other available attention backend")
+                   help="also time ours with every other available attention backend (on CUDA not "
+                        "torch-sdpa, the per-sequence reference)")
     p.add_argument("--memory-tokens", type=int,
                    help="tokens of the one-batch memory probe of ours (default 65536 on CUDA, 4096 quick; "
                         "0 = off, the CPU's default)")
