@@ -49,12 +49,48 @@ from rerank_kernels._triton import HAS_TRITON, cuda_grid, require_triton, tl, tr
 
 
 @triton.jit
+def _attend_key_block(q, k_base, v_base, k_stride_t, v_stride_t, n0, k_len, qk_scale, acc, m_i, l_i,
+                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
+    """One key block of the online softmax -> the updated (acc, m_i, l_i). MASKED: the block
+    may run past the sequence's keys (the tail); full blocks skip the masks."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    key_rows = cols.to(tl.int64)[:, None]  # token offsets in int64 (see the kernel)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if MASKED:
+        valid = cols < k_len
+        k = tl.load(k_base + key_rows * k_stride_t + offs_d[None, :], mask=valid[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + key_rows * k_stride_t + offs_d[None, :])
+    if IEEE:  # fp32 inputs (tests): no TF32 rounding
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    # qk_scale folds in log2(e): exp2 is the native instruction.
+    s = s * qk_scale
+    if MASKED:
+        s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every block has a valid key
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if MASKED:
+        v = tl.load(v_base + key_rows * v_stride_t + offs_d[None, :], mask=valid[:, None], other=0.0)
+    else:
+        v = tl.load(v_base + key_rows * v_stride_t + offs_d[None, :])
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _varlen_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, o_stride_t, o_stride_h,
     qk_scale,
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, UNMASKED_MAIN: tl.constexpr = False,
 ):
     """FlashAttention forward for one (sequence x head, query block): scores never leave
     registers; the softmax is computed online over key blocks with fp32 statistics."""
@@ -70,7 +106,6 @@ def _varlen_attention_kernel(
     k_len = tl.load(cu_seqlens_k_ptr + seq + 1) - k_start
 
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     # Token offsets in int64: total_tokens * 3 * hidden can pass 2**31.
     q_rows = (q_start + offs_m).to(tl.int64)
@@ -82,28 +117,18 @@ def _varlen_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for n0 in range(0, k_len, BLOCK_N):
-        cols = n0 + offs_n
-        valid = cols < k_len
-        k = tl.load(k_base + cols.to(tl.int64)[:, None] * k_stride_t + offs_d[None, :],
-                    mask=valid[:, None], other=0.0)
-        if IEEE:  # fp32 inputs (tests): no TF32 rounding
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        # qk_scale folds in log2(e): exp2 is the native instruction.
-        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every block has a valid key
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + cols.to(tl.int64)[:, None] * v_stride_t + offs_d[None, :],
-                    mask=valid[:, None], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    if UNMASKED_MAIN:  # full key blocks without masks, then at most one masked tail block
+        full = k_len - k_len % BLOCK_N
+        for n0 in range(0, full, BLOCK_N):
+            acc, m_i, l_i = _attend_key_block(q, k_base, v_base, k_stride_t, v_stride_t, n0, k_len, qk_scale,
+                                              acc, m_i, l_i, BLOCK_N, HEAD_DIM, False, IEEE)
+        if full < k_len:
+            acc, m_i, l_i = _attend_key_block(q, k_base, v_base, k_stride_t, v_stride_t, full, k_len, qk_scale,
+                                              acc, m_i, l_i, BLOCK_N, HEAD_DIM, True, IEEE)
+    else:
+        for n0 in range(0, k_len, BLOCK_N):
+            acc, m_i, l_i = _attend_key_block(q, k_base, v_base, k_stride_t, v_stride_t, n0, k_len, qk_scale,
+                                              acc, m_i, l_i, BLOCK_N, HEAD_DIM, True, IEEE)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no keys: zeros, not NaN
     tl.store(out_ptr + q_rows[:, None] * o_stride_t + head * o_stride_h + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=(offs_m < q_len)[:, None])
@@ -127,21 +152,39 @@ def attention_grid(max_seqlen_q: int, batch: int, heads: int, block_m: int) -> t
     return cuda_grid(batch * heads, -(-max_seqlen_q // block_m))
 
 
-def _varlen_attention_launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale):
+def attention_config(head_dim: int, block_m: int) -> dict:
+    """The default launch configuration of a query tier: key blocks of 64 (32 above head_dim
+    64, for registers), two stages, every key block masked."""
+    return {"BLOCK_N": 64 if head_dim <= 64 else 32, "num_stages": 2, "num_warps": 4 if block_m <= 64 else 8,
+            "UNMASKED_MAIN": False}
+
+
+def attention_config_candidates(head_dim: int, block_m: int) -> dict[str, dict]:
+    """Configurations a load-time measurement (rerank_kernels.tuning) may prefer to the
+    default, by name: wider key blocks, deeper pipelining, the unmasked main loop."""
+    widths = (64, 128) if head_dim <= 64 else (32, 64)
+    warps = 4 if block_m <= 64 else 8
+    found = {}
+    for block_n in widths:
+        for stages in (2, 3):
+            found[f"n{block_n}-s{stages}-unmasked"] = {"BLOCK_N": block_n, "num_stages": stages, "num_warps": warps,
+                                                       "UNMASKED_MAIN": True}
+    return found
+
+
+def _varlen_attention_launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, configs):
     total_q, heads, head_dim = q.shape
     out = torch.empty_like(q)
     batch = cu_seqlens_q.shape[0] - 1
     if total_q == 0 or batch == 0:
         return out
     BLOCK_M = attention_block_m(max_seqlen_q, head_dim)
-    BLOCK_N = 64 if head_dim <= 64 else 32
-    num_warps = 4 if BLOCK_M <= 64 else 8
+    config = (configs or {}).get(BLOCK_M) or attention_config(head_dim, BLOCK_M)
     _varlen_attention_kernel[attention_grid(max_seqlen_q, batch, heads, BLOCK_M)](
         q, k, v, out, cu_seqlens_q, cu_seqlens_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         scale * 1.4426950408889634,  # log2(e)
-        HEADS=heads, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IEEE=q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=2,
+        HEADS=heads, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, IEEE=q.dtype == torch.float32, **config,
     )
     return out
 
@@ -155,19 +198,21 @@ def varlen_attention_triton(
     max_seqlen_q: int,
     max_seqlen_k: int,
     scale: float,
+    configs: dict[int, dict] | None = None,
 ) -> torch.Tensor:
     """Triton FlashAttention-style forward, same contract as ``varlen_attention_torch``:
     q (total_q, heads, head_dim), k/v (total_k, heads, head_dim) (any token/head strides,
     e.g. views into a fused QKV), cu_seqlens_* (batch + 1,) int32 -> (total_q, heads, head_dim).
     head_dim must be a power of two >= 16. ``max_seqlen_k`` is unused (each program reads
-    its own key length) and kept for the common signature."""
+    its own key length) and kept for the common signature. ``configs``: BLOCK_M tier ->
+    launch configuration (see ``attention_config``), as measured at load; default per tier."""
     require_triton()
     head_dim = q.shape[-1]
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"triton varlen attention needs a power-of-two head_dim >= 16, got {head_dim}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return _varlen_attention_launch(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
-                                    max_seqlen_q, scale)
+                                    max_seqlen_q, scale, configs)
 
 
 # ----------------------------------------------------------------------------- dispatch
