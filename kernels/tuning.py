@@ -10,6 +10,7 @@ The choice and every timing are logged and kept in ``Ops.choices`` (shown by ``/
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from rerank_kernels.attention import attention_block_m, attention_config_candidates, varlen_attention_triton
 from rerank_kernels.linear_gelu import ROW_BUCKETS, linear_gelu_triton, tuned_config
 
 log = logging.getLogger(__name__)
@@ -157,3 +159,85 @@ def choose_ffn_up(ops, weight: torch.Tensor, bias: torch.Tensor, *, max_rows: in
     log.info("FFN up-projection measured in %.1fs: %s", time.perf_counter() - started,
              ", ".join(f"{tier} {c}" for tier, c in zip(report, chosen)))
     return dataclasses.replace(ops, measured_linear_gelu=measured, choices={**ops.choices, FFN_UP: report})
+
+
+ATTENTION = "attention"  # the key in Ops.choices
+ATTENTION_BASELINE = "default"
+
+
+def attention_workloads(heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                        tokens: int = 16384) -> dict[int, tuple]:
+    """BLOCK_M tier -> one representative batch of ``varlen_attention`` arguments, ``tokens``
+    keys each (the server's batch budget), ragged lengths: the last layer's first-token
+    queries (tier 16), short pairs of 40-64 tokens (tier 64), pairs of 200-300 tokens (the
+    widest tier: 128, or 64 above head_dim 64, where it replaces the short pairs). Q, K and V
+    are views into one fused tensor, as the model passes them."""
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def lengths(low: int, high: int) -> list[int]:
+        found, total = [], 0
+        while total < tokens:
+            found.append(low + (len(found) * 37) % (high - low + 1))
+            total += found[-1]
+        return found
+
+    def cu(ls: list[int]) -> torch.Tensor:
+        return torch.tensor([0, *torch.tensor(ls).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+    def fused(n: int, parts: int) -> torch.Tensor:
+        return torch.randn(n, parts, heads, head_dim, device=device, dtype=dtype, generator=g)
+
+    scale = head_dim ** -0.5
+    last = lengths(200, 300)
+    kv = fused(sum(last), 2)
+    q = torch.randn(len(last), heads, head_dim, device=device, dtype=dtype, generator=g)
+    workloads = {16: (q, kv[:, 0], kv[:, 1], torch.arange(len(last) + 1, dtype=torch.int32, device=device),
+                      cu(last), 1, max(last), scale)}
+    for low, high in ((40, 64), (200, 300)):
+        ls = lengths(low, high)
+        qkv = fused(sum(ls), 3)
+        workloads[attention_block_m(high, head_dim)] = (qkv[:, 0], qkv[:, 1], qkv[:, 2], cu(ls), cu(ls), high,
+                                                        high, scale)
+    return workloads
+
+
+def choose_attention_configs(ops, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, *,
+                             timer: Timer | None = None, workloads: dict[int, tuple] | None = None,
+                             kernel: Callable | None = None):
+    """-> ``ops`` whose Triton varlen attention uses, per query tier, the fastest correct
+    launch configuration (``attention_config_candidates``) where one beats the default by
+    more than TIE_MARGIN; ``choices[ATTENTION]`` holds the report. Only when the op set's
+    attention backend is the Triton kernel (flash-attn and torch's varlen have their own).
+    ``kernel``: ``varlen_attention_triton`` (or a stand-in taking the same ``configs=``)."""
+    kernel = kernel or varlen_attention_triton
+    if ops.attention_backend != "triton":
+        log.info("attention configurations not measured: the backend is %s", ops.attention_backend)
+        return ops
+    timer, started = timer or cuda_timer, time.perf_counter()
+    workloads = workloads or attention_workloads(heads, head_dim, dtype, device)
+    configs, report = {}, {}
+    for block_m, args in sorted(workloads.items()):
+        candidates = {name: functools.partial(kernel, configs={block_m: config})
+                      for name, config in attention_config_candidates(head_dim, block_m).items()}
+        total_q, total_k = args[0].shape[0], args[1].shape[0]
+        choice = choose(f"Triton attention, query tier {block_m} ({total_q} queries, {total_k} keys, "
+                        f"head_dim {head_dim})", (ATTENTION_BASELINE, kernel), candidates, args,
+                        timer=timer, check=close_to(1e-2, 1e-2))
+        if choice.chosen != ATTENTION_BASELINE:
+            configs[block_m] = attention_config_candidates(head_dim, block_m)[choice.chosen]
+        report[f"block_m={block_m}"] = choice.report()
+    log.info("attention configurations measured in %.1fs: %s", time.perf_counter() - started,
+             ", ".join(f"{tier} {r['chosen']}" for tier, r in report.items()))
+    attention = functools.partial(kernel, configs=configs) if configs else ops.varlen_attention
+    return dataclasses.replace(ops, varlen_attention=attention, choices={**ops.choices, ATTENTION: report})
+
+
+def tune_ops(ops, up_weight: torch.Tensor, up_bias: torch.Tensor, *, heads: int, max_rows: int,
+             timer: Timer | None = None, fused: Callable = linear_gelu_triton, attention_kernel: Callable | None = None):
+    """Every load-time measurement for a model on CUDA: the FFN up-projection (``choose_ffn_up``)
+    and the Triton attention's configurations (``choose_attention_configs``). up_weight
+    (intermediate, hidden), up_bias (intermediate,): one layer's, in the model's dtype.
+    ``fused`` and ``attention_kernel``: the kernels measured (stand-ins in tests)."""
+    ops = choose_ffn_up(ops, up_weight, up_bias, max_rows=max_rows, timer=timer, fused=fused)
+    return choose_attention_configs(ops, heads, up_weight.shape[1] // heads, up_weight.dtype, up_weight.device,
+                                    timer=timer, kernel=attention_kernel)

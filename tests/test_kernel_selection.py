@@ -193,3 +193,122 @@ def test_info_shows_the_choices(tmp_path):
     assert info["kernel_choices"]["ffn_up_gelu"]["rows<=64"]["chosen"] == "cublas+bias_gelu"
     assert info["kernel_choices"]["ffn_up_gelu"]["rows>512"]["timings_ms"] == {"cublas+bias_gelu": 1.0,
                                                                               "triton-fused": 0.5}
+
+
+# ----------------------------------------------------------------------------- attention configurations
+
+from rerank_kernels import attention  # noqa: E402
+
+HEADS, HEAD_DIM = 2, 32
+
+
+class FakeAttention:
+    """The Triton attention stood in by the reference: records which configuration each call
+    used (by candidate name, "default" without one); the timer answers per (tier, name)."""
+
+    def __init__(self, times: dict[tuple[int, str], float], failing: str | None = None):
+        self.times, self.failing = times, failing
+        self.calls: list[tuple[int, str]] = []
+
+    def kernel(self, q, k, v, cu_q, cu_k, max_q, max_k, scale, configs=None):
+        tier = attention.attention_block_m(max_q, q.shape[-1])
+        config = (configs or {}).get(tier)
+        names = {repr(c): n for n, c in attention.attention_config_candidates(q.shape[-1], tier).items()}
+        name = "default" if config is None else names[repr(config)]
+        self.calls.append((tier, name))
+        if name == self.failing:
+            raise RuntimeError("triton.runtime.errors.OutOfResources: out of resource: shared memory")
+        return attention.varlen_attention_torch(q, k, v, cu_q, cu_k, max_q, max_k, scale)
+
+    def timer(self, fn) -> float:
+        fn()
+        return self.times.get(self.calls[-1], 1.0)
+
+
+def small_workloads():
+    return tuning.attention_workloads(HEADS, HEAD_DIM, torch.float32, torch.device("cpu"), tokens=600)
+
+
+def choose_attention(fake: FakeAttention, backend: str = "triton") -> Ops:
+    ops = replace(TORCH_OPS, attention_backend=backend)
+    return tuning.choose_attention_configs(ops, HEADS, HEAD_DIM, torch.float32, torch.device("cpu"),
+                                           timer=fake.timer, workloads=small_workloads(), kernel=fake.kernel)
+
+
+def test_attention_workloads_cover_every_query_tier():
+    workloads = small_workloads()
+    assert sorted(workloads) == [16, 64, 128]
+    for tier, (q, k, v, cu_q, cu_k, max_q, max_k, scale) in workloads.items():
+        assert attention.attention_block_m(max_q, HEAD_DIM) == tier
+        assert int(cu_k[-1]) == k.shape[0] >= 600 and int(cu_q[-1]) == q.shape[0]
+        assert (cu_k[1:] - cu_k[:-1]).max() <= max_k
+    assert workloads[16][5] == 1  # the last layer: one query per sequence
+    # above head_dim 64 long sequences use 64-row query blocks: two tiers
+    assert sorted(tuning.attention_workloads(2, 128, torch.float32, torch.device("cpu"), tokens=300)) == [16, 64]
+
+
+def test_attention_config_wins_only_where_faster(caplog):
+    fake = FakeAttention({(16, "default"): 1.0, (16, "n128-s3-unmasked"): 0.5,  # wins
+                          (64, "default"): 1.0, (64, "n64-s3-unmasked"): 0.98,  # a tie: default stays
+                          (128, "default"): 0.5})  # every candidate slower (1.0)
+    with caplog.at_level(logging.INFO, logger="rerank_kernels.tuning"):
+        ops = choose_attention(fake)
+    report = ops.choices[tuning.ATTENTION]
+    assert {tier: r["chosen"] for tier, r in report.items()} == {
+        "block_m=16": "n128-s3-unmasked", "block_m=64": "default", "block_m=128": "default"}
+    assert set(report["block_m=16"]["timings_ms"]) == {"default", *attention.attention_config_candidates(HEAD_DIM, 16)}
+    # the op set's attention runs the chosen configuration for its tier, the default elsewhere
+    fake.calls.clear()
+    for tier, args in small_workloads().items():
+        ops.varlen_attention(*args)
+    assert fake.calls == [(16, "n128-s3-unmasked"), (64, "default"), (128, "default")]
+    json.dumps(ops.choices)
+    assert any(r.getMessage().startswith("attention configurations measured in ") for r in caplog.records)
+
+
+def test_attention_default_everywhere_keeps_the_op():
+    fake = FakeAttention({(t, "default"): 0.1 for t in (16, 64, 128)})
+    ops = choose_attention(fake)
+    assert ops.varlen_attention is TORCH_OPS.varlen_attention
+    assert all(r["chosen"] == "default" for r in ops.choices[tuning.ATTENTION].values())
+
+
+def test_failing_attention_config_is_left_out(caplog):
+    fake = FakeAttention({(128, "n128-s3-unmasked"): 0.01, (128, "n64-s2-unmasked"): 0.5}, failing="n128-s3-unmasked")
+    with caplog.at_level(logging.WARNING, logger="rerank_kernels.tuning"):
+        ops = choose_attention(fake)
+    tier = ops.choices[tuning.ATTENTION]["block_m=128"]
+    assert tier["chosen"] == "n64-s2-unmasked"  # the fastest that runs
+    assert tier["failed"]["n128-s3-unmasked"].startswith("RuntimeError: triton.runtime.errors.OutOfResources")
+    assert "n128-s3-unmasked" not in tier["timings_ms"]
+    assert any("candidate n128-s3-unmasked is not used" in r.getMessage() for r in caplog.records)
+
+
+def test_attention_not_measured_for_other_backends():
+    fake = FakeAttention({})
+    ops = choose_attention(fake, backend="flash-attn")
+    assert fake.calls == [] and tuning.ATTENTION not in ops.choices
+
+
+def test_tune_ops_measures_both_at_the_model_shapes(monkeypatch):
+    """What Engine.load runs on CUDA: the FFN tiers up to the slice size, then the attention
+    tiers with the head_dim the weights imply (hidden 32 / 2 heads = 16)."""
+    gpu = FakeGpu(times(baseline=(0.10, 0.50, 1.00), fused=(0.05, 0.30, 0.70)))
+    seen_head_dims = []
+    workloads = tuning.attention_workloads
+    monkeypatch.setattr(tuning, "attention_workloads", lambda *args: workloads(*args, tokens=300))
+
+    def timer(fn) -> float:
+        fn()
+        return 1.0
+
+    def kernel(q, *args, configs=None):
+        seen_head_dims.append(q.shape[-1])
+        return attention.varlen_attention_torch(q, *args)
+
+    ops = replace(TORCH_OPS, attention_backend="triton", measured_linear_gelu=gpu.baseline)
+    ops = tuning.tune_ops(ops, *weights(), heads=2, max_rows=1024, timer=timer,
+                          fused=gpu.fused, attention_kernel=kernel)
+    assert list(ops.choices) == [tuning.FFN_UP, tuning.ATTENTION]
+    assert list(ops.choices[tuning.ATTENTION]) == ["block_m=16", "block_m=64", "block_m=128"]
+    assert set(seen_head_dims) == {16}
