@@ -20,7 +20,7 @@ import torch
 
 from rerank_kernels import select_ops
 from rerank_kernels.attention import QUERY_TIERS
-from rerank_kernels.tuning import choose_ffn_up
+from rerank_kernels.tuning import tune_ops
 from rerank_server.model import FFN_ROWS, CrossEncoder, EncoderConfig, load_cross_encoder
 from rerank_server.tokenization import PairTokenizer
 
@@ -89,9 +89,10 @@ class Engine:
         ops = select_ops(dev, attention)
         tokenizer = tokenizer or cls.load_tokenizer(model_dir, max_length)  # checks max_length before the weights
         encoder = load_cross_encoder(model_dir, ops, dev, dtype)
-        if dev.type == "cuda":  # the faster FFN up-projection on this GPU, timed at the model's shapes
+        if dev.type == "cuda":  # the faster kernels on this GPU, timed at the model's shapes
             first = encoder.layers[0]
-            encoder.ops = choose_ffn_up(encoder.ops, first.up_weight, first.up_bias, max_rows=FFN_ROWS)
+            encoder.ops = tune_ops(encoder.ops, first.up_weight, first.up_bias, heads=encoder.config.num_heads,
+                                   max_rows=FFN_ROWS)
         c = encoder.config
         n_params = sum(t.numel() for _, t in encoder.named_weights())
         log.info("loaded %s from %s: %d layers, hidden %d, %.0fM parameters, %s on %s, attention %s, "
