@@ -331,29 +331,39 @@ def test_select_ops_on_a_simulated_cuda_machine(monkeypatch, flash_attn_installe
 TINY_MODEL = dict(hidden_size=64, num_attention_heads=2, num_hidden_layers=2, intermediate_size=128,
                   vocab_size=300, max_position_embeddings=160)
 # Random lengths with two of length 1, spanning the attention's query tiers (<= 16, <= 64, longer).
-MODEL_LENGTHS = [1, 9, 70, 1, 33, 4, 17, 2, 150, 12]
+MODEL_LENGTHS = [1, 9, 70, 1, 33, 4, 17, 2, 90, 12]
 
 _MODEL_WORKER = """
 import sys
+from dataclasses import replace
 from pathlib import Path
 import torch
 from rerank_kernels import triton_ops
+from rerank_kernels.linear_gelu import linear_gelu_triton
 from rerank_server.model import load_cross_encoder
 checkpoint, out = Path(sys.argv[1]), Path(sys.argv[2])
 ids, cu_seqlens, max_seqlen = torch.load(checkpoint / "batch.pt")
+# the CUDA op set as selected at load: the FFN up-projection unfused (GEMM + bias_gelu) or
+# fused (fp32 only: the interpreted fused matmul is slow; its fp16 has its own kernel test)
+fused = replace(triton_ops(), measured_linear_gelu=linear_gelu_triton)
+runs = [("unfused", triton_ops(), torch.float32), ("unfused", triton_ops(), torch.float16),
+        ("fused", fused, torch.float32)]
 results = {}
-for dtype in (torch.float32, torch.float16):
-    model = load_cross_encoder(checkpoint, triton_ops(), torch.device("cpu"), dtype)
-    results[str(dtype)] = model(ids, cu_seqlens, max_seqlen)
+for name, ops, dtype in runs:
+    model = load_cross_encoder(checkpoint, ops, torch.device("cpu"), dtype)
+    results[name, str(dtype)] = model(ids, cu_seqlens, max_seqlen)
 torch.save(results, out)
 """
 
 
 def test_whole_model_with_the_cuda_ops_in_the_interpreter(tmp_path):
     """The full CrossEncoder forward with the CUDA op set (every Triton kernel, interpreted
-    on CPU tensors; the GEMMs are F.linear) against transformers on the same random
-    weights, over random lengths with length 1, and the first-token-only last layer:
-    catches what per-kernel tests miss (strides of the QKV views, offsets, the last layer)."""
+    on CPU tensors; the GEMMs are F.linear but for the FFN's up-projection, run both ways the
+    load-time selection can choose: GEMM + bias_gelu, or the fused linear_gelu kernel), fp32
+    and fp16, against
+    transformers on the same random weights, over random lengths with length 1, and the
+    first-token-only last layer: catches what per-kernel tests miss (strides of the QKV
+    views, offsets, the last layer)."""
     transformers = pytest.importorskip("transformers")
     from rerank_server.checkpoint import write_random_checkpoint
     checkpoint = write_random_checkpoint(tmp_path / "model", "tiny", seed=7, **TINY_MODEL)
@@ -374,10 +384,13 @@ def test_whole_model_with_the_cuda_ops_in_the_interpreter(tmp_path):
             return torch.stack([model(input_ids=s[None]).logits[0, 0].float() for s in seqs])
         want, hf16 = hf_logits(hf), hf_logits(hf.half())
     assert want.std() > 1e-3, "the logits must differ for the comparison to mean anything"
-    assert ours["torch.float32"].dtype == ours["torch.float16"].dtype == torch.float32  # the head runs in fp32
-    assert_close(ours["torch.float32"], want, 1e-4, 1e-4, what="fp32 model (interpreted CUDA ops) vs transformers")
     hf16_err = (hf16 - want).abs().max().item()
-    ours16_err = (ours["torch.float16"] - want).abs().max().item()
+    for ffn in ("unfused", "fused"):
+        assert_close(ours[ffn, "torch.float32"], want, 1e-4, 1e-4,
+                     what=f"fp32 model (interpreted CUDA ops, {ffn} FFN) vs transformers")
+    ours16 = ours["unfused", "torch.float16"]
+    assert ours16.dtype == torch.float32  # the head runs in fp32
+    ours16_err = (ours16 - want).abs().max().item()
     assert ours16_err <= 3 * hf16_err + 1e-3, f"fp16: ours {ours16_err:.3g} > 3 x HF fp16's {hf16_err:.3g} + 1e-3"
 
 

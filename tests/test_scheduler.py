@@ -1,5 +1,6 @@
 """The batcher: token budget, splitting, cross-request batching, cancellation, backpressure."""
 import asyncio
+import math
 import threading
 
 import pytest
@@ -238,3 +239,34 @@ def test_a_batch_failing_on_the_device_fails_its_requests_only():
             await bad
         return await good
     assert run(with_scheduler(device, body, in_flight=2)) == [50.0]
+
+
+def test_service_fails_only_the_request_with_a_non_finite_logit(tiny_checkpoint):
+    """End to end in-process: a word-embedding row set to +inf makes the real model's logit
+    NaN for pairs holding that token. That request gets INTERNAL with a message saying so;
+    a request in the same batch gets finite scores."""
+    import grpc
+    from google.protobuf import struct_pb2
+
+    from rerank_server.engine import Engine
+    from rerank_server.schema import pb
+    from rerank_server.service import ApiError, RerankService
+
+    engine = Engine.load(str(tiny_checkpoint))
+    query, good_doc, bad_doc = "what is machine learning?", "Machine learning is a field.", "Zebras run."
+    good_ids = set(engine.tokenizer.encode_pairs(query, [good_doc])[0])
+    poison = next(t for t in engine.tokenizer.encode_pairs(query, [bad_doc])[0] if t not in good_ids)
+    engine.model.word_embeddings[poison] = float("inf")
+
+    def request(docs):
+        return pb.RerankRequest(model="m", query=query, documents=[struct_pb2.Value(string_value=d) for d in docs])
+
+    async def body(s):
+        service = RerankService(["m"], max_documents=10)
+        service.attach(engine, s)
+        return await asyncio.gather(service.rerank(request([good_doc, bad_doc])), service.rerank(request([good_doc])),
+                                    return_exceptions=True)
+    bad, good = run(with_scheduler(engine.forward, body, max_batch_tokens=1000))
+    assert isinstance(bad, ApiError) and bad.code == grpc.StatusCode.INTERNAL, bad
+    assert "non-finite score (nan) for pair 1 of this request's 2" in bad.message
+    assert [r.index for r in good.results] == [0] and math.isfinite(good.results[0].relevance_score)
