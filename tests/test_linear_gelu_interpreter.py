@@ -48,6 +48,9 @@ for dtype in (torch.float32, torch.float16):
 # Rows read by their stride (a view into a wider buffer), as the model's FFN slices may be.
 _x, _w, _b = _inputs(7, 96, 40, torch.float32, 0)
 CASES["float32-strided-rows"] = ((_x[:, 8:56], _w[:, :48].contiguous(), _b), {})
+# The autotuned launch itself (key, pruning per row tier, heuristics), its timer faked in the child.
+for rows in (5, 200, 700):
+    CASES[f"autotuned-{rows}x64->130"] = (_inputs(rows, 64, 130, torch.float16, rows), {})
 CASES["empty"] = ((torch.empty(0, 48), torch.ones(40, 48), torch.zeros(40)), {})
 CASES["shapes-do-not-fit"] = ((torch.ones(3, 48), torch.ones(40, 47), torch.zeros(40)), {})
 
@@ -66,14 +69,28 @@ CASES["add_layernorm-out-wrong-shape"] = (
 _WORKER = """
 import sys, traceback
 import torch
+import rerank_kernels.linear_gelu as linear_gelu
 from rerank_kernels.layernorm import add_layernorm_triton
 from rerank_kernels.linear_gelu import linear_gelu_triton
 cases = torch.load(sys.argv[1], weights_only=False)
+benched = []
+
+def fake_do_bench(kernel_call, quantiles):  # each config runs once; the first one benched wins
+    kernel_call()
+    benched.append(1)
+    return [float(len(benched))] * 3
+
+linear_gelu._linear_gelu_autotuned._do_bench = fake_do_bench
 results = {}
 for name, (args, kwargs) in cases.items():
     function = add_layernorm_triton if name.startswith("add_layernorm") else linear_gelu_triton
+    autotuned = name.startswith("autotuned")
+    linear_gelu._interpreting = lambda: not autotuned  # autotuned: the launch a GPU takes
+    benched.clear()
     try:
         results[name] = (function(*args, **kwargs), args)  # args too: out= writes into one of them
+        if autotuned:
+            results[name + ":tuning"] = (len(benched), linear_gelu.tuned_config(args[0], args[1]))
     except Exception as e:
         results[name] = "".join(traceback.format_exception_only(e)).strip()
 torch.save(results, sys.argv[2])
@@ -102,6 +119,20 @@ def test_linear_gelu_in_interpreter(name, interpreted):
     out, _ = interpreted[name]
     assert out.dtype == x.dtype and out.is_contiguous()
     assert_close(out, linear_gelu.linear_gelu_torch(x, weight, bias), *TOL[x.dtype], what=name)
+
+
+@pytest.mark.parametrize("rows,block_m_range", [(5, (16, 64)), (200, (32, 128)), (700, (64, 256))])
+def test_autotuning_benches_the_tiles_of_the_row_tier(rows, block_m_range, interpreted):
+    """Each row tier benchmarks only the tiles sized for it (the pruning), and the autotuner's
+    pick is what the load-time report shows."""
+    name = f"autotuned-{rows}x64->130"
+    assert not isinstance(interpreted[name], str), interpreted[name]
+    benched, config = interpreted[name + ":tuning"]
+    tiles = [c for c in linear_gelu.AUTOTUNE_CONFIGS if block_m_range[0] <= c["BLOCK_M"] <= block_m_range[1]]
+    assert benched == len(tiles) >= 3, (benched, len(tiles))
+    first = tiles[0]  # the fake timer makes the first benched config the fastest
+    assert config.startswith(f"BLOCK_M: {first['BLOCK_M']}, BLOCK_N: {first['BLOCK_N']}, "
+                             f"BLOCK_K: {first['BLOCK_K']}, GROUP_M: 8"), config
 
 
 def test_linear_gelu_rejects_shapes_that_do_not_fit(interpreted):
