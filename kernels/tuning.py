@@ -122,7 +122,7 @@ FFN_FUSED = "triton-fused"
 
 
 def tier_names(limits: tuple[int, ...] = ROW_BUCKETS) -> list[str]:
-    return [f"rows<={limit}" for limit in limits] + [f"rows>{limits[-1]}"]
+    return [f"rows<={limit}" for limit in limits] + [f"rows>{limits[-1]}" if limits else "all rows"]
 
 
 def choose_ffn_up(ops, weight: torch.Tensor, bias: torch.Tensor, *, max_rows: int, timer: Timer | None = None,

@@ -163,6 +163,12 @@ def test_small_slices_have_fewer_tiers():
     assert ops.choices[tuning.FFN_UP]["rows>64"]["rows_timed"] == 300
 
 
+def test_slices_below_the_first_tier_are_one_tier():
+    gpu = FakeGpu({("baseline", 40): 1.0, ("fused", 40): 0.5})
+    ops = choose(gpu, max_rows=40)
+    assert list(ops.choices[tuning.FFN_UP]) == ["all rows"] and ops.measured_linear_gelu == gpu.fused
+
+
 def test_other_choices_are_kept():
     gpu = FakeGpu(times(baseline=(0.10, 0.50, 1.00), fused=(0.05, 0.30, 0.70)))
     ops = replace(TORCH_OPS, measured_linear_gelu=gpu.baseline, choices={"attention": {"chosen": "x"}})
