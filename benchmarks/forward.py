@@ -77,6 +77,7 @@ from benchmarks.workloads import (
 )
 from rerank_kernels import ATTENTION_BACKENDS, Ops, available_attention_backends, select_ops
 from rerank_server.checkpoint import write_random_checkpoint
+from rerank_server.engine import tune_for_device
 from rerank_server.model import CrossEncoder, EncoderConfig, load_cross_encoder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -179,6 +180,7 @@ def ours_backends(ours: CrossEncoder, all_attention: bool, device: torch.device,
             if name != ours.ops.attention_backend and not (device.type == "cuda" and name == "torch-sdpa"):
                 variant = copy.copy(ours)
                 variant.ops = select_ops(device, name, dtype=dtype)
+                tune_for_device(variant)  # as the server would load it with --attention NAME
                 backends.append(Backend(f"ours:{name}", "ours", variant, name, nbytes))
     return backends
 
@@ -548,8 +550,10 @@ def verdict(ok: bool) -> str:
 
 
 def load_ours(checkpoint: Path, ops: Ops, device: torch.device, dtype: torch.dtype) -> CrossEncoder:
+    """Our model as the server loads it: on CUDA with the kernels the load-time measurement picks."""
     t0 = time.perf_counter()
     ours = load_cross_encoder(checkpoint, ops, device, dtype)
+    tune_for_device(ours)
     sync(device)
     print(f"loaded ours in {time.perf_counter() - t0:.1f} s (attention: {ours.ops.attention_backend}; available: "
           f"{', '.join(available_attention_backends(device, dtype))})", flush=True)
@@ -590,7 +594,9 @@ def write_record(args: argparse.Namespace, device: torch.device, describe: str, 
                      "latency_docs": args.latency_docs, "latency_repeats": args.latency_repeats,
                      "memory_tokens": args.memory_tokens, "all_attention": args.all_attention,
                      "hf_attn_requested": args.hf_attn},
-        "backends": {b.name: {"kind": b.kind, "attention": b.attention, "weight_bytes": b.weight_bytes}
+        "backends": {b.name: {"kind": b.kind, "attention": b.attention, "weight_bytes": b.weight_bytes,
+                              # what the load-time measurement chose for ours, with its timings (CUDA)
+                              **({"kernel_choices": b.model.ops.choices} if b.kind == "ours" else {})}
                      for b in backends},
         "hf_notes": hf_notes,
         "flops_definition": "useful = 2*matmul_params*real_tokens + 4*layers*hidden*sum(len^2) (full model; "
@@ -598,7 +604,7 @@ def write_record(args: argparse.Namespace, device: torch.device, describe: str, 
         **parts,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out.write_text(json.dumps(record, indent=2, default=str) + "\n")  # default: nothing unexpected stops the record
     print(f"wrote {out} (total {record['wall_s']:.0f} s)")
 
 

@@ -57,6 +57,16 @@ def resolve_model_dir(model: str) -> Path:
         raise ModelNotFoundError(f"--model {model!r} is neither a directory nor a valid hub id: {e}") from None
 
 
+def tune_for_device(model: CrossEncoder) -> None:
+    """On CUDA, gives ``model`` the faster kernels measured on this GPU at its shapes
+    (rerank_kernels.tuning: the FFN up-projection, the Triton attention's configurations);
+    the CPU keeps its ops. The forward benchmark calls this too, to time what the server runs."""
+    if model.device.type == "cuda":
+        first = model.layers[0]
+        model.ops = tune_ops(model.ops, first.up_weight, first.up_bias, heads=model.config.num_heads,
+                             max_rows=FFN_ROWS)
+
+
 @dataclass
 class Engine:
     model: CrossEncoder
@@ -89,10 +99,7 @@ class Engine:
         ops = select_ops(dev, attention)
         tokenizer = tokenizer or cls.load_tokenizer(model_dir, max_length)  # checks max_length before the weights
         encoder = load_cross_encoder(model_dir, ops, dev, dtype)
-        if dev.type == "cuda":  # the faster kernels on this GPU, timed at the model's shapes
-            first = encoder.layers[0]
-            encoder.ops = tune_ops(encoder.ops, first.up_weight, first.up_bias, heads=encoder.config.num_heads,
-                                   max_rows=FFN_ROWS)
+        tune_for_device(encoder)
         c = encoder.config
         n_params = sum(t.numel() for _, t in encoder.named_weights())
         log.info("loaded %s from %s: %d layers, hidden %d, %.0fM parameters, %s on %s, attention %s, "
