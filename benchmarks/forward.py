@@ -604,7 +604,8 @@ def write_record(args: argparse.Namespace, device: torch.device, describe: str, 
         **parts,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2, default=str) + "\n")  # default: nothing unexpected stops the record
+    # default=str: a value JSON lacks is written as text, so the run is not lost
+    out.write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(f"wrote {out} (total {record['wall_s']:.0f} s)")
 
 
