@@ -31,7 +31,7 @@ def linear_gelu_unfused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 # ----------------------------------------------------------------------------- Triton
 
-from rerank_kernels._triton import HAS_TRITON, require_triton, tl, triton  # noqa: E402
+from rerank_kernels._triton import HAS_TRITON, cuda_grid, require_triton, tl, triton  # noqa: E402
 
 ROW_BUCKETS = (64, 512)  # autotuning tiers by row count: <= 64, <= 512, more (see rows_bucket)
 
@@ -161,7 +161,7 @@ def _linear_gelu_launch(x, weight, bias, config):
     args = (x, weight, bias, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0), rows_bucket(M))
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return cuda_grid(triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]))
 
     ieee = x.dtype == torch.float32
     if config is None and not _interpreting():
