@@ -5,6 +5,8 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from rerank_server.scheduler import MAX_BATCH_PAIRS
+
 
 GPU_BATCH_TOKENS = 16384  # enough rows to fill an H100's GEMMs; larger adds memory, not speed
 CPU_BATCH_TOKENS = 4096  # a CPU's GEMMs are at full rate well below this
@@ -122,7 +124,9 @@ def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> Config:
         help="force an attention backend (flash-attn, torch-varlen, triton, torch-sdpa) (default: the best available)")
     add("--max-batch-tokens", type=int, default=_env_number("max-batch-tokens", None),
         help=f"real tokens per forward batch, at least --max-length (default: {GPU_BATCH_TOKENS} on a GPU, "
-             f"{CPU_BATCH_TOKENS} on the CPU, where larger batches are no faster and only add latency)")
+             f"{CPU_BATCH_TOKENS} on the CPU, where larger batches are no faster and only add latency); a batch "
+             f"also holds at most {MAX_BATCH_PAIRS:,} pairs (the CUDA grid limit FlashAttention's kernels put the "
+             f"batch on)")
     add("--max-queued-tokens", type=int, default=_env_number("max-queued-tokens", 2_000_000),
         help="tokens waiting for the model beyond which new requests get 429 / RESOURCE_EXHAUSTED")
     add("--no-batching", action="store_true", default=_env_flag("no-batching"),

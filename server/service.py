@@ -151,6 +151,7 @@ class RerankService:
             model = self.engine.model
             info.update(device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
                         attention_backend=model.ops.attention_backend, max_length=self.engine.max_length,
+                        kernel_choices=model.ops.choices,  # load-time measurements (CUDA), with timings
                         model_dir=str(self.engine.model_dir), layers=model.config.num_layers,
                         hidden_size=model.config.hidden_size)
         if self.scheduler:
