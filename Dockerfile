@@ -60,20 +60,24 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-dev gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 # A fixed numeric uid/gid so Kubernetes' runAsNonRoot can verify it; /models is the model cache.
+# /var/cache/rerank/triton is Triton's compiled-kernel cache (a volume, below).
 RUN groupadd --system --gid 10001 rerank \
  && useradd --system --uid 10001 --gid rerank --home-dir /home/rerank --create-home --shell /usr/sbin/nologin rerank \
- && mkdir -p /models \
- && chown rerank:rerank /models
+ && mkdir -p /models /var/cache/rerank/triton \
+ && chown rerank:rerank /models /var/cache/rerank /var/cache/rerank/triton
 COPY --from=build /opt/venv /opt/venv
-# TRITON_HOME and CUDA_CACHE_PATH under /tmp: the kernel caches stay writable when the root
-# filesystem is read-only (the Kubernetes manifests mount an emptyDir there).
+# TRITON_CACHE_DIR on a volume: the kernels compiled at warm-up (~1 s each) survive restarts,
+# so a restarted server warms up from the cache. TRITON_HOME (Triton's other scratch) and
+# CUDA_CACHE_PATH under /tmp stay writable when the root filesystem is read-only (the
+# Kubernetes manifests mount an emptyDir there).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/models \
     TRITON_HOME=/tmp \
+    TRITON_CACHE_DIR=/var/cache/rerank/triton \
     CUDA_CACHE_PATH=/tmp/.nv/ComputeCache
-VOLUME ["/models"]
+VOLUME ["/models", "/var/cache/rerank"]
 WORKDIR /home/rerank
 USER 10001:10001
 EXPOSE 8000 50051

@@ -1,52 +1,58 @@
 #!/usr/bin/env bash
-# The prepared GPU check: the CUDA tests, then the forward benchmark on the full-size random
-# model (issue 3); with STEPS=load, the serving load benchmark instead (issue 4). Device time
-# is scarce (about 15 minutes per task, the machine's start included): each call is sized to
-# finish in about 8 minutes on an H100 (each step has its own timeout), from the repository root:
+# The prepared GPU check, one device call of under 8 minutes: install the project, the CUDA
+# tests, then the forward benchmark on the full-size random model; with STEPS=load, the
+# serving load benchmark instead (a second call, if device time is left). From the repository
+# root, through the device tool:
 #
-#     bash benchmarks/gpu_check.sh               # STEPS="tests forward"
-#     STEPS=load bash benchmarks/gpu_check.sh    # a second call, if device time is left
+#     run(command="BENCH_COMMIT=<git rev-parse HEAD here> bash benchmarks/gpu_check.sh",
+#         carry=[".whl"], timeout_s=540)
 #
-# through the device tool: run(command="BENCH_COMMIT=<git rev-parse HEAD here> bash benchmarks/gpu_check.sh",
-# timeout_s=600) (the copied tree there has no .git: BENCH_COMMIT names the commit in the results),
-# plus carry=[".whl"] when wheels are carried (below). With $OUT set (the tool sets it),
-# everything printed is also written to $OUT/log, and $OUT receives the benchmark's
-# results JSON (also under benchmarks/results/, which does not come back by itself) and
-# pytest's JUnit XML.
+# (the copied tree there has no .git: BENCH_COMMIT names the commit in the results). Each step
+# has its own timeout (install 90 s, tests 170 s, forward benchmark 200 s: at most ~7.8 min
+# with the machine listing), and a step that fails or times out does not stop the next one.
+# With $OUT set (the tool sets it), everything printed is also written to $OUT/log, and $OUT
+# receives the benchmark's results JSON (also under benchmarks/results/, which does not come
+# back by itself) and pytest's JUnit XML.
 #
-# STEPS=load serves over gRPC and REST: the image lacks some of the server's packages. Carry
-# them as wheels (about 11 MB), downloaded here into .whl/:
+# The project is installed there (editable, no build isolation, nothing fetched): the package
+# build (scikit-build-core -> CMake -> grpcio-tools' protoc) generates the gRPC stubs. The
+# device image (see /work/.library/device/KINDS.md) has torch 2.11, triton, transformers,
+# safetensors, tokenizers, numpy, psutil, pytest, aiohttp, prometheus-client, cmake, ninja,
+# but lacks grpcio-tools, grpcio-health-checking, grpcio-reflection and
+# googleapis-common-protos, and its grpcio, protobuf and scikit-build-core are not the
+# versions pyproject.toml pins (the stubs grpcio-tools 1.85 writes refuse an older grpcio or
+# protobuf at import). Carry all seven as wheels (about 11 MB), downloaded here into .whl/
+# (/.whl/ is in .gitignore):
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl grpcio==1.85.3 \
-#         grpcio-tools==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 \
-#         googleapis-common-protos==1.76.0 protobuf==7.36.2
-# and pass carry=[".whl"]; the stubs are then built there by CMake (nothing is fetched).
+#         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#         -d .whl grpcio==1.85.3 grpcio-tools==1.85.1 grpcio-health-checking==1.85.1 \
+#         grpcio-reflection==1.85.1 googleapis-common-protos==1.76.0 protobuf==7.36.2 scikit-build-core==1.1.2
+# They are installed with --no-deps into /tmp/site, first on PYTHONPATH. The image has no
+# flash-attn: a wheel of it built for the image's torch (2.11, CUDA 13, Python 3.12) carried in
+# .whl/ too adds our "flash-attn" attention backend and HF's flash_attention_2 to the benchmark
+# (a wheel that does not import is harmless: the benchmark says why and runs without it).
 #
-# Installs nothing, except wheels carried in .whl/ if there are any: the machine's image
-# has torch, triton, transformers, safetensors, psutil, numpy and pytest, but not
-# flash-attn. A flash-attn wheel built for the image's torch (2.11, CUDA 13, Python 3.12)
-# adds our "flash-attn" attention backend and HF's flash_attention_2 to the benchmark. To
-# carry one: here, in the repository root (/.whl/ is already in .gitignore),
-#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#         --implementation cp --platform manylinux_2_28_x86_64 -d .whl NAME==VERSION
-# (see /work/.library/device/README.md), and pass carry=[".whl"]. A wheel that does not
-# import is harmless: the benchmark says why and runs without it.
-#
-# Environment: STEPS (default "tests forward"; any of tests, forward, load), PYTHON (default
-# python3), PYTEST_TIMEOUT (180 s), BENCH_TIMEOUT (270 s), BENCH_ARGS (extra arguments of
-# benchmarks.forward; default --all-attention), LOAD_TIMEOUT (420 s), LOAD_ARGS (extra arguments
-# of benchmarks.load; default --duration 10), BENCH_DEVICE (cuda; a dry run of this script on
-# a CPU machine: BENCH_DEVICE=cpu BENCH_ARGS=--quick LOAD_ARGS=--quick).
+# Environment: STEPS (default "install tests forward"; any of install, tests, forward, load),
+# PYTHON (default python3), INSTALL_TIMEOUT (90 s), PYTEST_TIMEOUT (170 s), BENCH_TIMEOUT
+# (200 s), BENCH_ARGS (extra arguments of benchmarks.forward; default --all-attention
+# --latency-repeats 10), LOAD_TIMEOUT (420 s), LOAD_ARGS (extra arguments of benchmarks.load;
+# default --duration 10), BENCH_DEVICE (cuda). A dry run of this script on a CPU machine, from
+# a virtual environment that has scikit-build-core (and no carried wheels, which are for the
+# device's Python 3.12):
+#     WHEELS=none PYTHON=.venv/bin/python BENCH_DEVICE=cpu BENCH_ARGS=--quick LOAD_ARGS=--quick \
+#         bash benchmarks/gpu_check.sh
 # Exit status: 0 when every step passed, else the last failing step's status.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-180}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-270}
-BENCH_ARGS=${BENCH_ARGS:---all-attention}
+INSTALL_TIMEOUT=${INSTALL_TIMEOUT:-90}
+PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-170}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}
+BENCH_ARGS=${BENCH_ARGS:---all-attention --latency-repeats 10}
 BENCH_DEVICE=${BENCH_DEVICE:-cuda}
-STEPS=${STEPS:-tests forward}
+STEPS=${STEPS:-install tests forward}
+WHEELS=${WHEELS:-.whl}
 LOAD_TIMEOUT=${LOAD_TIMEOUT:-420}
 LOAD_ARGS=${LOAD_ARGS:---duration 10}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -71,11 +77,21 @@ step() {
     fi
 }
 
-if compgen -G ".whl/*.whl" > /dev/null; then
-    say "installing the carried wheels: $(ls .whl)"
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+wants() { [[ " $STEPS " == *" $1 "* ]]; }
+
+if [ "$WHEELS" != none ] && compgen -G "$WHEELS/*.whl" > /dev/null; then
+    say "installing the carried wheels: $(ls "$WHEELS")"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
         2>&1 | tee -a "$LOG" && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} \
         || { status=1; say "wheel install FAILED: going on without them"; }
+fi
+
+if wants install; then
+    # The package build runs protoc into rerank_server._proto; editable, so the tests and the
+    # benchmarks run this tree's code.
+    step "install the project" "$INSTALL_TIMEOUT" "$PY" -m pip install -q --no-deps --no-build-isolation \
+        --no-index --no-cache-dir -e .
+    step "stubs import" 30 "$PY" -c "import rerank_server._proto.rerank_pb2_grpc as g; print('stubs:', g.__file__)"
 fi
 
 say "machine"
@@ -88,7 +104,8 @@ print(f"python {sys.version.split()[0]} ({sys.executable}); torch {torch.__versi
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"GPU: {p.name}, capability {p.major}.{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB")
-for name in ("triton", "transformers", "flash_attn", "safetensors", "psutil", "numpy", "pytest"):
+for name in ("triton", "transformers", "flash_attn", "safetensors", "tokenizers", "psutil", "numpy", "pytest",
+             "grpc", "google.protobuf", "scikit_build_core"):
     try:
         print(f"{name} {importlib.import_module(name).__version__}")
     except Exception as e:
@@ -102,8 +119,6 @@ for name in ATTENTION_BACKENDS:
     if reason:
         print(f"  {name}: unavailable: {reason}")
 EOF
-
-wants() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # copy_result PATTERN: the results file the last step wrote (from its "wrote ..." line) into $OUT
 copy_result() {
@@ -128,12 +143,7 @@ if wants forward; then
 fi
 
 if wants load; then
-    # The server needs its gRPC stubs (server/gen, not in git): built here through CMake when
-    # missing, with grpcio-tools from the carried wheels (see the header).
-    if [ ! -f server/gen/rerank/v1/rerank_pb2.py ]; then
-        step "gRPC stubs" 120 bash -c "cmake -S . -B /tmp/rerank-build -DPython3_EXECUTABLE=$(command -v "$PY") > /dev/null \
-            && cmake --build /tmp/rerank-build --target proto"
-    fi
+    # The server needs the gRPC stubs: STEPS="install load" when this is a fresh machine.
     # The full-size model in fp16 on the GPU; on a CPU dry run, the load benchmark's own default.
     load_model=()
     if [ "$BENCH_DEVICE" = cuda ]; then

@@ -1,7 +1,8 @@
-"""Renders the results files under benchmarks/results/ as the README's results section.
+"""Renders the results files under benchmarks/results/: the tables of benchmarks/README.md
+and the short summary in the top-level README.md.
 
-    python -m benchmarks.report            # print the markdown
-    python -m benchmarks.report --readme   # rewrite README.md between the results markers
+    python -m benchmarks.report            # print the tables
+    python -m benchmarks.report --readme   # rewrite both READMEs between their markers
 
 Every figure comes from a file a benchmark wrote; each table names its file, device, date and
 commit.
@@ -15,6 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start (python -m benchmarks.report --readme) -->", "<!-- results:end -->"
+SUMMARY_START, SUMMARY_END = "<!-- summary:start (python -m benchmarks.report --readme) -->", "<!-- summary:end -->"
 
 
 def provenance(path: Path, d: dict) -> str:
@@ -91,11 +93,35 @@ def load_section(path: Path, d: dict) -> str:
     return "\n".join(lines)
 
 
+def results_files() -> list[tuple[Path, dict]]:
+    """(path, contents), the forward benchmark first, then the runs in the order they were made."""
+    files = [(path, json.loads(path.read_text())) for path in RESULTS.glob("*.json")]
+    return sorted(files, key=lambda f: (f[1].get("benchmark") != "forward", f[1].get("timestamp", ""), f[0].name))
+
+
+def summary() -> str:
+    """One line per results file: its headline figures, with device, date and commit."""
+    lines = []
+    for path, d in results_files():
+        if d.get("quick"):
+            continue
+        if d.get("benchmark") == "forward":
+            figures = [f"{name} {w['ours']['tokens_per_s']:,.0f} tokens/s = {w['ratio_ours_over_hf']:.2f}x Hugging Face"
+                       for name, w in d["workloads"].items() if w.get("hf") and w["ours"].get("tokens_per_s")]
+            lines.append(f"- Forward, {d['dtype']}, full-size random weights: {'; '.join(figures)} "
+                         f"({provenance(path, d)})")
+        elif d.get("benchmark") == "load":
+            top = [r for r in d["runs"] if r.get("fraction_of_raw_forward") and r["mode"].startswith("64") and r["batching"]]
+            figures = [f"{r['transport']} {r['fraction_of_raw_forward']:.0%}" for r in top]
+            lines.append(f"- Serving `{d['model']['checkpoint']}` at 64 clients, share of the raw forward: "
+                         f"{', '.join(figures)} ({provenance(path, d)})")
+    return "\n".join(lines) or "No results yet."
+
+
 def render() -> str:
     sections = []
-    files = [(path, json.loads(path.read_text())) for path in RESULTS.glob("*.json")]
-    # the forward benchmark first, then the runs in the order they were made
-    for path, d in sorted(files, key=lambda f: (f[1].get("benchmark") != "forward", f[1].get("timestamp", ""), f[0].name)):
+    files = results_files()
+    for path, d in files:
         if d.get("quick"):
             continue
         if d.get("benchmark") == "forward":
@@ -113,14 +139,18 @@ def main() -> None:
     if not args.readme:
         print(text)
         return
-    readme = ROOT / "README.md"
+    replace_between(ROOT / "benchmarks" / "README.md", START, END, text)
+    replace_between(ROOT / "README.md", SUMMARY_START, SUMMARY_END, summary())
+    print("benchmarks/README.md tables and README.md summary rewritten")
+
+
+def replace_between(readme: Path, start: str, end: str, text: str) -> None:
     body = readme.read_text()
-    if START not in body:
-        raise SystemExit(f"README.md has no '{START}' marker")
-    head, rest = body.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
-    print("README.md results section rewritten")
+    if start not in body:
+        raise SystemExit(f"{readme.relative_to(ROOT)} has no '{start}' marker")
+    head, rest = body.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The ops the model calls, chosen once per device: PyTorch references on the CPU,
 fused Triton kernels and FlashAttention varlen on CUDA."""
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -12,12 +12,14 @@ from rerank_kernels.attention import (
     available_attention_backends,
     select_attention,
     varlen_attention_torch,
+    varlen_attention_triton,
 )
 from rerank_kernels.embeddings import embed_layernorm_torch, embed_layernorm_triton
 from rerank_kernels.gelu import bias_gelu_inplace, bias_gelu_torch, bias_gelu_triton
 from rerank_kernels.layernorm import add_layernorm_inplace, add_layernorm_torch, add_layernorm_triton
+from rerank_kernels.linear_gelu import linear_gelu_unfused
 
-__all__ = ["ATTENTION_BACKENDS", "Ops", "TORCH_OPS", "available_attention_backends", "select_ops"]
+__all__ = ["ATTENTION_BACKENDS", "Ops", "TORCH_OPS", "available_attention_backends", "select_ops", "triton_ops"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,18 @@ class Ops:
     bias_gelu: Callable
     varlen_attention: Callable
     attention_backend: str
+    # The FFN's up-projection where a load-time measurement (rerank_kernels.tuning, CUDA) found
+    # something faster than the GEMM then bias_gelu, e.g. the fused Triton kernel; see linear_gelu.
+    measured_linear_gelu: Callable | None = None
+    # What load-time measurements chose, with their timings, by op (shown by /info).
+    choices: dict = field(default_factory=dict, compare=False)
+
+    def linear_gelu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x (rows, in), weight (out, in), bias (out,) -> gelu_erf(x @ weight^T + bias) (rows, out):
+        the measured choice, else the GEMM then this set's bias_gelu."""
+        if self.measured_linear_gelu is not None:
+            return self.measured_linear_gelu(x, weight, bias)
+        return linear_gelu_unfused(x, weight, bias, self.bias_gelu)
 
 
 # The CPU path: the references, with the two glue ops writing into their (fresh) input.
@@ -39,6 +53,12 @@ TORCH_OPS = Ops(
     varlen_attention=varlen_attention_torch,
     attention_backend="torch-sdpa",
 )
+
+
+def triton_ops(attention: Callable = varlen_attention_triton, attention_backend: str = "triton") -> Ops:
+    """The CUDA op set: the Triton glue kernels with ``attention`` (default: the Triton kernel;
+    under TRITON_INTERPRET=1 every op of it runs on CPU tensors, as the whole-model test does)."""
+    return Ops(embed_layernorm_triton, add_layernorm_triton, bias_gelu_triton, attention, attention_backend)
 
 
 def select_ops(device: torch.device | str, attention: str | None = None, *, dtype: torch.dtype | None = None) -> Ops:
@@ -54,4 +74,4 @@ def select_ops(device: torch.device | str, attention: str | None = None, *, dtyp
     if not HAS_TRITON:
         log.warning("triton is not installed: CUDA runs the PyTorch reference LayerNorm/GELU/embedding ops")
         return Ops(embed_layernorm_torch, add_layernorm_torch, bias_gelu_torch, attn, name)
-    return Ops(embed_layernorm_triton, add_layernorm_triton, bias_gelu_triton, attn, name)
+    return triton_ops(attn, name)

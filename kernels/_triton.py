@@ -25,3 +25,17 @@ def require_triton() -> None:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+# CUDA's launch limits on grid dimensions x, y, z (x up to 2**31 - 1, y and z up to 65,535).
+CUDA_GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
+
+
+def cuda_grid(*dims: int) -> tuple[int, ...]:
+    """A launch grid, checked against ``CUDA_GRID_LIMITS``: a batch too large for it fails
+    here with a clear message rather than with a CUDA launch error."""
+    for axis, (n, limit) in enumerate(zip(dims, CUDA_GRID_LIMITS)):
+        if not 1 <= n <= limit:
+            raise ValueError(f"grid dimension {'xyz'[axis]} = {n} is outside CUDA's 1..{limit} "
+                             f"(grid {dims}): split the batch")
+    return tuple(dims)

@@ -5,6 +5,8 @@ each sequence's first token (``cu_seqlens_q = arange(batch + 1)``, ``max_seqlen_
 against all of its keys.
 """
 import functools
+import inspect
+import math
 from typing import Callable
 
 import torch
@@ -43,7 +45,43 @@ def varlen_attention_torch(
 
 # ----------------------------------------------------------------------------- Triton
 
-from rerank_kernels._triton import HAS_TRITON, require_triton, tl, triton  # noqa: E402
+from rerank_kernels._triton import HAS_TRITON, cuda_grid, require_triton, tl, triton  # noqa: E402
+
+
+@triton.jit
+def _attend_key_block(q, k_base, v_base, k_stride_t, v_stride_t, n0, k_len, qk_scale, acc, m_i, l_i,
+                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
+    """One key block of the online softmax -> the updated (acc, m_i, l_i). MASKED: the block
+    may run past the sequence's keys (the tail); full blocks skip the masks."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    key_rows = cols.to(tl.int64)[:, None]  # token offsets in int64 (see the kernel)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if MASKED:
+        valid = cols < k_len
+        k = tl.load(k_base + key_rows * k_stride_t + offs_d[None, :], mask=valid[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + key_rows * k_stride_t + offs_d[None, :])
+    if IEEE:  # fp32 inputs (tests): no TF32 rounding
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    # qk_scale folds in log2(e): exp2 is the native instruction.
+    s = s * qk_scale
+    if MASKED:
+        s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every block has a valid key
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if MASKED:
+        v = tl.load(v_base + key_rows * v_stride_t + offs_d[None, :], mask=valid[:, None], other=0.0)
+    else:
+        v = tl.load(v_base + key_rows * v_stride_t + offs_d[None, :])
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -51,11 +89,15 @@ def _varlen_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, o_stride_t, o_stride_h,
     qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, UNMASKED_MAIN: tl.constexpr = False,
 ):
-    """FlashAttention forward for one (query block, sequence, head): scores never leave
+    """FlashAttention forward for one (sequence x head, query block): scores never leave
     registers; the softmax is computed online over key blocks with fp32 statistics."""
-    block_m, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # (sequence, head) pairs on grid axis x (limit 2**31 - 1): a batch of many pairs would
+    # overflow axis y's 65,535. Query blocks on y: at most 8192 / 16 = 512.
+    seq_head, block_m = tl.program_id(0), tl.program_id(1)
+    seq, head = seq_head // HEADS, seq_head % HEADS
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
     if block_m * BLOCK_M >= q_len:  # the grid covers max_seqlen_q; shorter sequences stop here
@@ -64,7 +106,6 @@ def _varlen_attention_kernel(
     k_len = tl.load(cu_seqlens_k_ptr + seq + 1) - k_start
 
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     # Token offsets in int64: total_tokens * 3 * hidden can pass 2**31.
     q_rows = (q_start + offs_m).to(tl.int64)
@@ -76,50 +117,74 @@ def _varlen_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for n0 in range(0, k_len, BLOCK_N):
-        cols = n0 + offs_n
-        valid = cols < k_len
-        k = tl.load(k_base + cols.to(tl.int64)[:, None] * k_stride_t + offs_d[None, :],
-                    mask=valid[:, None], other=0.0)
-        if IEEE:  # fp32 inputs (tests): no TF32 rounding
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        # qk_scale folds in log2(e): exp2 is the native instruction.
-        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every block has a valid key
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + cols.to(tl.int64)[:, None] * v_stride_t + offs_d[None, :],
-                    mask=valid[:, None], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    if UNMASKED_MAIN:  # full key blocks without masks, then at most one masked tail block
+        full = k_len - k_len % BLOCK_N
+        for n0 in range(0, full, BLOCK_N):
+            acc, m_i, l_i = _attend_key_block(q, k_base, v_base, k_stride_t, v_stride_t, n0, k_len, qk_scale,
+                                              acc, m_i, l_i, BLOCK_N, HEAD_DIM, False, IEEE)
+        if full < k_len:
+            acc, m_i, l_i = _attend_key_block(q, k_base, v_base, k_stride_t, v_stride_t, full, k_len, qk_scale,
+                                              acc, m_i, l_i, BLOCK_N, HEAD_DIM, True, IEEE)
+    else:
+        for n0 in range(0, k_len, BLOCK_N):
+            acc, m_i, l_i = _attend_key_block(q, k_base, v_base, k_stride_t, v_stride_t, n0, k_len, qk_scale,
+                                              acc, m_i, l_i, BLOCK_N, HEAD_DIM, True, IEEE)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no keys: zeros, not NaN
     tl.store(out_ptr + q_rows[:, None] * o_stride_t + head * o_stride_h + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=(offs_m < q_len)[:, None])
 
 
-def _varlen_attention_launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale):
+# Query-block tiers: the longest query range of a batch picks BLOCK_M (each tier is one
+# compiled variant, which the engine's warm-up visits): <= 16 rows, <= 64, longer.
+QUERY_TIERS = (16, 64)
+
+
+def attention_block_m(max_seqlen_q: int, head_dim: int) -> int:
+    """Query rows per program. tl.dot needs 16; the last layer (one query per sequence)
+    takes the smallest tile; head_dim > 64 stays at 64 rows (registers)."""
+    if max_seqlen_q <= QUERY_TIERS[0]:
+        return 16
+    return 64 if max_seqlen_q <= QUERY_TIERS[1] or head_dim > 64 else 128
+
+
+def attention_grid(max_seqlen_q: int, batch: int, heads: int, block_m: int) -> tuple[int, int]:
+    """(batch x heads, query blocks of the longest sequence), within CUDA's grid limits."""
+    return cuda_grid(batch * heads, -(-max_seqlen_q // block_m))
+
+
+def attention_config(head_dim: int, block_m: int) -> dict:
+    """The default launch configuration of a query tier: key blocks of 64 (32 above head_dim
+    64, for registers), two stages, every key block masked."""
+    return {"BLOCK_N": 64 if head_dim <= 64 else 32, "num_stages": 2, "num_warps": 4 if block_m <= 64 else 8,
+            "UNMASKED_MAIN": False}
+
+
+def attention_config_candidates(head_dim: int, block_m: int) -> dict[str, dict]:
+    """Configurations a load-time measurement (rerank_kernels.tuning) may prefer to the
+    default, by name: wider key blocks, deeper pipelining, the unmasked main loop."""
+    widths = (64, 128) if head_dim <= 64 else (32, 64)
+    warps = 4 if block_m <= 64 else 8
+    found = {}
+    for block_n in widths:
+        for stages in (2, 3):
+            found[f"n{block_n}-s{stages}-unmasked"] = {"BLOCK_N": block_n, "num_stages": stages, "num_warps": warps,
+                                                       "UNMASKED_MAIN": True}
+    return found
+
+
+def _varlen_attention_launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, configs):
     total_q, heads, head_dim = q.shape
     out = torch.empty_like(q)
     batch = cu_seqlens_q.shape[0] - 1
     if total_q == 0 or batch == 0:
         return out
-    # tl.dot needs 16 rows; the last layer (one query per sequence) takes the smallest tile.
-    BLOCK_M = 16 if max_seqlen_q <= 16 else (64 if max_seqlen_q <= 64 or head_dim > 64 else 128)
-    BLOCK_N = 64 if head_dim <= 64 else 32
-    num_warps = 4 if BLOCK_M <= 64 else 8
-    grid = (triton.cdiv(max_seqlen_q, BLOCK_M), batch, heads)
-    _varlen_attention_kernel[grid](
+    BLOCK_M = attention_block_m(max_seqlen_q, head_dim)
+    config = (configs or {}).get(BLOCK_M) or attention_config(head_dim, BLOCK_M)
+    _varlen_attention_kernel[attention_grid(max_seqlen_q, batch, heads, BLOCK_M)](
         q, k, v, out, cu_seqlens_q, cu_seqlens_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         scale * 1.4426950408889634,  # log2(e)
-        HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IEEE=q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=2,
+        HEADS=heads, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, IEEE=q.dtype == torch.float32, **config,
     )
     return out
 
@@ -133,19 +198,21 @@ def varlen_attention_triton(
     max_seqlen_q: int,
     max_seqlen_k: int,
     scale: float,
+    configs: dict[int, dict] | None = None,
 ) -> torch.Tensor:
     """Triton FlashAttention-style forward, same contract as ``varlen_attention_torch``:
     q (total_q, heads, head_dim), k/v (total_k, heads, head_dim) (any token/head strides,
     e.g. views into a fused QKV), cu_seqlens_* (batch + 1,) int32 -> (total_q, heads, head_dim).
     head_dim must be a power of two >= 16. ``max_seqlen_k`` is unused (each program reads
-    its own key length) and kept for the common signature."""
+    its own key length) and kept for the common signature. ``configs``: BLOCK_M tier ->
+    launch configuration (see ``attention_config``), as measured at load; default per tier."""
     require_triton()
     head_dim = q.shape[-1]
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"triton varlen attention needs a power-of-two head_dim >= 16, got {head_dim}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return _varlen_attention_launch(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
-                                    max_seqlen_q, scale)
+                                    max_seqlen_q, scale, configs)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -185,9 +252,36 @@ def varlen_attention_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
                                      softmax_scale=scale, causal=False)
 
 
+# FlashAttention's varlen kernels (flash-attn's and PyTorch's) put the batch on grid axis y:
+# at most 65,535 sequences per call. The scheduler never forms a larger batch.
+FLASH_MAX_BATCH = 65535
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_scale(fn: Callable) -> bool:
+    return "scale" in inspect.signature(fn).parameters
+
+
+def torch_varlen_arguments(fn: Callable, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           scale) -> tuple[tuple, dict]:
+    """(args, kwargs) of a ``varlen_attn`` call that every torch >= 2.10 accepts. torch 2.10
+    has no ``scale`` argument (``(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
+    is_causal=False, return_aux=None)``) and applies 1/sqrt(head_dim); 2.11+ take ``scale=``.
+    Without it, another scale is folded into the queries."""
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if _takes_scale(fn):
+        return args, {"scale": scale}
+    default = 1.0 / math.sqrt(q.shape[-1])
+    if not math.isclose(scale, default, rel_tol=1e-6):
+        args = (q * (scale / default), *args[1:])
+    return args, {}
+
+
 def varlen_attention_torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale):
     """PyTorch's own FlashAttention varlen forward (fp16/bf16, CUDA sm80+)."""
-    return _torch_varlen_attn()(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale)
+    fn = _torch_varlen_attn()
+    args, kwargs = torch_varlen_arguments(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
+    return fn(*args, **kwargs)
 
 
 _ATTENTION_FUNCTIONS = {

@@ -36,10 +36,12 @@ def embed_layernorm_torch(
 
 # ----------------------------------------------------------------------------- Triton
 
-from rerank_kernels._triton import next_power_of_2, require_triton, tl, triton  # noqa: E402
+from rerank_kernels._triton import cuda_grid, next_power_of_2, require_triton, tl, triton  # noqa: E402
 
 
-@triton.jit
+# Triton compiles a variant per integer argument that is 1 or a multiple of 16: the pair
+# count changes with every batch, so it is not specialized (no compile while serving).
+@triton.jit(do_not_specialize=["batch"])
 def _embed_layernorm_kernel(
     ids_ptr, cu_seqlens_ptr, word_ptr, position_ptr, token_type_ptr, weight_ptr, bias_ptr, out_ptr,
     batch, hidden, word_stride, position_stride, out_stride, eps, position_offset,
@@ -82,7 +84,7 @@ def _embed_layernorm_launch(input_ids, cu_seqlens, word, position, token_type, w
     BLOCK_H = next_power_of_2(hidden)
     # One warp per 256 lanes keeps each thread at a few elements (hidden 1024 -> 4 warps).
     num_warps = min(max(BLOCK_H // 256, 1), 16)
-    _embed_layernorm_kernel[(total,)](
+    _embed_layernorm_kernel[cuda_grid(total)](
         input_ids, cu_seqlens, word, position, token_type, weight, bias, out,
         cu_seqlens.shape[0] - 1, hidden, word.stride(0), position.stride(0), out.stride(0), eps, position_offset,
         BLOCK_H=BLOCK_H, num_warps=num_warps,

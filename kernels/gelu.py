@@ -10,10 +10,12 @@ def bias_gelu_torch(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- Triton
 
-from rerank_kernels._triton import require_triton, tl, triton  # noqa: E402
+from rerank_kernels._triton import cuda_grid, require_triton, tl, triton  # noqa: E402
 
 
-@triton.jit
+# n_elements changes with every batch: not specialized (1 or a multiple of 16 would each
+# compile a variant while serving).
+@triton.jit(do_not_specialize=["n_elements"])
 def _bias_gelu_kernel(x_ptr, bias_ptr, out_ptr, n_elements, features, BLOCK: tl.constexpr):
     """Flat elementwise over a contiguous (rows, features) tensor; fp32 math, one downcast."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # rows * 4096 can pass 2**31
@@ -31,7 +33,7 @@ def _bias_gelu_launch(x, bias):
     if n == 0:
         return out
     BLOCK = 1024
-    _bias_gelu_kernel[(triton.cdiv(n, BLOCK),)](x, bias, out, n, x.shape[-1], BLOCK=BLOCK, num_warps=4)
+    _bias_gelu_kernel[cuda_grid(triton.cdiv(n, BLOCK))](x, bias, out, n, x.shape[-1], BLOCK=BLOCK, num_warps=4)
     return out
 
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
+import socket
 import ssl
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,8 +18,9 @@ import grpc
 from aiohttp import web
 
 from rerank_server.config import Config, default_max_batch_tokens, parse_args
-from rerank_server.engine import Engine
+from rerank_server.engine import Engine, ModelNotFoundError, resolve_model_dir
 from rerank_server.grpc_server import build_grpc_server, set_serving
+from rerank_server.schema import SERVICE
 from rerank_server.rest import build_app
 from rerank_server.scheduler import Scheduler
 from rerank_server.service import RerankService, request_id_var
@@ -23,31 +28,48 @@ from rerank_server.service import RerankService, request_id_var
 log = logging.getLogger("rerank_server")
 
 
+def _check_port_free(host: str, port: int, what: str) -> None:
+    """Raises StartupError if ``host:port`` cannot be bound exclusively (a listener is there).
+    gRPC's own bind failure is a C-core log line plus a RuntimeError; this says it in one line."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise StartupError(f"--host {host!r}: {e.strerror}") from None
+    for family, kind, proto, _, address in infos[:1]:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listeners do: TIME_WAIT is fine
+            try:
+                probe.bind(address)
+            except OSError as e:
+                raise StartupError(f"cannot listen for {what} on {host}:{port}: {e.strerror}") from None
+
+
+class StartupError(RuntimeError):
+    """The server cannot start (a port in use, an unreadable TLS file): exit 2 with this line."""
+
+
 async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     """Serves until SIGINT/SIGTERM (or ``stop`` is set), then drains. -> the exit status."""
     loop = asyncio.get_running_loop()
     tokenizer = None
     local_dir = Path(config.model).expanduser()
-    if local_dir.is_dir():
-        # Parsed before the listeners start: tokenizers holds the GIL for about a second while
-        # it parses tokenizer.json, which would leave health probes unanswered meanwhile. (A hub
-        # id is resolved, maybe downloaded, in the background below; its parse stalls there.)
-        try:
-            tokenizer = Engine.load_tokenizer(local_dir, config.max_length)
-        except Exception as e:
-            log.error("cannot start: %s", e)
-            return 2
+    try:
+        if local_dir.is_dir():
+            # Parsed before the listeners start: tokenizers holds the GIL for about a second while
+            # it parses tokenizer.json, which would leave health probes unanswered meanwhile. (A hub
+            # id is resolved, maybe downloaded, in the background below; its parse stalls there.)
+            tokenizer = Engine.load_tokenizer(resolve_model_dir(config.model), config.max_length)
+        credentials, ssl_context = _tls(config)
+        _check_port_free(config.host, config.grpc_port, "gRPC")
+        _check_port_free(config.host, config.http_port, "REST")
+    except (StartupError, ModelNotFoundError, ValueError) as e:
+        log.error("cannot start: %s", e)
+        return 2
     limits = dict(max_request_bytes=config.max_request_bytes, http_port=config.http_port,
                   grpc_port=config.grpc_port, auth=bool(config.api_keys), tls=bool(config.tls_cert),
                   batching=config.batching)
     service = RerankService(config.served_model_name, config.max_documents, config.api_keys, settings=limits)
 
-    credentials, ssl_context = None, None
-    if config.tls_cert:
-        with open(config.tls_cert, "rb") as cert, open(config.tls_key, "rb") as key:
-            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_context.load_cert_chain(config.tls_cert, config.tls_key)
     grpc_server, health = build_grpc_server(service, f"{config.host}:{config.grpc_port}",
                                             config.max_request_bytes, credentials)
     await set_serving(health, False)
@@ -55,17 +77,32 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     # handler_cancellation: a client that disconnects cancels its handler, so its queued pairs are dropped
     runner = web.AppRunner(build_app(service, config.max_request_bytes, config.metrics_auth,
                                      document_objects=config.document_objects), access_log=None,
-                           shutdown_timeout=config.shutdown_grace, handler_cancellation=True)
+                           shutdown_timeout=2, handler_cancellation=True)
     await runner.setup()
-    await web.TCPSite(runner, config.host, config.http_port, ssl_context=ssl_context).start()
+    try:
+        await web.TCPSite(runner, config.host, config.http_port, ssl_context=ssl_context).start()
+    except OSError as e:  # taken between the check and now
+        log.error("cannot start: cannot listen for REST on %s:%d: %s", config.host, config.http_port, e.strerror)
+        await asyncio.gather(runner.cleanup(), grpc_server.stop(0))
+        return 2
     scheme = "https" if ssl_context else "http"
-    log.info("listening: REST %s://%s:%d (POST /v1/rerank, /rerank; GET /health, /metrics, /info), gRPC %s:%d%s; "
-             "auth %s", scheme, config.host, config.http_port, config.host, config.grpc_port,
-             " (TLS)" if credentials else "", f"on ({len(config.api_keys)} keys)" if config.api_keys else "off")
+    log.info("listening: REST %s://%s:%d (%s), gRPC %s:%d%s (%s, grpc.health.v1, reflection); auth %s",
+             scheme, config.host, config.http_port, ", ".join(route_list(runner.app)), config.host, config.grpc_port,
+             " (TLS)" if credentials else "", ", ".join(m.full_name for m in SERVICE.methods),
+             f"on ({len(config.api_keys)} keys)" if config.api_keys else "off")
 
     stop = stop or asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():  # the second signal: no more waiting
+            log.warning("%s again: exiting at once", signal.Signals(signum).name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        log.info("%s received", signal.Signals(signum).name)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
 
     # All torch work (loading, warm-up, every forward) runs on this one thread. Each thread that
     # runs a parallel CPU op gets its own OpenMP team, and once the teams' threads outnumber the
@@ -95,17 +132,65 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         status = 2
     else:
         await stopping
-        log.info("stopping: no new requests; finishing accepted ones (grace %.0fs)", config.shutdown_grace)
     loading.cancel()
+    # Draining: both listeners stay open, so health answers NOT_SERVING / 503 and new requests
+    # get 503 / UNAVAILABLE until the process exits; accepted ones finish within the grace.
     service.draining = True
     await set_serving(health, False)
-    await asyncio.gather(runner.cleanup(), grpc_server.stop(config.shutdown_grace))
+    if status == 0:
+        await drain(service, config.shutdown_grace)
+    await asyncio.gather(runner.cleanup(), grpc_server.stop(1))
     if service.scheduler:
         await service.scheduler.close()
-    else:
-        device_thread.shutdown(wait=False, cancel_futures=True)
+    device_thread.shutdown(wait=False, cancel_futures=True)
     log.info("stopped")
     return status
+
+
+async def drain(service: RerankService, grace: float) -> None:
+    """Waits up to ``grace`` seconds for the requests in flight; those still running then are
+    answered 503 / UNAVAILABLE (never a reset connection or an empty reply)."""
+    accepted = service.in_flight
+    log.info("stopping: no new requests; finishing %d accepted ones (grace %gs)", accepted, grace)
+    deadline = time.monotonic() + grace
+    while service.in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    cut = service.in_flight
+    if cut:
+        service.cut_off(f"the server is shutting down: this request did not finish within the shutdown grace "
+                        f"of {grace:g} s; retry it (on another replica)")
+        answered = time.monotonic() + 5
+        while service.in_flight and time.monotonic() < answered:
+            await asyncio.sleep(0.02)
+    log.info("drained: %d of %d accepted requests finished, %d cut at the end of the grace",
+             max(accepted - cut, 0), accepted, cut)
+
+
+def _tls(config: Config):
+    """-> (gRPC server credentials, SSL context) for --tls-cert/--tls-key, or (None, None)."""
+    if not config.tls_cert:
+        return None, None
+    try:
+        with open(config.tls_cert, "rb") as cert, open(config.tls_key, "rb") as key:
+            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(config.tls_cert, config.tls_key)
+    except ssl.SSLError as e:
+        raise StartupError(f"TLS: --tls-cert {config.tls_cert} / --tls-key {config.tls_key} are not a usable "
+                           f"PEM certificate and key ({e.reason or e})") from None
+    except OSError as e:
+        raise StartupError(f"TLS: cannot read {e.filename}: {e.strerror}") from None
+    return credentials, ssl_context
+
+
+def route_list(app: web.Application) -> list[str]:
+    """'POST /v1/rerank', 'GET /health', ... for every route of the REST app."""
+    routes = []
+    for route in app.router.routes():
+        if route.method == "HEAD":
+            continue
+        routes.append(f"{route.method} {route.resource.canonical}")
+    return routes
 
 
 class RequestIdFilter(logging.Filter):
@@ -139,7 +224,17 @@ def main(argv: list[str] | None = None) -> None:
         return checkpoint_main(argv[1:])
     config = parse_args(argv)
     setup_logging(config)
-    sys.exit(asyncio.run(serve(config)))
+    status = asyncio.run(serve(config))
+    busy = [t for t in threading.enumerate() if t.name.startswith("device")]
+    for t in busy:
+        t.join(timeout=0.5)  # an idle worker exits at once after the executor's shutdown
+    if any(t.is_alive() for t in busy):
+        # A forward (or a load) still running on the device thread: its result has no caller any
+        # more, and waiting for it would hold the exit past the grace.
+        log.info("exiting without waiting for the forward still running on the device thread")
+        logging.shutdown()
+        os._exit(status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

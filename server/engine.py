@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from rerank_kernels import select_ops
-from rerank_server.model import CrossEncoder, EncoderConfig, load_cross_encoder
+from rerank_kernels.attention import QUERY_TIERS
+from rerank_kernels.tuning import tune_ops
+from rerank_server.model import FFN_ROWS, CrossEncoder, EncoderConfig, load_cross_encoder
 from rerank_server.tokenization import PairTokenizer
 
 log = logging.getLogger(__name__)
@@ -29,30 +31,55 @@ class ModelNotFoundError(RuntimeError):
     """The --model value is neither a directory nor a hub id we can resolve."""
 
 
+CHECKPOINT_FILES = ("config.json", "tokenizer.json", "*.safetensors")
+
+
+def check_checkpoint_dir(path: Path) -> Path:
+    """``path`` if it holds a checkpoint; else ModelNotFoundError naming the missing file."""
+    missing = [name for name in CHECKPOINT_FILES if not any(path.glob(name))]
+    if missing:
+        raise ModelNotFoundError(f"--model {path}: the directory has no {' and no '.join(missing)} "
+                                 f"(a checkpoint directory holds {', '.join(CHECKPOINT_FILES)})")
+    return path
+
+
 def resolve_model_dir(model: str) -> Path:
     """A local directory as is; otherwise a Hugging Face hub id through the HF cache
     (``HF_HOME``, ``HF_HUB_OFFLINE`` honoured by huggingface_hub)."""
     path = Path(model).expanduser()
     if path.is_dir():
-        return path
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ModelNotFoundError(f"--model {model!r} is not a directory with config.json and *.safetensors")
+        return check_checkpoint_dir(path)
+    where = f"no such directory {path.absolute()}"
+    if path.exists():
+        raise ModelNotFoundError(f"--model {model!r}: {path.absolute()} is a file, not a checkpoint directory")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:  # cannot be a hub id
+        raise ModelNotFoundError(f"--model {model!r}: {where}")
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     log.info("resolving %s through the Hugging Face cache %s%s (download progress in bytes below)", model,
              constants.HF_HUB_CACHE, " offline" if constants.HF_HUB_OFFLINE else "")
     try:
-        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors"]))
+        return check_checkpoint_dir(Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors"])))
     except LocalEntryNotFoundError as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0")
+        how = ("offline (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE
+               else f"and could not be downloaded ({e.__class__.__name__})")
         raise ModelNotFoundError(
-            f"model {model!r} is not in the Hugging Face cache (HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}) "
-            f"and could not be downloaded (HF_HUB_OFFLINE={offline}): download it where the hub is reachable, "
-            f"or pass --model /path/to/dir holding config.json, tokenizer.json and *.safetensors ({e.__class__.__name__})"
-        ) from None
+            f"--model {model!r}: {where}, and not in the Hugging Face cache {constants.HF_HUB_CACHE} {how}: "
+            f"download it where the hub is reachable, or pass --model /path/to/dir holding "
+            f"{', '.join(CHECKPOINT_FILES)}") from None
     except HFValidationError as e:
-        raise ModelNotFoundError(f"--model {model!r} is neither a directory nor a valid hub id: {e}") from None
+        raise ModelNotFoundError(f"--model {model!r}: {where}, and not a valid hub id ({e})") from None
+
+
+def tune_for_device(model: CrossEncoder) -> None:
+    """On CUDA, gives ``model`` the faster kernels measured on this GPU at its shapes
+    (rerank_kernels.tuning: the FFN up-projection, the Triton attention's configurations);
+    the CPU keeps its ops. The forward benchmark calls this too, to time what the server runs."""
+    if model.device.type == "cuda":
+        first = model.layers[0]
+        model.ops = tune_ops(model.ops, first.up_weight, first.up_bias, heads=model.config.num_heads,
+                             max_rows=FFN_ROWS)
 
 
 @dataclass
@@ -87,6 +114,7 @@ class Engine:
         ops = select_ops(dev, attention)
         tokenizer = tokenizer or cls.load_tokenizer(model_dir, max_length)  # checks max_length before the weights
         encoder = load_cross_encoder(model_dir, ops, dev, dtype)
+        tune_for_device(encoder)
         c = encoder.config
         n_params = sum(t.numel() for _, t in encoder.named_weights())
         log.info("loaded %s from %s: %d layers, hidden %d, %.0fM parameters, %s on %s, attention %s, "
@@ -122,7 +150,8 @@ class Engine:
         on_device = self.model(ids, cu_seqlens, max(lengths))
         on_host = torch.empty(on_device.shape, dtype=on_device.dtype, pin_memory=True)
         on_host.copy_(on_device, non_blocking=True)
-        copied = torch.cuda.Event()
+        # blocking: the wait sleeps in the driver instead of spinning a core
+        copied = torch.cuda.Event(blocking=True)
         copied.record()
 
         def wait() -> list[float]:
@@ -134,8 +163,23 @@ class Engine:
         """Token-id lists -> one logit each (``launch`` and wait)."""
         return self.launch(pairs)()
 
+    def warm_up_batches(self) -> list[list[list[int]]]:
+        """The batches ``warm_up`` runs. On CUDA they reach every compiled Triton variant the
+        server can meet: each attention query tier (longest sequence <= 16, <= 64, longer),
+        the first-token-only last layer, and pair counts of 1, odd and a multiple of 16 (the
+        per-batch integers are not specialized, but this proves it at start-up). On the CPU
+        one short and one long forward (allocator, BLAS) are enough."""
+        short = self.tokenizer.encode_pairs("warm-up query", ["warm-up document"])[0]
+
+        def pair(n: int) -> list[int]:  # a pair of n tokens (at most the model's max length)
+            n = max(len(short), min(n, self.max_length))
+            return short[:-1] + [5] * (n - len(short)) + short[-1:]
+        longest = pair(512)
+        if not self.asynchronous:
+            return [[short] * 4, [longest]]
+        return [[short], [pair(QUERY_TIERS[0])] * 16, [pair(QUERY_TIERS[1])] * 3, [longest, short]]
+
     def warm_up(self) -> None:
-        """One short and one long forward, so first requests pay no allocation or compile cost."""
-        short = self.tokenizer.encode_pairs("warm-up query", ["warm-up document"])
-        self.forward(short * 4)
-        self.forward([short[0] + [5] * (min(self.max_length, 512) - len(short[0]))])
+        """Forwards that compile and allocate before the first request (see ``warm_up_batches``)."""
+        for batch in self.warm_up_batches():
+            self.forward(batch)

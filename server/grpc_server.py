@@ -41,7 +41,7 @@ class RerankServicer(pb_grpc.RerankServicer):
         finally:
             context.set_trailing_metadata([("x-request-id", call.request_id)] + [
                 (f"x-{stage}-time", f"{seconds * 1000:.2f}") for stage, seconds in call.timings.items()])
-            self.service.metrics.requests.labels("grpc", name, code.name).inc()
+            self.service.metrics.requests.labels("grpc", name, code.name, "").inc()
             elapsed = time.perf_counter() - call.started
             self.service.metrics.request_seconds.labels("grpc").observe(elapsed)
             log.info("gRPC %s %s in %.1f ms", name, code.name, elapsed * 1000)
@@ -54,6 +54,9 @@ def build_grpc_server(service: RerankService, address: str, max_message_bytes: i
                       credentials: grpc.ServerCredentials | None = None):
     """-> (server, health servicer). Health starts NOT_SERVING; the caller flips it."""
     server = grpc.aio.server(options=[
+        # gRPC turns SO_REUSEPORT on by default: a second server on the same port would then
+        # share it, calls alternating between two processes. Off: a busy port is an error.
+        ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ])

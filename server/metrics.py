@@ -12,8 +12,10 @@ class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("rerank_requests", "Rerank requests by transport, route and status code",
-                                ["transport", "route", "code"], registry=r)
+        # code: the gRPC status name on both transports (OK, INVALID_ARGUMENT, ...); http_status:
+        # the HTTP status beside it on REST ("" on gRPC). Health, metrics and docs probes are not counted.
+        self.requests = Counter("rerank_requests", "Rerank requests by transport, route and gRPC status code",
+                                ["transport", "route", "code", "http_status"], registry=r)
         self.stage_seconds = Histogram("rerank_stage_seconds", "Time per request stage",
                                        ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.request_seconds = Histogram("rerank_request_seconds", "Whole request latency",

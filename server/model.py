@@ -4,7 +4,8 @@ Every pair's tokens are concatenated into one ``(total_tokens, hidden)`` tensor
 described by ``cu_seqlens`` (batch + 1,) int32 and ``max_seqlen``: no padding, so
 no FLOP is spent on it, and every GEMM sees all pairs' tokens in its M dimension.
 The memory-bound glue and attention are called through ``rerank_kernels.Ops`` (PyTorch on
-the CPU, Triton/FlashAttention on CUDA); the GEMMs are ``F.linear``.
+the CPU, Triton/FlashAttention on CUDA); the GEMMs are ``F.linear``, but for the FFN's
+up-projection, ``ops.linear_gelu`` (on CUDA a fused Triton kernel where it measured faster).
 """
 from __future__ import annotations
 
@@ -128,8 +129,13 @@ class CrossEncoder:
                   empty(I, H), empty(I), empty(H, I), empty(H), empty(H), empty(H))
             for _ in range(c.num_layers)
         ]
-        self.head_dense_weight, self.head_dense_bias = empty(H, H), empty(H)
-        self.head_out_weight, self.head_out_bias = empty(1, H), empty(1)
+        # The classification head runs in fp32 on the (batch, hidden) first-token rows: fp16
+        # would round logits above ~8 to steps of ~0.008 (near-equal documents would tie).
+        def empty32(*shape: int) -> torch.Tensor:
+            return torch.empty(shape, device=device, dtype=torch.float32)
+
+        self.head_dense_weight, self.head_dense_bias = empty32(H, H), empty32(H)
+        self.head_out_weight, self.head_out_bias = empty32(1, H), empty32(1)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
@@ -145,10 +151,15 @@ class CrossEncoder:
         # Only each sequence's <s> row feeds the head: the last block computes queries,
         # attention output and FFN for those rows alone (keys and values from all tokens).
         x = self._block(self.layers[-1], x, cu_seqlens, max_seqlen, first_token_only=True)
-        h = torch.tanh(F.linear(x, self.head_dense_weight, self.head_dense_bias))
-        return F.linear(h, self.head_out_weight, self.head_out_bias).squeeze(-1).float()
+        return self.head(x)
 
     __call__ = forward
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, hidden) first-token rows in the model's dtype -> (batch,) fp32 logits:
+        dense -> tanh -> out_proj, all in fp32."""
+        h = torch.tanh(F.linear(x.float(), self.head_dense_weight, self.head_dense_bias))
+        return F.linear(h, self.head_out_weight, self.head_out_bias).squeeze(-1)
 
     def _block(self, p: Layer, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                first_token_only: bool = False) -> torch.Tensor:
@@ -160,28 +171,30 @@ class CrossEncoder:
             rows = cu_seqlens[:-1].long()
             residual = x[rows]
             q = F.linear(residual, p.qkv_weight[:H], p.qkv_bias[:H]).view(-1, heads, dim)
-            kv = F.linear(x, p.qkv_weight[H:], p.qkv_bias[H:]).view(total, 2, heads, dim)
-            k, v = kv[:, 0], kv[:, 1]
+            fused = F.linear(x, p.qkv_weight[H:], p.qkv_bias[H:]).view(total, 2, heads, dim)
+            k, v = fused[:, 0], fused[:, 1]
             cu_q = torch.arange(rows.shape[0] + 1, device=x.device, dtype=torch.int32)
             max_q = 1
         else:
             residual = x
-            qkv = F.linear(x, p.qkv_weight, p.qkv_bias).view(total, 3, heads, dim)
-            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+            fused = F.linear(x, p.qkv_weight, p.qkv_bias).view(total, 3, heads, dim)
+            q, k, v = fused[:, 0], fused[:, 1], fused[:, 2]
             cu_q, max_q = cu_seqlens, max_seqlen
         attn = ops.varlen_attention(q, k, v, cu_q, cu_seqlens, max_q, max_seqlen, 1.0 / math.sqrt(dim))
+        # The views keep the fused (total, 3 * hidden) QKV alive: drop them before the FFN
+        # (~400 MB at 64k tokens in fp16).
+        del q, k, v, fused
         attn = F.linear(attn.reshape(-1, H), p.out_weight, p.out_bias)
         x = ops.add_layernorm(attn, residual, p.attn_norm_weight, p.attn_norm_bias, c.layer_norm_eps)
         # The FFN in row slices: its (rows, intermediate) activation is the forward's largest
-        # tensor; slices of FFN_ROWS keep it bounded while the GEMMs stay large enough.
-        out = torch.empty_like(x)
+        # tensor; slices of FFN_ROWS keep it bounded while the GEMMs stay large enough. Each
+        # slice's LayerNorm is written over the rows it read (no second buffer, no copy).
         for start in range(0, x.shape[0], FFN_ROWS):
             rows = x[start:start + FFN_ROWS]
-            up = ops.bias_gelu(F.linear(rows, p.up_weight), p.up_bias)
+            up = ops.linear_gelu(rows, p.up_weight, p.up_bias)
             down = F.linear(up, p.down_weight, p.down_bias)
-            out[start:start + FFN_ROWS] = ops.add_layernorm(down, rows, p.ffn_norm_weight, p.ffn_norm_bias,
-                                                            c.layer_norm_eps)
-        return out
+            ops.add_layernorm(down, rows, p.ffn_norm_weight, p.ffn_norm_bias, c.layer_norm_eps, out=rows)
+        return x
 
     def named_weights(self):
         """(name, tensor) for every weight, in a stable order."""
@@ -259,7 +272,7 @@ def load_cross_encoder(model_dir: Path, ops: Ops, device: torch.device, dtype: t
                 src_dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
                 source_dtypes.add(meta["dtype"])
                 read_bytes += end - begin
-                direct = src_dtype == dtype and dest.device.type == "cpu"
+                direct = src_dtype == dest.dtype and dest.device.type == "cpu"
                 staging = dest if direct else torch.empty(shape, dtype=src_dtype)
                 f.seek(8 + header_len + begin)
                 if f.readinto(memoryview(staging.view(torch.uint8).numpy()).cast("B")) != end - begin:

@@ -40,11 +40,18 @@ _HTTP_TO_CODE = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMEN
                  413: grpc.StatusCode.RESOURCE_EXHAUSTED}
 # never behind the API key (/metrics: unless --metrics-auth)
 OPEN_PATHS = {"/health", "/metrics", "/openapi.json", "/docs"}
+PROBE_PATHS = OPEN_PATHS | {"/info"}
 
 
 def error_response(code: grpc.StatusCode, message: str, status: int | None = None) -> web.Response:
-    return web.json_response({"code": code.value[0], "message": message, "details": []},
-                             status=status or HTTP_STATUS.get(code, 500))
+    response = web.json_response({"code": code.value[0], "message": message, "details": []},
+                                 status=status or HTTP_STATUS.get(code, 500))
+    response[GRPC_CODE] = code
+    return response
+
+
+GRPC_CODE = "grpc_code"  # the response's gRPC status, for the metrics' `code` label
+_STATUS_TO_CODE = {status: code for code, status in reversed(HTTP_STATUS.items())}
 
 
 _TIMEOUT_UNITS = {"H": (3600.0, "h"), "M": (60.0, "min"), "S": (1.0, "s"), "m": (1e-3, "ms"),
@@ -75,7 +82,9 @@ _TEI_CODES = {
 
 def tei_error_response(e: ApiError) -> web.Response:
     status, error_type = _TEI_REASONS.get(e.reason) or _TEI_CODES.get(e.code, (500, "backend"))
-    return web.json_response({"error": e.message, "error_type": error_type}, status=status)
+    response = web.json_response({"error": e.message, "error_type": error_type}, status=status)
+    response[GRPC_CODE] = e.code
+    return response
 
 
 _INTEGER_TYPES = {descriptor.FieldDescriptor.CPPTYPE_INT32, descriptor.FieldDescriptor.CPPTYPE_UINT32,
@@ -203,9 +212,13 @@ def build_app(service: RerankService, max_request_bytes: int, metrics_auth: bool
         response.headers["X-Request-Id"] = call.request_id
         for stage, seconds in call.timings.items():
             response.headers[f"X-{stage.capitalize()}-Time"] = f"{seconds * 1000:.2f}"  # milliseconds
-        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-        service.metrics.requests.labels("http", route, str(response.status)).inc()
-        if request.path not in OPEN_PATHS:
+        if service.draining:
+            response.force_close()  # keep-alive clients reconnect, to another replica
+        if request.path not in PROBE_PATHS:  # health, metrics, docs and info probes are no requests
+            route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+            code = response.get(GRPC_CODE) or (grpc.StatusCode.OK if response.status < 400 else
+                                               _STATUS_TO_CODE.get(response.status, grpc.StatusCode.UNKNOWN))
+            service.metrics.requests.labels("http", route, code.name, str(response.status)).inc()
             elapsed = time.perf_counter() - call.started
             service.metrics.request_seconds.labels("http").observe(elapsed)
             log.info("%s %s %d in %.1f ms", request.method, request.path, response.status, elapsed * 1000)
@@ -271,6 +284,14 @@ def build_app(service: RerankService, max_request_bytes: int, metrics_auth: bool
     app.router.add_get("/info", show_info)
     names = (service.model_id, *sorted(service.served_names - {service.model_id}))
     spec = openapi_document(names, service.max_documents)
-    app.router.add_get("/openapi.json", lambda _: web.json_response(spec))
-    app.router.add_get("/docs", lambda _: web.Response(text=docs_page(spec), content_type="text/html"))
+    page = docs_page(spec)
+
+    async def openapi(_: web.Request) -> web.Response:
+        return web.json_response(spec)
+
+    async def docs(_: web.Request) -> web.Response:
+        return web.Response(text=page, content_type="text/html")
+
+    app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/docs", docs)
     return app

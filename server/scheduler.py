@@ -9,14 +9,20 @@ cancel or deadline) has its remaining pairs dropped before they are computed.
 
 A forward is a *launch* that returns a *wait*: on a GPU the launch only queues the kernels,
 so with ``in_flight=2`` the next batch is assembled, copied and queued while the device
-still runs the current one, and the device never idles between batches for the host. On
-the CPU the launch computes; ``in_flight=1`` there, or results would wait a whole forward.
-A batch already launched is computed even if its callers leave meanwhile.
+still runs the current one, and the device never idles between batches for the host. Launches
+run on the device thread and waits on a second, collecting thread, so a batch that arrives
+while the current one runs is launched at once, not after it finishes. On the CPU the launch
+computes; ``in_flight=1`` there, or results would wait a whole forward. A batch already
+launched is computed even if its callers leave meanwhile.
+
+A non-finite logit (NaN or infinite) fails the request it belongs to with a RuntimeError
+saying so (the service answers INTERNAL): a score of NaN is never returned.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +35,14 @@ log = logging.getLogger(__name__)
 class QueueFullError(RuntimeError):
     """Accepting the request would exceed the queued-token limit."""
 
+
+class ShuttingDownError(RuntimeError):
+    """The server is shutting down: the request was cut off (or arrived after the cut-off)."""
+
+
+# FlashAttention's varlen kernels put the batch on CUDA grid axis y (at most 65,535):
+# no batch holds more pairs, whatever --max-batch-tokens allows.
+MAX_BATCH_PAIRS = 65535
 
 Pairs = list[list[int]]
 Wait = Callable[[], list[float]]  # blocks until the batch's logits are on the host
@@ -69,9 +83,11 @@ class BatchStats:
 class Scheduler:
     def __init__(self, launch: Launch, max_batch_tokens: int, max_queued_tokens: int,
                  on_batch: Callable[[int, int], None] | None = None, batch_requests: bool = True,
-                 in_flight: int = 1, device_thread: ThreadPoolExecutor | None = None):
-        """``device_thread``: the one-thread executor that runs launches and waits (default: a
-        new one), owned by the scheduler from here on: ``close`` shuts it down."""
+                 in_flight: int = 1, device_thread: ThreadPoolExecutor | None = None,
+                 max_batch_pairs: int = MAX_BATCH_PAIRS):
+        """``device_thread``: the one-thread executor that runs launches (default: a new one),
+        owned by the scheduler from here on: ``close`` shuts it down. Waits run on a thread
+        of the scheduler's own (they only block on the device: no torch compute there)."""
         if in_flight < 1:
             raise ValueError(f"in_flight must be >= 1, got {in_flight}")
         self._launch = launch
@@ -79,28 +95,54 @@ class Scheduler:
         self.batch_requests = batch_requests  # False (--no-batching): one request per forward, for comparisons
         self._on_batch = on_batch  # (pairs, tokens) after each forward, e.g. for metrics
         self.max_batch_tokens = max_batch_tokens
+        self.max_batch_pairs = max_batch_pairs
         self.max_queued_tokens = max_queued_tokens
         self._jobs: deque[_Job] = deque()
         self._work = asyncio.Event()
         self._thread = device_thread or ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+        self._collector = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collect")
         self.queued_tokens = 0
         self.stats = BatchStats()
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._cut_off: str | None = None  # set at the end of the shutdown grace: the reason
+        self._open: set[_Job] = set()  # requests not answered yet (queued, launched or collected)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+        loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(self.in_flight)  # launched batches not yet collected
+        self._launched: asyncio.Queue = asyncio.Queue()
+        self._tasks = [loop.create_task(self._launch_batches(), name="batcher"),
+                       loop.create_task(self._collect_batches(), name="collector")]
 
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._thread.shutdown(wait=True)
+        """Stops batching. A forward still running on the device thread is not waited for
+        (at shutdown its callers have been answered by ``cut_off``)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._thread.shutdown(wait=False, cancel_futures=True)
+        self._collector.shutdown(wait=False, cancel_futures=True)
+
+    def cut_off(self, reason: str) -> int:
+        """Fails every request not yet answered (queued or in a launched batch) with
+        ShuttingDownError(reason), and every later one. -> how many were cut."""
+        self._cut_off = reason
+        cut = 0
+        for job in list(self._open):
+            if not job.future.done():
+                job.future.set_exception(ShuttingDownError(reason))
+                cut += 1
+        self._jobs.clear()
+        self.queued_tokens = 0
+        return cut
 
     async def score(self, pairs: list[list[int]], timings: dict | None = None) -> list[float]:
         """Token-id lists (each at most max_batch_tokens long) -> one logit each.
         ``timings`` (if given) receives "queue" and "inference" seconds."""
         if not pairs:
             return []
+        if self._cut_off:
+            raise ShuttingDownError(self._cut_off)
         tokens = sum(len(p) for p in pairs)
         if self.queued_tokens and self.queued_tokens + tokens > self.max_queued_tokens:
             raise QueueFullError(
@@ -108,11 +150,13 @@ class Scheduler:
                 f"(limit {self.max_queued_tokens}); retry later")
         job = _Job(pairs, asyncio.get_running_loop().create_future(), [None] * len(pairs))
         self._jobs.append(job)
+        self._open.add(job)
         self.queued_tokens += tokens
         self._work.set()
         try:
             logits = await job.future
         finally:
+            self._open.discard(job)
             if not job.future.done():  # the caller went away: drop what is not computed yet
                 job.future.cancel()
         if timings is not None:
@@ -128,7 +172,8 @@ class Scheduler:
                 self.queued_tokens -= job.remaining_tokens
                 self._jobs.popleft()
                 continue
-            while job.next_pair < len(job.pairs) and (not batch or len(job.pairs[job.next_pair]) <= budget):
+            while job.next_pair < len(job.pairs) and (not batch or (len(job.pairs[job.next_pair]) <= budget
+                                                                   and len(batch) < self.max_batch_pairs)):
                 n = len(job.pairs[job.next_pair])
                 batch.append((job, job.next_pair))
                 budget -= n
@@ -141,32 +186,41 @@ class Scheduler:
                 break
         return batch
 
-    async def _run(self) -> None:
+    async def _launch_batches(self) -> None:
+        """Takes a batch whenever fewer than ``in_flight`` are uncollected and work is queued,
+        and launches it on the device thread; the collector waits for it meanwhile."""
         loop = asyncio.get_running_loop()
-        launched: deque[tuple[list[tuple[_Job, int]], Wait, float]] = deque()
         while True:
-            batch = self._take_batch() if len(launched) < self.in_flight else None
-            if batch:
-                started = time.perf_counter()
-                for job, _ in batch:
-                    job.started = job.started or started
-                try:
-                    wait = await loop.run_in_executor(self._thread, self._launch, [job.pairs[i] for job, i in batch])
-                except Exception as e:  # one bad batch fails its requests, not the server
-                    self._fail(batch, e)
-                else:
-                    launched.append((batch, wait, started))
-            elif launched:
-                batch, wait, started = launched.popleft()
-                try:
-                    logits = await loop.run_in_executor(self._thread, wait)
-                except Exception as e:
-                    self._fail(batch, e)
-                else:
-                    self._deliver(batch, logits, time.perf_counter() - started)
-            else:
+            await self._slots.acquire()
+            batch = self._take_batch()
+            while not batch:
                 self._work.clear()
                 await self._work.wait()
+                batch = self._take_batch()
+            started = time.perf_counter()
+            for job, _ in batch:
+                job.started = job.started or started
+            try:
+                wait = await loop.run_in_executor(self._thread, self._launch, [job.pairs[i] for job, i in batch])
+            except Exception as e:  # one bad batch fails its requests, not the server
+                self._fail(batch, e)
+                self._slots.release()
+            else:
+                self._launched.put_nowait((batch, wait, started))
+
+    async def _collect_batches(self) -> None:
+        """Waits for the launched batches in launch order, on the collecting thread."""
+        loop = asyncio.get_running_loop()
+        while True:
+            batch, wait, started = await self._launched.get()
+            try:
+                logits = await loop.run_in_executor(self._collector, wait)
+            except Exception as e:
+                self._fail(batch, e)
+            else:
+                self._deliver(batch, logits, time.perf_counter() - started)
+            finally:
+                self._slots.release()
 
     def _deliver(self, batch: list[tuple[_Job, int]], logits: list[float], elapsed: float) -> None:
         tokens = sum(len(job.pairs[i]) for job, i in batch)
@@ -178,6 +232,14 @@ class Scheduler:
         for job in {job for job, _ in batch}:
             job.inference_seconds += elapsed
         for (job, i), logit in zip(batch, logits):
+            if not math.isfinite(logit):
+                if not job.future.done():
+                    log.error("the model returned a non-finite logit (%s) for pair %d of %d of a request", logit, i,
+                              len(job.pairs))
+                    job.future.set_exception(RuntimeError(
+                        f"inference failed: the model returned a non-finite score ({logit}) for pair {i} of this "
+                        f"request's {len(job.pairs)}; no score is returned rather than NaN"))
+                continue
             job.logits[i] = logit
             job.done += 1
             if job.done == len(job.pairs) and not job.future.done():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import hmac
 import json
 import math
@@ -23,7 +24,7 @@ from google.protobuf import json_format, struct_pb2
 from rerank_server import __version__
 from rerank_server.engine import Engine
 from rerank_server.metrics import Metrics
-from rerank_server.scheduler import QueueFullError, Scheduler
+from rerank_server.scheduler import QueueFullError, Scheduler, ShuttingDownError
 from rerank_server.schema import pb
 from rerank_server.tokenization import PairTooLongError
 
@@ -107,6 +108,19 @@ def sigmoid(x: float) -> float:
 MAX_TOTAL_CHUNKS = 10_000  # as Cohere: documents x max_chunks_per_doc
 
 
+def counted_in_flight(method):
+    """Counts a service call in ``RerankService.in_flight`` while it runs (the shutdown drain
+    waits for that count to reach zero)."""
+    @functools.wraps(method)
+    async def run(self: "RerankService", *args, **kwargs):
+        self.in_flight += 1
+        try:
+            return await method(self, *args, **kwargs)
+        finally:
+            self.in_flight -= 1
+    return run
+
+
 class RerankService:
     def __init__(self, served_model_names: list[str], max_documents: int, api_keys: list[str] = (),
                  metrics: Metrics | None = None, settings: dict | None = None):
@@ -118,6 +132,7 @@ class RerankService:
         self.metrics = metrics or Metrics()
         self.engine: Engine | None = None
         self.draining = False  # set at shutdown: health goes NOT_SERVING, new requests 503
+        self.in_flight = 0  # service calls running now (see counted_in_flight)
         self.scheduler: Scheduler | None = None
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
 
@@ -129,6 +144,16 @@ class RerankService:
         """Called once the model is loaded and warmed: from here on requests are served."""
         self.engine, self.scheduler = engine, scheduler
 
+    def cut_off(self, reason: str) -> None:
+        """End of the shutdown grace: every request still running is answered UNAVAILABLE."""
+        if self.scheduler:
+            self.scheduler.cut_off(reason)
+
+    def not_serving(self) -> ApiError:
+        if self.draining:
+            return ApiError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry (on another replica)")
+        return ApiError(grpc.StatusCode.UNAVAILABLE, "the model is loading; retry shortly")
+
     def describe(self) -> dict:
         """What GET /info reports: the model, how it runs, and the limits."""
         info = {"model": self.model_id, "aliases": sorted(self.served_names - {self.model_id}),
@@ -138,6 +163,7 @@ class RerankService:
             model = self.engine.model
             info.update(device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
                         attention_backend=model.ops.attention_backend, max_length=self.engine.max_length,
+                        kernel_choices=model.ops.choices,  # load-time measurements (CUDA), with timings
                         model_dir=str(self.engine.model_dir), layers=model.config.num_layers,
                         hidden_size=model.config.hidden_size)
         if self.scheduler:
@@ -207,7 +233,7 @@ class RerankService:
 
     def _require_ready(self) -> None:
         if not self.ready:
-            raise ApiError(grpc.StatusCode.UNAVAILABLE, "the model is not serving (loading or shutting down); retry shortly")
+            raise self.not_serving()
 
     async def _within(self, work, deadline: Deadline | None):
         """Runs ``work`` (validation done) under the transport's deadline, if any."""
@@ -219,6 +245,7 @@ class RerankService:
             raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED,
                            f"deadline exceeded: the request took longer than its Grpc-Timeout ({deadline.text})") from None
 
+    @counted_in_flight
     async def rerank(self, request: pb.RerankRequest, call: Call | None = None,
                      deadline: Deadline | None = None) -> pb.RerankResponse:
         call = call or Call()
@@ -248,6 +275,7 @@ class RerankService:
         self._observe(call)
         return response
 
+    @counted_in_flight
     async def score(self, request: pb.ScoreRequest, call: Call | None = None,
                     deadline: Deadline | None = None) -> pb.ScoreResponse:
         call = call or Call()
@@ -300,6 +328,8 @@ class RerankService:
             window_logits = [unique_logits[i] for i in slot]
         except QueueFullError as e:
             raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except ShuttingDownError as e:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         except RuntimeError as e:
             raise ApiError(grpc.StatusCode.INTERNAL, str(e)) from None
         logits, best_chunk = [-math.inf] * n_documents, [0] * n_documents

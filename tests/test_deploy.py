@@ -299,8 +299,11 @@ def test_termination_grace_outlasts_prestop_and_shutdown_grace(monkeypatch):
         sleep = float(command[1])
     assert sleep > 0
     grace = pod.get("terminationGracePeriodSeconds", 30)
-    assert grace > sleep + cfg.shutdown_grace, \
-        f"terminationGracePeriodSeconds {grace} must exceed preStop {sleep}s + --shutdown-grace {cfg.shutdown_grace}s"
+    # the server exits a few seconds after its grace (cut requests answered, listeners closed):
+    # tests/test_shutdown.py bounds that at 8 s on a loaded 2-core machine; 5 s is the usual
+    assert grace >= sleep + cfg.shutdown_grace + 5, \
+        f"terminationGracePeriodSeconds {grace} must exceed preStop {sleep}s + --shutdown-grace " \
+        f"{cfg.shutdown_grace}s + 5 s for the exit"
 
 
 def test_pod_security_and_volumes():
@@ -541,3 +544,16 @@ def test_hadolint_ignores_have_reasons():
         if m:
             assert i > 0 and lines[i - 1].strip().startswith("#"), \
                 f".hadolint.yaml ignores {m.group(1)} without a reason comment above it"
+
+
+def test_triton_cache_survives_restarts():
+    """The GPU image keeps Triton's compiled kernels on a volume (not /tmp), and the
+    Deployment mounts one there: a restarted server compiles nothing at warm-up."""
+    gpu = next(p for p in DOCKERFILES if p.name == "Dockerfile")
+    cache = dockerfile_env(gpu).get("TRITON_CACHE_DIR")
+    assert cache and not cache.startswith("/tmp"), f"TRITON_CACHE_DIR={cache!r}: not on scratch space"
+    volumes = [v for w, rest in final_stage(gpu) if w == "VOLUME" for v in json.loads(rest)]
+    assert any(cache == v or cache.startswith(v.rstrip("/") + "/") for v in volumes), (cache, volumes)
+    dep = the("Deployment")
+    mounts = [m["mountPath"] for m in container(dep)["volumeMounts"]]
+    assert any(cache == m or cache.startswith(m.rstrip("/") + "/") for m in mounts), (cache, mounts)

@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +31,7 @@ from rerank_server.model import load_cross_encoder  # noqa: E402
 from tensor_checks import assert_close  # noqa: E402
 
 CUDA = torch.device("cuda")
+ROOT = Path(__file__).resolve().parent.parent
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # Glue ops: both sides compute in fp32 and round once: at most an ulp apart.
 GLUE_TOL = {torch.float16: (2e-3, 2e-3), torch.bfloat16: (1e-2, 1e-2), torch.float32: (2e-5, 2e-5)}
@@ -248,3 +255,64 @@ def test_engine_launch_queues_without_waiting(checkpoint):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert (waits[0](), waits[1]()) == want
+
+
+# ----------------------------------------------------------------------------- serving behaviour
+
+def test_wait_blocks_without_spinning(checkpoint):
+    """The engine's wait sleeps on a blocking CUDA event: while the device is busy for
+    ~0.3 s the waiting thread uses a small fraction of a core."""
+    engine = Engine.load(str(checkpoint), device="cuda")
+    seqs, _ = model_batch()
+    pairs = [s.tolist() for s in seqs]
+    engine.forward(pairs)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(600_000_000)  # GPU cycles: ~0.3 s at 2 GHz
+    wait = engine.launch(pairs)
+    wall0, cpu0 = time.perf_counter(), time.thread_time()
+    wait()
+    wall, cpu = time.perf_counter() - wall0, time.thread_time() - cpu0
+    assert wall > 0.1, f"the device was not busy ({wall:.3f} s): the check means nothing"
+    assert cpu < 0.5 * wall, f"the wait used {cpu:.3f} s of CPU in {wall:.3f} s: it spins"
+
+
+_NO_COMPILE_CHILD = """
+import json, os, sys
+import torch
+from rerank_server.engine import Engine
+engine = Engine.load(sys.argv[1], device="cuda", attention=sys.argv[2])
+engine.warm_up()
+torch.cuda.synchronize()
+cache = os.environ["TRITON_CACHE_DIR"]
+def files():
+    return {os.path.relpath(os.path.join(root, f), cache) for root, _, names in os.walk(cache) for f in names}
+before = files()
+g = torch.Generator().manual_seed(0)
+longest = [1, 2, 5, 15, 16, 17, 31, 33, 63, 64, 65, 100, 127, 128, 129, 500, 1000]
+for i, pairs in enumerate([1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 48, 64, 100, 127, 128, 129, 255, 256, 1000]):
+    top = longest[i % len(longest)]
+    lengths = torch.randint(1, top + 1, (pairs,), generator=g).tolist()
+    lengths[0] = top
+    batch = [[0] + torch.randint(5, 4000, (n - 1,), generator=g).tolist() for n in lengths]
+    logits = engine.forward(batch)
+    assert len(logits) == pairs
+torch.cuda.synchronize()
+print("RESULT " + json.dumps({"warm_up_files": len(before), "new_files": sorted(files() - before)}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch-varlen", "flash-attn"])
+def test_no_compile_after_warm_up(backend, checkpoint, tmp_path):
+    """After Engine.warm_up, a spread of batch shapes (pair counts 1..1000: 1, odd, multiples
+    of 16; longest sequence in every attention tier) adds nothing to Triton's compile cache.
+    A fresh cache directory in a child process, so every compile of the run shows there."""
+    if backend not in available_attention_backends(CUDA, torch.float16):
+        pytest.skip(f"{backend} is not available on this machine")
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton-cache"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", _NO_COMPILE_CHILD, str(checkpoint), backend],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-5000:]
+    found = json.loads(next(l for l in result.stdout.splitlines() if l.startswith("RESULT ")).removeprefix("RESULT "))
+    assert found["warm_up_files"] > 0, "warm-up compiled nothing into the cache: the check means nothing"
+    assert not found["new_files"], f"{backend}: compiled after warm-up: {found['new_files']}"

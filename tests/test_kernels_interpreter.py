@@ -243,8 +243,8 @@ def test_kernels_compile_for_cuda():
     import rerank_kernels.layernorm as n
     cases = [(e._embed_layernorm_kernel, {"BLOCK_H": 1024}, 4), (n._add_layernorm_kernel, {"BLOCK_H": 1024}, 4),
              (g._bias_gelu_kernel, {"BLOCK": 1024}, 4),
-             (a._varlen_attention_kernel, {"HEAD_DIM": 64, "BLOCK_M": 16, "BLOCK_N": 64, "IEEE": False}, 4),
-             (a._varlen_attention_kernel, {"HEAD_DIM": 64, "BLOCK_M": 128, "BLOCK_N": 64, "IEEE": False}, 8)]
+             (a._varlen_attention_kernel, {"HEADS": 16, "HEAD_DIM": 64, "BLOCK_M": 16, "BLOCK_N": 64, "IEEE": False}, 4),
+             (a._varlen_attention_kernel, {"HEADS": 16, "HEAD_DIM": 64, "BLOCK_M": 128, "BLOCK_N": 64, "IEEE": False}, 8)]
     for capability, dtype in ((80, "bf16"), (90, "fp16")):
         for kernel, constexprs, num_warps in cases:
             if not isinstance(kernel, triton.runtime.JITFunction):
@@ -323,3 +323,128 @@ def test_select_ops_on_a_simulated_cuda_machine(monkeypatch, flash_attn_installe
     assert rerank_kernels.available_attention_backends(cuda) == ["triton", "torch-sdpa"]
     with pytest.raises(ValueError, match="compute capability 8.0"):
         rerank_kernels.select_ops(cuda, "torch-varlen")
+
+
+# ----------------------------------------------------------------------------- the whole model
+
+# head_dim 32 (the Triton attention needs a power of two >= 16); a 300-piece vocabulary.
+TINY_MODEL = dict(hidden_size=64, num_attention_heads=2, num_hidden_layers=2, intermediate_size=128,
+                  vocab_size=300, max_position_embeddings=160)
+# Random lengths with two of length 1, spanning the attention's query tiers (<= 16, <= 64, longer).
+MODEL_LENGTHS = [1, 9, 70, 1, 33, 4, 17, 2, 90, 12]
+
+_MODEL_WORKER = """
+import sys
+from dataclasses import replace
+from pathlib import Path
+import torch
+from rerank_kernels import triton_ops
+from rerank_kernels.linear_gelu import linear_gelu_triton
+from rerank_server.model import load_cross_encoder
+checkpoint, out = Path(sys.argv[1]), Path(sys.argv[2])
+ids, cu_seqlens, max_seqlen = torch.load(checkpoint / "batch.pt")
+# the CUDA op set as selected at load: the FFN up-projection unfused (GEMM + bias_gelu) or
+# fused (fp32 only: the interpreted fused matmul is slow; its fp16 has its own kernel test)
+fused = replace(triton_ops(), measured_linear_gelu=linear_gelu_triton)
+runs = [("unfused", triton_ops(), torch.float32), ("unfused", triton_ops(), torch.float16),
+        ("fused", fused, torch.float32)]
+results = {}
+for name, ops, dtype in runs:
+    model = load_cross_encoder(checkpoint, ops, torch.device("cpu"), dtype)
+    results[name, str(dtype)] = model(ids, cu_seqlens, max_seqlen)
+torch.save(results, out)
+"""
+
+
+def test_whole_model_with_the_cuda_ops_in_the_interpreter(tmp_path):
+    """The full CrossEncoder forward with the CUDA op set (every Triton kernel, interpreted
+    on CPU tensors; the GEMMs are F.linear but for the FFN's up-projection, run both ways the
+    load-time selection can choose: GEMM + bias_gelu, or the fused linear_gelu kernel), fp32
+    and fp16, against
+    transformers on the same random weights, over random lengths with length 1, and the
+    first-token-only last layer: catches what per-kernel tests miss (strides of the QKV
+    views, offsets, the last layer)."""
+    transformers = pytest.importorskip("transformers")
+    from rerank_server.checkpoint import write_random_checkpoint
+    checkpoint = write_random_checkpoint(tmp_path / "model", "tiny", seed=7, **TINY_MODEL)
+    g = torch.Generator().manual_seed(11)
+    seqs = [torch.cat([torch.tensor([0]), torch.randint(5, 300, (n - 2,), generator=g), torch.tensor([2])])
+            if n > 1 else torch.tensor([0]) for n in MODEL_LENGTHS]
+    torch.save((torch.cat(seqs), cu_from_lengths(MODEL_LENGTHS), max(MODEL_LENGTHS)), checkpoint / "batch.pt")
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", _MODEL_WORKER, str(checkpoint), str(tmp_path / "out.pt")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"interpreter child failed:\n{result.stderr[-5000:]}"
+    ours = torch.load(tmp_path / "out.pt")
+
+    hf = transformers.XLMRobertaForSequenceClassification.from_pretrained(checkpoint, attn_implementation="eager").eval()
+    with torch.inference_mode():
+        def hf_logits(model):  # one unpadded call per sequence: no masking in the reference
+            return torch.stack([model(input_ids=s[None]).logits[0, 0].float() for s in seqs])
+        want, hf16 = hf_logits(hf), hf_logits(hf.half())
+    assert want.std() > 1e-3, "the logits must differ for the comparison to mean anything"
+    hf16_err = (hf16 - want).abs().max().item()
+    for ffn in ("unfused", "fused"):
+        assert_close(ours[ffn, "torch.float32"], want, 1e-4, 1e-4,
+                     what=f"fp32 model (interpreted CUDA ops, {ffn} FFN) vs transformers")
+    ours16 = ours["unfused", "torch.float16"]
+    assert ours16.dtype == torch.float32  # the head runs in fp32
+    ours16_err = (ours16 - want).abs().max().item()
+    assert ours16_err <= 3 * hf16_err + 1e-3, f"fp16: ours {ours16_err:.3g} > 3 x HF fp16's {hf16_err:.3g} + 1e-3"
+
+
+# ----------------------------------------------------------------------------- launch arithmetic
+
+def test_attention_grid_stays_within_cuda_limits():
+    """(sequence x head) on axis x, query blocks on y: any batch the scheduler can form
+    launches (the old (blocks, batch, heads) grid failed beyond 65,535 pairs on axis y)."""
+    from rerank_kernels._triton import CUDA_GRID_LIMITS, cuda_grid
+    from rerank_server.scheduler import MAX_BATCH_PAIRS
+    for max_q, batch, heads, head_dim in ((8192, 1, 16, 64), (1, 200_000, 16, 64), (17, 65_536, 16, 64),
+                                          (64, 3, 4, 128), (65, 3, 4, 64), (16, 1, 1, 16)):
+        block_m = attention.attention_block_m(max_q, head_dim)
+        grid = attention.attention_grid(max_q, batch, heads, block_m)
+        assert grid == (batch * heads, -(-max_q // block_m))
+        assert all(1 <= n <= limit for n, limit in zip(grid, CUDA_GRID_LIMITS)), grid
+    assert [attention.attention_block_m(n, 64) for n in (1, 16, 17, 64, 65, 8192)] == [16, 16, 64, 64, 128, 128]
+    assert [attention.attention_block_m(n, 128) for n in (1, 16, 17, 8192)] == [16, 16, 64, 64]
+    # the largest batch: MAX_BATCH_PAIRS one-token pairs at 8192 tokens each is not formable,
+    # but MAX_BATCH_PAIRS pairs of any length are
+    grid = attention.attention_grid(8192, MAX_BATCH_PAIRS, 16, attention.attention_block_m(8192, 64))
+    assert grid[0] == MAX_BATCH_PAIRS * 16 <= CUDA_GRID_LIMITS[0]
+    assert MAX_BATCH_PAIRS <= attention.FLASH_MAX_BATCH  # FlashAttention's batch is on axis y
+    with pytest.raises(ValueError, match="grid dimension y = 70000"):
+        cuda_grid(1, 70_000)
+    with pytest.raises(ValueError, match="grid dimension x = 0"):
+        cuda_grid(0)
+
+
+# ----------------------------------------------------------------------------- torch's varlen_attn
+
+def _varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    """torch 2.10's signature (no scale: it applies 1/sqrt(head_dim))."""
+
+
+def test_torch_varlen_call_matches_the_installed_signature():
+    """Our varlen_attn call binds to the installed torch's signature by the intended names,
+    and to torch 2.10's (which has no ``scale``), where a non-default scale is folded into q."""
+    import inspect
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen")
+    q, k, v = torch.randn(5, 2, 16), torch.randn(5, 2, 16), torch.randn(5, 2, 16)
+    cu = cu_from_lengths([2, 3])
+    for fn in (varlen_attn, _varlen_attn_2_10):
+        for scale in (16 ** -0.5, 0.3):
+            args, kwargs = attention.torch_varlen_arguments(fn, q, k, v, cu, cu, 3, 3, scale)
+            bound = inspect.signature(fn).bind(*args, **kwargs).arguments  # TypeError if not accepted
+            assert bound["key"] is k and bound["value"] is v and bound["cu_seq_q"] is cu and bound["cu_seq_k"] is cu
+            assert (bound["max_q"], bound["max_k"]) == (3, 3)
+            takes_scale = "scale" in inspect.signature(fn).parameters
+            if takes_scale:
+                assert bound["query"] is q and bound["scale"] == scale
+            else:  # the kernel's 1/sqrt(16) times the folded factor gives the scale asked for
+                assert "scale" not in bound
+                assert_close(bound["query"] * 16 ** -0.5, q * scale, 1e-6, 1e-6, what="folded scale")

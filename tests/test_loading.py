@@ -109,5 +109,5 @@ def test_engine_scores_and_limits_max_length(tiny_checkpoint):
     assert abs(engine.forward(pairs[1:])[0] - scores[1]) < 1e-5
     with pytest.raises(ValueError, match="--max-length"):
         Engine.load(str(tiny_checkpoint), "cpu", max_length=9000)
-    with pytest.raises(ModelNotFoundError, match="not a directory"):
+    with pytest.raises(ModelNotFoundError, match="no such directory"):
         Engine.load("./no/such/dir", "cpu")

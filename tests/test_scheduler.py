@@ -1,5 +1,6 @@
 """The batcher: token budget, splitting, cross-request batching, cancellation, backpressure."""
 import asyncio
+import math
 import threading
 
 import pytest
@@ -152,15 +153,63 @@ def test_two_batches_in_flight_when_work_is_queued():
 
     async def body(s):
         tasks = [asyncio.create_task(s.score([[n] * 10])) for n in range(1, 4)]  # one batch each
-        await wait_for(lambda: device.events[:3] == ["launch 0", "launch 1", "wait 0"])
+        await wait_for(lambda: {"launch 0", "launch 1", "wait 0"} <= set(device.events))
+        await asyncio.sleep(0.05)
         assert "launch 2" not in device.events  # at most two batches launched and uncollected
         device.release(0)
+        await wait_for(lambda: "launch 2" in device.events)  # batch 1 still runs meanwhile
         device.release(1)
-        await wait_for(lambda: "launch 2" in device.events)
         device.release(2)
         return [await t for t in tasks]
     assert run(with_scheduler(device, body, in_flight=2)) == [[10.0], [20.0], [30.0]]
-    assert device.events == ["launch 0", "launch 1", "wait 0", "launch 2", "wait 1", "wait 2"]
+    # launches and waits in launch order; each wait after its own launch
+    assert [e for e in device.events if e.startswith("launch")] == ["launch 0", "launch 1", "launch 2"]
+    assert [e for e in device.events if e.startswith("wait")] == ["wait 0", "wait 1", "wait 2"]
+    assert device.events.index("launch 2") > device.events.index("wait 0")
+
+
+def test_work_arriving_while_a_batch_runs_is_launched_at_once():
+    """The queue is empty at the first launch; a request that arrives while the device runs
+    that batch (its wait is blocking) is launched before the first batch finishes."""
+    device = AsyncDevice()
+
+    async def body(s):
+        first = asyncio.create_task(s.score([[1] * 10]))
+        await wait_for(lambda: device.events == ["launch 0", "wait 0"])  # blocked on the device
+        second = asyncio.create_task(s.score([[2] * 10]))
+        await wait_for(lambda: "launch 1" in device.events)
+        assert not device.released[0].is_set()  # batch 0 is still running
+        device.release(1)
+        device.release(0)
+        return await first, await second
+    assert run(with_scheduler(device, body, in_flight=2)) == ([10.0], [20.0])
+
+
+def test_non_finite_logit_fails_its_request_only():
+    """A NaN or infinite logit fails the request it belongs to with a clear error; the
+    requests batched with it get their scores."""
+    def forward(pairs):
+        return [float("nan") if p[0] == 13 else float("inf") if p[0] == 14 else float(sum(p)) for p in pairs]
+
+    async def body(s):
+        results = await asyncio.gather(s.score([[1], [13]]), s.score([[2, 2]]), s.score([[3], [14]]),
+                                       return_exceptions=True)
+        return results, s.queued_tokens
+    (bad_nan, good, bad_inf), queued = run(with_scheduler(forward, body, max_batch_tokens=100))
+    assert good == [4.0] and queued == 0
+    for bad, value in ((bad_nan, "nan"), (bad_inf, "inf")):
+        assert isinstance(bad, RuntimeError), bad
+        assert f"non-finite score ({value}) for pair 1 of this request's 2" in str(bad)
+
+
+def test_pairs_per_batch_are_capped():
+    forward = RecordingForward()
+
+    async def body(s):
+        s.max_batch_pairs = 3
+        return await s.score([[1]] * 7)
+    assert run(with_scheduler(forward, body, max_batch_tokens=100)) == [1.0] * 7
+    assert [len(b) for b in forward.batches] == [3, 3, 1]
 
 
 def test_one_in_flight_collects_before_launching_the_next():
@@ -190,3 +239,34 @@ def test_a_batch_failing_on_the_device_fails_its_requests_only():
             await bad
         return await good
     assert run(with_scheduler(device, body, in_flight=2)) == [50.0]
+
+
+def test_service_fails_only_the_request_with_a_non_finite_logit(tiny_checkpoint):
+    """End to end in-process: a word-embedding row set to +inf makes the real model's logit
+    NaN for pairs holding that token. That request gets INTERNAL with a message saying so;
+    a request in the same batch gets finite scores."""
+    import grpc
+    from google.protobuf import struct_pb2
+
+    from rerank_server.engine import Engine
+    from rerank_server.schema import pb
+    from rerank_server.service import ApiError, RerankService
+
+    engine = Engine.load(str(tiny_checkpoint))
+    query, good_doc, bad_doc = "what is machine learning?", "Machine learning is a field.", "Zebras run."
+    good_ids = set(engine.tokenizer.encode_pairs(query, [good_doc])[0])
+    poison = next(t for t in engine.tokenizer.encode_pairs(query, [bad_doc])[0] if t not in good_ids)
+    engine.model.word_embeddings[poison] = float("inf")
+
+    def request(docs):
+        return pb.RerankRequest(model="m", query=query, documents=[struct_pb2.Value(string_value=d) for d in docs])
+
+    async def body(s):
+        service = RerankService(["m"], max_documents=10)
+        service.attach(engine, s)
+        return await asyncio.gather(service.rerank(request([good_doc, bad_doc])), service.rerank(request([good_doc])),
+                                    return_exceptions=True)
+    bad, good = run(with_scheduler(engine.forward, body, max_batch_tokens=1000))
+    assert isinstance(bad, ApiError) and bad.code == grpc.StatusCode.INTERNAL, bad
+    assert "non-finite score (nan) for pair 1 of this request's 2" in bad.message
+    assert [r.index for r in good.results] == [0] and math.isfinite(good.results[0].relevance_score)

@@ -100,7 +100,7 @@ def scrape(server: LiveServer, headers: dict | None = None, scheme_url: str | No
 
 FORWARDS, PAIRS, TOKENS, QUEUED = ("rerank_batch_pairs_count", "rerank_batch_pairs_sum", "rerank_tokens_total",
                                   "rerank_queued_tokens")
-GRPC_CANCELLED = 'rerank_requests_total{code="CANCELLED",route="Rerank",transport="grpc"}'
+GRPC_CANCELLED = 'rerank_requests_total{code="CANCELLED",http_status="",route="Rerank",transport="grpc"}'
 
 
 def delta(after: dict, before: dict, key: str) -> float:
@@ -393,10 +393,14 @@ class TestOverload:
         for details, _ in grpc_refused:
             assert "queued" in details and "retry" in details
         after = scrape(server)
-        assert delta(after, before, 'rerank_requests_total{code="429",route="/v1/rerank",transport="http"}') \
-            == len(refused)
-        assert delta(after, before, 'rerank_requests_total{code="RESOURCE_EXHAUSTED",route="Rerank",transport="grpc"}') \
-            == len(grpc_refused)
+        # the same code label on both transports (the gRPC name), the HTTP status beside it
+        assert delta(after, before, 'rerank_requests_total{code="RESOURCE_EXHAUSTED",http_status="429",'
+                                    'route="/v1/rerank",transport="http"}') == len(refused)
+        assert delta(after, before, 'rerank_requests_total{code="RESOURCE_EXHAUSTED",http_status="",'
+                                    'route="Rerank",transport="grpc"}') == len(grpc_refused)
+        assert not [k for k in after if k.startswith("rerank_requests_total{") and
+                    any(f'route="{p}"' in k for p in ("/health", "/metrics", "/info", "/docs", "/openapi.json"))], \
+            "probes are not counted as rerank requests"
         # refusals come at once: a refused client does not wait for the queue
         latencies = sorted([t for _, t in refused] + [t for _, t in grpc_refused])
         median = latencies[len(latencies) // 2]
@@ -432,20 +436,15 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(tiny_checkpoint, tmp_p
             poll(all_accepted, what="all requests to be accepted, some still queued")
             server.process.send_signal(signal.SIGTERM)
 
-            def health_down():
-                try:
-                    return requests.get(server.http_url + "/health", timeout=5).status_code == 503
-                except requests.ConnectionError:
-                    return True
-            poll(health_down, what="/health to go 503 or refuse connections")
-            try:  # a new request while draining is refused, not queued
-                late = post(server, body("late", ["too late"]), timeout=30)
-                assert late.status_code == 503, late.text
-            except requests.ConnectionError:
-                pass
+            # while draining the listeners stay open: /health answers 503 (never a refused
+            # connection), and a new request is refused with 503 / UNAVAILABLE, not queued
+            poll(lambda: requests.get(server.http_url + "/health", timeout=5).status_code == 503,
+                 what="/health to answer 503")
+            late = post(server, body("late", ["too late"]), timeout=30)
+            assert late.status_code == 503 and "shutting down" in late.json()["message"], late.text
             with pytest.raises(grpc.RpcError) as e:
                 client.Rerank(grpc_request("late", ["too late"]), timeout=30)
-            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in e.value.details()
             for f in rest:
                 r = f.result()
                 assert r.status_code == 200, r.text
@@ -454,6 +453,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(tiny_checkpoint, tmp_p
                 assert len(c.result().results) == 2 * k
         assert server.process.wait(120) == 0, server.log()
         assert "stopped" in server.log()
+        assert re.search(rf"drained: {n} of {n} accepted requests finished, 0 cut", server.log()), server.log()
     finally:
         if server.process.poll() is None:
             server.process.kill()

@@ -10,6 +10,8 @@ Example::
 """
 __version__ = "0.1.0"
 
+from rerank_client._proto import rerank_pb2 as pb  # the generated messages and stub, for raw calls
+from rerank_client._proto import rerank_pb2_grpc as pb_grpc
 from rerank_client.client import (
     DEFAULT_MODEL,
     AsyncRerankClient,
@@ -22,4 +24,4 @@ from rerank_client.client import (
 )
 
 __all__ = ["DEFAULT_MODEL", "AsyncRerankClient", "Document", "RerankClient", "RerankError", "RerankResponse",
-           "RerankResult", "build_request"]
+           "RerankResult", "build_request", "pb", "pb_grpc"]

@@ -1,0 +1,75 @@
+"""The README's snippets run as written against a live server (its addresses substituted for
+localhost:8000 / localhost:50051), so the first thing a newcomer copies stays true. Python
+blocks run in a fresh interpreter; bash blocks whose every command is `curl` or the `rerank`
+CLI run in bash. The set-up commands (make, pip, docker) are what CI itself runs, or the
+install tests (tests/test_install.py) do."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+README = ROOT / "README.md"
+FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.M | re.S)
+
+
+def blocks(language: str) -> list[str]:
+    return [body for lang, body in FENCE.findall(README.read_text()) if lang == language]
+
+
+def commands(script: str) -> list[str]:
+    """The commands of a bash block: the lines that start a command (a multi-line quoted
+    argument's lines are indented or close the quote), comments dropped."""
+    joined = re.sub(r"\\\n", " ", script)
+    return [line.split(" #")[0].strip() for line in joined.splitlines() if re.match(r"[A-Za-z]", line)]
+
+
+def live(script: str, server) -> str:
+    return (script.replace("http://localhost:8000", server.http_url).replace("localhost:8000", server.http_url)
+            .replace("localhost:50051", server.grpc_address))
+
+
+def runnable_bash() -> list[str]:
+    out = []
+    for script in blocks("bash"):
+        cmds = commands(script)
+        if cmds and all(c.startswith(("curl ", "rerank ")) for c in cmds):
+            out.append(script)
+    return out
+
+
+def test_the_readme_has_snippets_to_run():
+    assert len(blocks("python")) >= 4 and len(runnable_bash()) >= 2
+    # and the two commands come first
+    first = blocks("bash")[0]
+    assert [c.split()[:2] for c in commands(first)] == [["make", "serve"], ["make", "test"]], first
+
+
+@pytest.mark.parametrize("index", range(len(blocks("python"))))
+def test_python_snippet(live_server, index, tmp_path):
+    script = live(blocks("python")[index], live_server)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
+    assert result.returncode == 0, f"{script}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+    assert result.stdout.strip(), "each snippet prints what it got"
+
+
+@pytest.mark.parametrize("index", range(len(runnable_bash())))
+def test_shell_snippet(live_server, index, tmp_path):
+    script = live(runnable_bash()[index], live_server)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # the `rerank` CLI
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path, env=env)
+    assert result.returncode == 0, f"{script}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+    out = result.stdout.strip()
+    assert out, script
+    if script.lstrip().startswith("curl"):
+        body = json.loads(out)
+        assert body["object"] == "rerank" and body["results"], body

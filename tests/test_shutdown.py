@@ -1,0 +1,102 @@
+"""SIGTERM/SIGINT as the README promises: during the drain both listeners keep answering
+(health NOT_SERVING / 503, new requests 503 / UNAVAILABLE), accepted requests finish within
+--shutdown-grace, those still running then are answered 503 / UNAVAILABLE (never a reset or
+an empty reply), the log counts both, the process exits 0 soon after; a second signal exits
+at once. Real processes, real signals, real ports."""
+from __future__ import annotations
+
+import re
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import requests
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import start_server
+from test_serving import LONG, QUEUED, batches_for, body, grpc_request, long_document, poll, post, scrape, stub
+
+GRACE = 2.0
+
+
+def slow_docs(k: int, seed: int) -> list[str]:
+    return [long_document(seed + j) for j in range(2 * k)]  # k full forwards of two LONG pairs
+
+
+def test_requests_outliving_the_grace_are_answered_unavailable_and_the_process_exits_0(tiny_checkpoint, tmp_path):
+    server = start_server(tiny_checkpoint, tmp_path / "server.log", "--max-length", str(LONG),
+                          "--max-batch-tokens", str(2 * LONG), "--shutdown-grace", str(GRACE))
+    try:
+        k = batches_for(server, 4 * GRACE)  # each slow request: about twice the grace of forwards
+        k_quick = batches_for(server, GRACE / 2)  # first in the queue: done within the grace
+        channel, client = stub(server)
+        health = health_pb2_grpc.HealthStub(channel)
+        with channel, ThreadPoolExecutor(3) as pool:
+            quick = pool.submit(post, server, body("quick", slow_docs(k_quick, 1)))
+            poll(lambda: scrape(server)[QUEUED] > 0, what="the quick request to queue")
+            slow_rest = pool.submit(post, server, body("slow rest", slow_docs(k, 100)))
+            slow_grpc = client.Rerank.future(grpc_request("slow grpc", slow_docs(k, 300)), timeout=300)
+            # more than one slow request's tokens queued: both are accepted
+            poll(lambda: scrape(server)[QUEUED] > 2 * LONG * k, what="both slow requests to queue")
+            server.process.send_signal(signal.SIGTERM)
+            assert not quick.done(), "the quick request finished before the signal: make it slower"
+            signalled = time.monotonic()
+
+            poll(lambda: requests.get(server.http_url + "/health", timeout=5).status_code == 503,
+                 what="/health to answer 503 while draining")
+            status = health.Check(health_pb2.HealthCheckRequest(service="rerank.v1.Rerank"), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            late = post(server, body("late", ["too late"]), timeout=30)
+            assert late.status_code == 503 and "shutting down" in late.json()["message"], late.text
+
+            assert quick.result().status_code == 200, quick.result().text  # finished within the grace
+            cut = slow_rest.result()
+            assert cut.status_code == 503, cut.text
+            message = cut.json()["message"]
+            assert "shutting down" in message and f"grace of {GRACE:g} s" in message, message
+            assert cut.json()["code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+            try:
+                slow_grpc.result()
+                raise AssertionError("the slow gRPC call finished within the grace: make it slower")
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in e.details(), e
+            answered = time.monotonic() - signalled
+        assert server.process.wait(30) == 0, server.log()
+        exited = time.monotonic() - signalled
+        assert answered < GRACE + 3, answered
+        assert exited < GRACE + 8, exited  # the grace plus a few seconds, not a whole forward queue
+        log = server.log()
+        assert re.search(r"drained: 1 of 3 accepted requests finished, 2 cut at the end of the grace", log), log
+        assert "Traceback" not in log, log
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
+def test_a_second_signal_exits_at_once(tiny_checkpoint, tmp_path):
+    server = start_server(tiny_checkpoint, tmp_path / "server.log", "--max-length", str(LONG),
+                          "--max-batch-tokens", str(2 * LONG), "--shutdown-grace", "120")
+    try:
+        k = batches_for(server, 30)
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(post, server, body("slow", slow_docs(k, 500)))
+            poll(lambda: scrape(server)[QUEUED] > 0, what="the slow request to queue")
+            server.process.send_signal(signal.SIGINT)
+            poll(lambda: requests.get(server.http_url + "/health", timeout=5).status_code == 503,
+                 what="the drain to begin")
+            started = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            code = server.process.wait(10)
+            assert time.monotonic() - started < 5
+            assert code == 128 + signal.SIGTERM, server.log()
+            try:
+                slow.result()
+            except requests.ConnectionError:
+                pass  # the caller of a process killed on purpose sees the connection end
+        assert "SIGTERM again: exiting at once" in server.log(), server.log()
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
