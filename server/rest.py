@@ -56,7 +56,6 @@ _STATUS_TO_CODE = {status: code for code, status in reversed(HTTP_STATUS.items()
 
 _TIMEOUT_UNITS = {"H": (3600.0, "h"), "M": (60.0, "min"), "S": (1.0, "s"), "m": (1e-3, "ms"),
                   "u": (1e-6, "µs"), "n": (1e-9, "ns")}
-GRPC_TIMEOUT_PATTERN = "^[0-9]{1,8}[HMSmun]$"
 
 
 def _grpc_timeout(value: str | None) -> Deadline | None:
