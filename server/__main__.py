@@ -67,7 +67,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         return 2
     limits = dict(max_request_bytes=config.max_request_bytes, http_port=config.http_port,
                   grpc_port=config.grpc_port, auth=bool(config.api_keys), tls=bool(config.tls_cert),
-                  batching=config.batching)
+                  batching=config.batching, document_objects=config.document_objects)
     service = RerankService(config.served_model_name, config.max_documents, config.api_keys, settings=limits)
 
     grpc_server, health = build_grpc_server(service, f"{config.host}:{config.grpc_port}",

@@ -153,7 +153,7 @@ def test_document_objects_flag(objects_server):
     # the TEI dialect keeps TEI's own shape
     ranks = post(objects_server, "/rerank", {"query": QUERY, "texts": ["plain"], "return_text": True}).json()
     assert ranks[0]["text"] == "plain"
-    assert requests.get(objects_server.http_url + "/info", timeout=10).status_code == 200
+    assert requests.get(objects_server.http_url + "/info", timeout=10).json()["document_objects"] is True
 
 
 # ---------------------------------------------------------------- pair scoring
