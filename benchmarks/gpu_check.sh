@@ -132,7 +132,7 @@ copy_result() {
 if wants tests; then
     junit=()
     [ -n "${OUT:-}" ] && junit=(--junitxml "$OUT/pytest.xml")
-    step "GPU tests" "$PYTEST_TIMEOUT" "$PY" -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider "${junit[@]}"
+    step "GPU tests" "$PYTEST_TIMEOUT" "$PY" -m pytest tests/test_gpu.py tests/test_tuning_gpu.py -q -rs -p no:cacheprovider "${junit[@]}"
 fi
 
 if wants forward; then

@@ -33,6 +33,13 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return write_random_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny", seed=1)
 
 
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory) -> Path:
+    """6 layers x 384 (MiniLM-L6 shapes, 436 MB): where a test needs forwards slow enough to
+    watch (a load, a drain) without thousands of documents to tokenize."""
+    return write_random_checkpoint(tmp_path_factory.mktemp("small"), "small", seed=3)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,6 @@ import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import SERVED_MODEL, free_port, start_server
-from rerank_server.checkpoint import write_random_checkpoint
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -67,12 +66,12 @@ def poll_until_serving(server, trace: StartupTrace, timeout: float = 120) -> Non
 
 
 @pytest.fixture(scope="module")
-def startup(tmp_path_factory) -> StartupTrace:
+def startup(small_checkpoint, tmp_path_factory) -> StartupTrace:
     """One server started without waiting: its health observed from the first moment, one
     request in flight when SIGTERM arrives, then the exit. The small model (6 x 384, 436 MB)
     takes long enough to load for the NOT_SERVING window to be seen; the tiny one loads in
     a blink once its tokenizer is parsed before the listeners start."""
-    checkpoint = write_random_checkpoint(tmp_path_factory.mktemp("small"), "small", seed=3)
+    checkpoint = small_checkpoint
     trace = StartupTrace()
     server = start_server(checkpoint, tmp_path_factory.mktemp("logs") / "startup.log", wait=False)
     try:

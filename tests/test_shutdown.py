@@ -2,9 +2,11 @@
 (health NOT_SERVING / 503, new requests 503 / UNAVAILABLE), accepted requests finish within
 --shutdown-grace, those still running then are answered 503 / UNAVAILABLE (never a reset or
 an empty reply), the log counts both, the process exits 0 soon after; a second signal exits
-at once. Real processes, real signals, real ports."""
+at once. Real processes, real signals, real ports; the small model with
+256-token pairs, so that a few hundred short documents outlast the grace."""
 from __future__ import annotations
 
+import math
 import re
 import signal
 import time
@@ -15,30 +17,57 @@ import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import start_server
-from test_serving import LONG, QUEUED, batches_for, body, grpc_request, long_document, poll, post, scrape, stub
+import random
+
+from test_serving import QUEUED, body, grpc_request, poll, post, scrape, sentence, stub
 
 GRACE = 2.0
+PAIR = 256  # --max-length: every document below is cut to it; two pairs fill a batch
+
+
+def document(seed: int) -> str:
+    """About 350 tokens: cut by the server to exactly PAIR."""
+    rng = random.Random(seed)
+    return " ".join(sentence(rng, 20) for _ in range(15))
 
 
 def slow_docs(k: int, seed: int) -> list[str]:
-    return [long_document(seed + j) for j in range(2 * k)]  # k full forwards of two LONG pairs
+    return [document(seed + j) for j in range(2 * k)]  # k full forwards of two pairs
 
 
-def test_requests_outliving_the_grace_are_answered_unavailable_and_the_process_exits_0(tiny_checkpoint, tmp_path):
-    server = start_server(tiny_checkpoint, tmp_path / "server.log", "--max-length", str(LONG),
-                          "--max-batch-tokens", str(2 * LONG), "--shutdown-grace", str(GRACE))
+def start(checkpoint, log, *extra):
+    return start_server(checkpoint, log, "--max-length", str(PAIR), "--max-batch-tokens", str(2 * PAIR), *extra)
+
+
+_forward_seconds: dict[str, float] = {}  # per server
+
+
+def forwards_for(server, seconds: float) -> int:
+    """How many full forwards take about ``seconds`` on this machine now (measured)."""
+    if server.http_url not in _forward_seconds:
+        times = []
+        for i in range(3):
+            r = post(server, body("calibration", slow_docs(1, 900 + 2 * i)))
+            assert r.status_code == 200, r.text
+            times.append(float(r.headers["X-Inference-Time"]) / 1000)
+        _forward_seconds[server.http_url] = min(times)
+    return max(2, math.ceil(seconds / _forward_seconds[server.http_url]))
+
+
+def test_requests_outliving_the_grace_are_answered_unavailable_and_the_process_exits_0(small_checkpoint, tmp_path):
+    server = start(small_checkpoint, tmp_path / "server.log", "--shutdown-grace", str(GRACE))
     try:
-        k = batches_for(server, 4 * GRACE)  # each slow request: about twice the grace of forwards
-        k_quick = batches_for(server, GRACE / 2)  # first in the queue: done within the grace
+        k = forwards_for(server, 4 * GRACE)  # each slow request: about twice the grace of forwards
+        k_quick = forwards_for(server, 0.4 * GRACE)  # first in the queue: done within the grace
         channel, client = stub(server)
         health = health_pb2_grpc.HealthStub(channel)
         with channel, ThreadPoolExecutor(3) as pool:
             quick = pool.submit(post, server, body("quick", slow_docs(k_quick, 1)))
-            poll(lambda: scrape(server)[QUEUED] > 0, what="the quick request to queue")
+            time.sleep(0.05)  # queued first
             slow_rest = pool.submit(post, server, body("slow rest", slow_docs(k, 100)))
             slow_grpc = client.Rerank.future(grpc_request("slow grpc", slow_docs(k, 300)), timeout=300)
             # more than one slow request's tokens queued: both are accepted
-            poll(lambda: scrape(server)[QUEUED] > 2 * LONG * k, what="both slow requests to queue")
+            poll(lambda: scrape(server)[QUEUED] > 2 * PAIR * k, what="both slow requests to queue")
             server.process.send_signal(signal.SIGTERM)
             assert not quick.done(), "the quick request finished before the signal: make it slower"
             signalled = time.monotonic()
@@ -75,11 +104,10 @@ def test_requests_outliving_the_grace_are_answered_unavailable_and_the_process_e
             server.process.wait()
 
 
-def test_a_second_signal_exits_at_once(tiny_checkpoint, tmp_path):
-    server = start_server(tiny_checkpoint, tmp_path / "server.log", "--max-length", str(LONG),
-                          "--max-batch-tokens", str(2 * LONG), "--shutdown-grace", "120")
+def test_a_second_signal_exits_at_once(small_checkpoint, tmp_path):
+    server = start(small_checkpoint, tmp_path / "server.log", "--shutdown-grace", "120")
     try:
-        k = batches_for(server, 30)
+        k = forwards_for(server, 30)
         with ThreadPoolExecutor(1) as pool:
             slow = pool.submit(post, server, body("slow", slow_docs(k, 500)))
             poll(lambda: scrape(server)[QUEUED] > 0, what="the slow request to queue")
