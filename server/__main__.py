@@ -18,7 +18,7 @@ import grpc
 from aiohttp import web
 
 from rerank_server.config import Config, default_max_batch_tokens, parse_args
-from rerank_server.engine import Engine, ModelNotFoundError, resolve_model_dir
+from rerank_server.engine import Engine, ModelNotFoundError, could_be_hub_id, resolve_model_dir
 from rerank_server.grpc_server import build_grpc_server, set_serving
 from rerank_server.schema import SERVICE
 from rerank_server.rest import build_app
@@ -54,10 +54,11 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     tokenizer = None
     local_dir = Path(config.model).expanduser()
     try:
-        if local_dir.is_dir():
+        if local_dir.is_dir() or not could_be_hub_id(config.model):
             # Parsed before the listeners start: tokenizers holds the GIL for about a second while
             # it parses tokenizer.json, which would leave health probes unanswered meanwhile. (A hub
             # id is resolved, maybe downloaded, in the background below; its parse stalls there.)
+            # A path that is no directory fails here, before anything listens.
             tokenizer = Engine.load_tokenizer(resolve_model_dir(config.model), config.max_length)
         credentials, ssl_context = _tls(config)
         _check_port_free(config.host, config.grpc_port, "gRPC")

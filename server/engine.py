@@ -43,6 +43,11 @@ def check_checkpoint_dir(path: Path) -> Path:
     return path
 
 
+def could_be_hub_id(model: str) -> bool:
+    """"name" or "org/name"; a path such as ./x, /x or a/b/c cannot be one."""
+    return not model.startswith((".", "/", "~")) and model.count("/") <= 1
+
+
 def resolve_model_dir(model: str) -> Path:
     """A local directory as is; otherwise a Hugging Face hub id through the HF cache
     (``HF_HOME``, ``HF_HUB_OFFLINE`` honoured by huggingface_hub)."""
@@ -52,7 +57,7 @@ def resolve_model_dir(model: str) -> Path:
     where = f"no such directory {path.absolute()}"
     if path.exists():
         raise ModelNotFoundError(f"--model {model!r}: {path.absolute()} is a file, not a checkpoint directory")
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:  # cannot be a hub id
+    if not could_be_hub_id(model):
         raise ModelNotFoundError(f"--model {model!r}: {where}")
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError

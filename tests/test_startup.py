@@ -131,3 +131,10 @@ def test_the_start_up_log_lists_every_route(live_server):
                   "GET /info", "GET /openapi.json", "GET /docs", "rerank.v1.Rerank.Rerank", "grpc.health.v1",
                   "reflection"):
         assert route in line, line
+
+
+def test_a_missing_model_path_fails_before_anything_listens(tmp_path):
+    result = run_server("--model", str(tmp_path / "no" / "such" / "dir"), "--host", "127.0.0.1",
+                        "--http-port", str(free_port()), "--grpc-port", str(free_port()))
+    line = assert_one_line_exit_2(result, "no such directory", str(tmp_path / "no" / "such" / "dir"))
+    assert "listening" not in result.stdout + result.stderr, line
