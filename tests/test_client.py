@@ -129,6 +129,28 @@ def test_sync_async_and_rest_agree(live_server, client, fields):
         assert response.prompt_tokens == expected["usage"]["prompt_tokens"]
 
 
+@pytest.mark.parametrize("fields", [{}, {"raw_scores": True}])
+def test_score_sync_and_async_agree_with_rest(live_server, client, fields):
+    """The Score RPC through both clients: one score per text_2, in order, as POST /score gives."""
+    r = requests.post(live_server.http_url + "/score", timeout=60,
+                      json={"model": SERVED_MODEL, "text_1": QUERY, "text_2": DOCS, **fields})
+    assert r.status_code == 200, r.text
+    expected = [d["score"] for d in sorted(r.json()["data"], key=lambda d: d["index"])]
+    sync = client.score(QUERY, DOCS, **fields)
+
+    async def call(c):
+        return await c.score([QUERY] * len(DOCS), DOCS, **fields)  # a list of text_1, one per text_2
+    asynchronous = arun(call, target=live_server.grpc_address)
+    assert len(sync) == len(DOCS)
+    assert sync == pytest.approx(expected, abs=1e-6) and asynchronous == pytest.approx(expected, abs=1e-6)
+    # and they are the rerank scores of the same pairs, by document
+    ranked = {x.index: x.relevance_score for x in client.rerank(QUERY, DOCS, **fields).results}
+    assert sync == pytest.approx([ranked[i] for i in range(len(DOCS))], abs=1e-6)
+    with pytest.raises(RerankError) as e:
+        client.score(["a", "b"], ["x", "y", "z"])
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "text_1" in e.value.message
+
+
 def test_typed_results(client):
     before = int(time.time())
     response = client.rerank(QUERY, DOCS, top_n=3)

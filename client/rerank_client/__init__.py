@@ -21,7 +21,8 @@ from rerank_client.client import (
     RerankResponse,
     RerankResult,
     build_request,
+    build_score_request,
 )
 
 __all__ = ["DEFAULT_MODEL", "AsyncRerankClient", "Document", "RerankClient", "RerankError", "RerankResponse",
-           "RerankResult", "build_request", "pb", "pb_grpc"]
+           "RerankResult", "build_request", "build_score_request", "pb", "pb_grpc"]

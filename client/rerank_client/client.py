@@ -117,6 +117,23 @@ def build_request(query: str, documents: Sequence[Document], *, model: str = DEF
     return request
 
 
+def build_score_request(text_1: str | Sequence[str], text_2: str | Sequence[str], *, model: str = DEFAULT_MODEL,
+                        raw_scores: bool = False, truncate: bool | None = None) -> pb.ScoreRequest:
+    """The ``pb.ScoreRequest`` (vLLM's pair scoring): ``text_1`` one string paired with every
+    ``text_2``, or a list as long as ``text_2``."""
+    request = pb.ScoreRequest(model=model, text_1=to_value(text_1 if isinstance(text_1, str) else list(text_1)),
+                              text_2=to_value(text_2 if isinstance(text_2, str) else list(text_2)))
+    if raw_scores:
+        request.raw_scores = True
+    if truncate is not None:
+        request.truncate = truncate
+    return request
+
+
+def _scores(reply: pb.ScoreResponse) -> list[float]:
+    return [d.score for d in sorted(reply.data, key=lambda d: d.index)]
+
+
 class _Base:
     def __init__(self, target: str, *, api_key: str | None, secure: bool, root_certificates: bytes | None,
                  timeout: float | None, max_retries: int, initial_backoff: float, max_backoff: float,
@@ -194,11 +211,21 @@ class RerankClient(_Base):
 
     def rerank_pb(self, request: pb.RerankRequest, *, timeout: float | None = None) -> pb.RerankResponse:
         """The raw RPC (with the client's deadline, metadata and retries) on a ``pb.RerankRequest``."""
+        return self._call(self._stub.Rerank, request, timeout)
+
+    def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str], *, model: str = DEFAULT_MODEL,
+              raw_scores: bool = False, truncate: bool | None = None, timeout: float | None = None) -> list[float]:
+        """One score per (text_1, text_2[i]) pair, in ``text_2``'s order (the ``Score`` RPC,
+        vLLM's pair scoring; sigmoid scores unless ``raw_scores``). Raises :class:`RerankError`."""
+        request = build_score_request(text_1, text_2, model=model, raw_scores=raw_scores, truncate=truncate)
+        return _scores(self._call(self._stub.Score, request, timeout))
+
+    def _call(self, method, request, timeout: float | None):
         deadline = self._deadline(timeout)
         attempt = 0
         while True:
             try:
-                return self._stub.Rerank(request, timeout=self._remaining(deadline), metadata=self._metadata)
+                return method(request, timeout=self._remaining(deadline), metadata=self._metadata)
             except grpc.RpcError as e:
                 delay = self._retry_delay(e, attempt, deadline)
                 if delay is None:
@@ -266,11 +293,21 @@ class AsyncRerankClient(_Base):
 
     async def rerank_pb(self, request: pb.RerankRequest, *, timeout: float | None = None) -> pb.RerankResponse:
         """See :meth:`RerankClient.rerank_pb`."""
+        return await self._call(self._stub.Rerank, request, timeout)
+
+    async def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str], *, model: str = DEFAULT_MODEL,
+                    raw_scores: bool = False, truncate: bool | None = None,
+                    timeout: float | None = None) -> list[float]:
+        """See :meth:`RerankClient.score`."""
+        request = build_score_request(text_1, text_2, model=model, raw_scores=raw_scores, truncate=truncate)
+        return _scores(await self._call(self._stub.Score, request, timeout))
+
+    async def _call(self, method, request, timeout: float | None):
         deadline = self._deadline(timeout)
         attempt = 0
         while True:
             try:
-                return await self._stub.Rerank(request, timeout=self._remaining(deadline), metadata=self._metadata)
+                return await method(request, timeout=self._remaining(deadline), metadata=self._metadata)
             except grpc.RpcError as e:
                 delay = self._retry_delay(e, attempt, deadline)
                 if delay is None:
