@@ -5,10 +5,6 @@ multiples of it and one past, each query tier (first-token queries, <= 64, longe
 The default configuration is covered by test_kernels_interpreter.py."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +12,8 @@ import torch
 triton = pytest.importorskip("triton")
 
 from rerank_kernels import attention  # noqa: E402  (the reference; the kernel runs in the child)
-from tensor_checks import assert_close  # noqa: E402
+from tensor_checks import assert_close, run_interpreted  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (3e-3, 3e-3)}
 
 
@@ -74,11 +69,7 @@ torch.save(results, sys.argv[2])
 def interpreted(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("attention_configs")
     torch.save(CASES, tmp / "cases.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", _WORKER, str(tmp / "cases.pt"), str(tmp / "out.pt")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"interpreter child failed:\n{result.stderr[-5000:]}"
+    run_interpreted(_WORKER, tmp / "cases.pt", tmp / "out.pt")
     return torch.load(tmp / "out.pt", weights_only=False)
 
 

@@ -2,9 +2,6 @@
 read, and the fused up-projection kernel inside the whole forward (Triton interpreter)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,9 +12,8 @@ import rerank_server.model as model_module
 from rerank_kernels import TORCH_OPS
 from rerank_server.checkpoint import write_random_checkpoint
 from rerank_server.model import load_cross_encoder
-from tensor_checks import assert_close
+from tensor_checks import assert_close, run_interpreted
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(hidden_size=64, num_attention_heads=2, num_hidden_layers=2, intermediate_size=128, vocab_size=300,
             max_position_embeddings=160)
 LENGTHS = [1, 9, 70, 1, 33, 4, 17, 2, 120, 12]  # 269 tokens, two of length 1
@@ -81,11 +77,7 @@ def test_whole_model_with_the_fused_ffn_in_the_interpreter(checkpoint, tmp_path)
     """The CUDA op set with the fused up-projection chosen, every Triton kernel interpreted
     on CPU tensors, FFN in several slices written in place: the same logits as the CPU ops."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", _WORKER, str(checkpoint), str(tmp_path / "out.pt")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"interpreter child failed:\n{result.stderr[-5000:]}"
+    run_interpreted(_WORKER, checkpoint, tmp_path / "out.pt")
     ours = torch.load(tmp_path / "out.pt")
     want = reference_logits(checkpoint, torch.float32)
     assert want.std() > 1e-3, "the logits must differ for the comparison to mean anything"

@@ -29,7 +29,7 @@ import rerank_kernels.attention as attention  # noqa: E402  (references; the Tri
 import rerank_kernels.embeddings as embeddings  # noqa: E402
 import rerank_kernels.gelu as gelu  # noqa: E402
 import rerank_kernels.layernorm as layernorm  # noqa: E402
-from tensor_checks import assert_close  # noqa: E402
+from tensor_checks import assert_close, run_interpreted  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -188,10 +188,7 @@ def interpreted(tmp_path_factory) -> dict:
     """Case name -> the kernel's output (or its error text), all run in one interpreter child."""
     tmp = tmp_path_factory.mktemp("interpreter")
     torch.save({name: (c.module, c.function, c.args) for name, c in CASES.items()}, tmp / "cases.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", _WORKER, str(tmp / "cases.pt"), str(tmp / "out.pt")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"interpreter child failed:\n{result.stderr[-5000:]}"
+    run_interpreted(_WORKER, tmp / "cases.pt", tmp / "out.pt")
     return torch.load(tmp / "out.pt", weights_only=False)
 
 
@@ -371,11 +368,7 @@ def test_whole_model_with_the_cuda_ops_in_the_interpreter(tmp_path):
     seqs = [torch.cat([torch.tensor([0]), torch.randint(5, 300, (n - 2,), generator=g), torch.tensor([2])])
             if n > 1 else torch.tensor([0]) for n in MODEL_LENGTHS]
     torch.save((torch.cat(seqs), cu_from_lengths(MODEL_LENGTHS), max(MODEL_LENGTHS)), checkpoint / "batch.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", _MODEL_WORKER, str(checkpoint), str(tmp_path / "out.pt")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"interpreter child failed:\n{result.stderr[-5000:]}"
+    run_interpreted(_MODEL_WORKER, checkpoint, tmp_path / "out.pt")
     ours = torch.load(tmp_path / "out.pt")
 
     hf = transformers.XLMRobertaForSequenceClassification.from_pretrained(checkpoint, attn_implementation="eager").eval()

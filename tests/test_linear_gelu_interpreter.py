@@ -8,10 +8,6 @@ imported, so all cases run in one child process and come back through ``torch.sa
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +15,8 @@ import torch
 triton = pytest.importorskip("triton")
 
 from rerank_kernels import layernorm, linear_gelu  # noqa: E402  (references; the kernels run in the child)
-from tensor_checks import assert_close  # noqa: E402
+from tensor_checks import assert_close, run_interpreted  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 # Both sides accumulate in fp32 and round once; fp16 may differ by an ulp of the output.
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3)}
 
@@ -103,11 +98,7 @@ def interpreted(tmp_path_factory) -> dict:
     in one interpreter child."""
     tmp = tmp_path_factory.mktemp("linear_gelu")
     torch.save(CASES, tmp / "cases.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", _WORKER, str(tmp / "cases.pt"), str(tmp / "out.pt")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"interpreter child failed:\n{result.stderr[-5000:]}"
+    run_interpreted(_WORKER, tmp / "cases.pt", tmp / "out.pt")
     return torch.load(tmp / "out.pt", weights_only=False)
 
 
