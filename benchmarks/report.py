@@ -111,10 +111,15 @@ def summary() -> str:
             lines.append(f"- Forward, {d['dtype']}, full-size random weights: {'; '.join(figures)} "
                          f"({provenance(path, d)})")
         elif d.get("benchmark") == "load":
-            top = [r for r in d["runs"] if r.get("fraction_of_raw_forward") and r["mode"].startswith("64") and r["batching"]]
-            figures = [f"{r['transport']} {r['fraction_of_raw_forward']:.0%}" for r in top]
-            lines.append(f"- Serving `{d['model']['checkpoint']}` at 64 clients, share of the raw forward: "
-                         f"{', '.join(figures)} ({provenance(path, d)})")
+            closed = [r for r in d["runs"] if r.get("fraction_of_raw_forward") and r["batching"]
+                      and r["mode"].split()[0].isdigit()]
+            clients = max((int(r["mode"].split()[0]) for r in closed), default=0)
+            figures = [f"{r['transport']} {r['fraction_of_raw_forward']:.0%}" for r in closed
+                       if int(r["mode"].split()[0]) == clients]
+            tails = [f"{r['transport']} {r.get('arrivals', 'Poisson')} {r['p99_over_p50']:.2f} "
+                     f"(ideal FIFO {r['ideal_fifo']['p99_over_p50']:.2f})" for r in d["runs"] if r.get("ideal_fifo")]
+            lines.append(f"- Serving `{d['model']['checkpoint']}` at {clients} clients, share of the raw forward: "
+                         f"{', '.join(figures)}; half-load p99/p50: {', '.join(tails)} ({provenance(path, d)})")
     return "\n".join(lines) or "No results yet."
 
 
