@@ -38,7 +38,6 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 COPY README.md CMakeLists.txt ./
 COPY cmake ./cmake
 COPY proto ./proto
-COPY python ./python
 COPY kernels ./kernels
 COPY server ./server
 COPY client ./client

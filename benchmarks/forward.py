@@ -64,16 +64,43 @@ import numpy as np
 import torch
 
 from benchmarks.measure import (  # noqa: F401  (device_description, git_commit, slug: also load.py's)
-    GiB, MachineLoad, PeakMemory, best_layer_mix, cpu_facts, cuda_facts, device_description, fmt_rate, fmt_s,
-    gemm_rate, git_commit, slug, summarize, sync, time_runs, wait_quiet,
+    GiB,
+    MachineLoad,
+    PeakMemory,
+    best_layer_mix,
+    cpu_facts,
+    cuda_facts,
+    device_description,
+    fmt_rate,
+    fmt_s,
+    gemm_rate,
+    git_commit,
+    slug,
+    summarize,
+    sync,
+    time_runs,
+    wait_quiet,
 )
 from benchmarks.probes import (
-    TARGET_MEMORY_HEADROOM, maybe_rss_probe, memory_probe, ours_weight_bytes, print_memory_probe, profile_ours,
+    TARGET_MEMORY_HEADROOM,
+    maybe_rss_probe,
+    memory_probe,
+    ours_weight_bytes,
+    print_memory_probe,
+    profile_ours,
     rss_probe,
 )
 from benchmarks.workloads import (
-    MIN_LEN, WORKLOADS, Workload, hf_executed_flops, make_latency_workload, make_long_workload, make_workloads,
-    matmul_params, ours_executed_flops, useful_flops,
+    MIN_LEN,
+    WORKLOADS,
+    Workload,
+    hf_executed_flops,
+    make_latency_workload,
+    make_long_workload,
+    make_workloads,
+    matmul_params,
+    ours_executed_flops,
+    useful_flops,
 )
 from rerank_kernels import ATTENTION_BACKENDS, Ops, available_attention_backends, select_ops
 from rerank_server.checkpoint import write_random_checkpoint

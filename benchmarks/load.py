@@ -286,7 +286,7 @@ class Recorder:
         else:
             self.errors += 1
 
-    def __enter__(self) -> "Recorder":
+    def __enter__(self) -> Recorder:
         self.t0, self.m0 = time.perf_counter(), machine_busy_s()
         self.server_cpu0, self.client0 = self.server.cpu_seconds(), os.times()
         return self

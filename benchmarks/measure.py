@@ -101,7 +101,7 @@ class MachineLoad:
             return None
         return (sum(v) - v[3] - v[4]) / cls.HZ  # all but idle and iowait
 
-    def __enter__(self) -> "MachineLoad":
+    def __enter__(self) -> MachineLoad:
         self.m0, self.t0, self.w0 = self.machine_busy_s(), os.times(), time.perf_counter()
         return self
 
@@ -165,7 +165,7 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device, self.result = device, None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             sync(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

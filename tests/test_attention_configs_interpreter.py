@@ -5,14 +5,14 @@ multiples of it and one past, each query tier (first-token queries, <= 64, longe
 The default configuration is covered by test_kernels_interpreter.py."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
-from rerank_kernels import attention  # noqa: E402  (the reference; the kernel runs in the child)
 from tensor_checks import assert_close, run_interpreted  # noqa: E402
+
+from rerank_kernels import attention  # noqa: E402  (the reference; the kernel runs in the child)
 
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (3e-3, 3e-3)}
 

@@ -14,8 +14,8 @@ import time
 import grpc
 import pytest
 import requests
-
 from conftest import DOCS, QUERY, ROOT, SERVED_MODEL, start_server
+
 from rerank_client import AsyncRerankClient, RerankClient, RerankError, RerankResponse, RerankResult
 
 MIXED = ["A plain string document about machine learning.",

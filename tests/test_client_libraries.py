@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from conftest import ROOT, SERVED_MODEL, start_server
 
 CLIENTS = Path(__file__).with_name("clients")

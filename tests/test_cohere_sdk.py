@@ -6,7 +6,6 @@ from __future__ import annotations
 import cohere
 import pytest
 import requests
-
 from conftest import DOCS, QUERY, SERVED_MODEL, start_server
 
 OBJECT_DOCS = [

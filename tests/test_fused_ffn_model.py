@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensor_checks import assert_close, run_interpreted
 
 import rerank_server.model as model_module
 from rerank_kernels import TORCH_OPS
 from rerank_server.checkpoint import write_random_checkpoint
 from rerank_server.model import load_cross_encoder
-from tensor_checks import assert_close, run_interpreted
 
 TINY = dict(hidden_size=64, num_attention_heads=2, num_hidden_layers=2, intermediate_size=128, vocab_size=300,
             max_position_embeddings=160)

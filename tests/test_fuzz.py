@@ -20,10 +20,9 @@ import math
 
 import pytest
 import requests
+from conftest import SERVED_MODEL, start_server
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
-from conftest import SERVED_MODEL, start_server
 
 MAX_DOCUMENTS = 12
 MAX_REQUEST_BYTES = 20_000

@@ -10,8 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from rerank_kernels import TORCH_OPS, Ops
-from rerank_kernels import tuning
+from rerank_kernels import TORCH_OPS, Ops, tuning
 from rerank_kernels.linear_gelu import linear_gelu_torch
 
 HIDDEN, INTERMEDIATE = 32, 48

@@ -16,20 +16,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
+from tensor_checks import assert_close, run_interpreted  # noqa: E402
+
 import rerank_kernels.attention as attention  # noqa: E402  (references; the Triton ops run in the child)
 import rerank_kernels.embeddings as embeddings  # noqa: E402
 import rerank_kernels.gelu as gelu  # noqa: E402
 import rerank_kernels.layernorm as layernorm  # noqa: E402
-from tensor_checks import assert_close, run_interpreted  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,14 +8,14 @@ imported, so all cases run in one child process and come back through ``torch.sa
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
-from rerank_kernels import layernorm, linear_gelu  # noqa: E402  (references; the kernels run in the child)
 from tensor_checks import assert_close, run_interpreted  # noqa: E402
+
+from rerank_kernels import layernorm, linear_gelu  # noqa: E402  (references; the kernels run in the child)
 
 # Both sides accumulate in fp32 and round once; fp16 may differ by an ulp of the output.
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3)}

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from conftest import start_server
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")

@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 import requests
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from conftest import SERVED_MODEL, free_port, start_server
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -25,11 +25,11 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
+from conftest import SERVED_MODEL, LiveServer, start_server
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import SERVED_MODEL, LiveServer, start_server
 from rerank_server.schema import pb, pb_grpc
 
 LONG = 2048  # --max-length of the servers that need slow forwards: long documents are cut to it

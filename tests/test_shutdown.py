@@ -7,6 +7,7 @@ at once. Real processes, real signals, real ports; the small model with
 from __future__ import annotations
 
 import math
+import random
 import re
 import signal
 import time
@@ -14,11 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import requests
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from conftest import start_server
-import random
-
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_serving import QUEUED, body, grpc_request, poll, post, scrape, sentence, stub
 
 GRACE = 2.0

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, free_port, start_server
 from test_server_lifecycle import error_lines, wait_exit
 

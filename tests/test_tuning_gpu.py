@@ -9,11 +9,14 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 
-from rerank_kernels import select_ops  # noqa: E402
-from rerank_kernels import tuning  # noqa: E402
+from tensor_checks import assert_close  # noqa: E402
+
+from rerank_kernels import (
+    select_ops,  # noqa: E402
+    tuning,  # noqa: E402
+)
 from rerank_kernels.attention import varlen_attention_torch  # noqa: E402
 from rerank_kernels.linear_gelu import linear_gelu_torch, linear_gelu_triton  # noqa: E402
-from tensor_checks import assert_close  # noqa: E402
 
 CUDA = torch.device("cuda")
 HIDDEN, INTERMEDIATE, HEADS = 1024, 4096, 16  # bge-reranker-v2-m3

@@ -12,8 +12,8 @@ import json
 import os
 import ssl
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from google.protobuf import json_format
 

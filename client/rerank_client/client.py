@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Union
 
 import grpc
 from google.protobuf import json_format, struct_pb2
+
 from rerank_client import health as _health
 from rerank_client._proto import rerank_pb2 as pb
 from rerank_client._proto import rerank_pb2_grpc as pb_grpc

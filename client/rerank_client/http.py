@@ -10,8 +10,8 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from rerank_client.client import RerankError
 from rerank_client._proto import rerank_pb2 as pb
+from rerank_client.client import RerankError
 
 
 def post_rerank(url: str, request: pb.RerankRequest, *, api_key: str | None = None, timeout: float | None = 30.0,

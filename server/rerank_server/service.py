@@ -112,7 +112,7 @@ def counted_in_flight(method):
     """Counts a service call in ``RerankService.in_flight`` while it runs (the shutdown drain
     waits for that count to reach zero)."""
     @functools.wraps(method)
-    async def run(self: "RerankService", *args, **kwargs):
+    async def run(self: RerankService, *args, **kwargs):
         self.in_flight += 1
         try:
             return await method(self, *args, **kwargs)

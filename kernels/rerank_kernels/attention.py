@@ -7,7 +7,7 @@ against all of its keys.
 import functools
 import inspect
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -224,7 +224,7 @@ ATTENTION_BACKENDS = ("flash-attn", "torch-varlen", "triton", "torch-sdpa")
 _HALF = (torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flash_attn_varlen_func():
     """flash_attn.flash_attn_varlen_func, or the reason it is unusable (a str)."""
     try:
@@ -234,7 +234,7 @@ def _flash_attn_varlen_func():
     return flash_attn_varlen_func
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _torch_varlen_attn():
     """torch.nn.attention.varlen.varlen_attn (torch >= 2.10), or the reason it is unusable."""
     try:
@@ -257,7 +257,7 @@ def varlen_attention_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
 FLASH_MAX_BATCH = 65535
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _takes_scale(fn: Callable) -> bool:
     return "scale" in inspect.signature(fn).parameters
 

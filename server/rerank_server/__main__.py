@@ -20,9 +20,9 @@ from aiohttp import web
 from rerank_server.config import Config, default_max_batch_tokens, parse_args
 from rerank_server.engine import Engine, ModelNotFoundError, could_be_hub_id, resolve_model_dir
 from rerank_server.grpc_server import build_grpc_server, set_serving
-from rerank_server.schema import SERVICE
 from rerank_server.rest import build_app
 from rerank_server.scheduler import Scheduler
+from rerank_server.schema import SERVICE
 from rerank_server.service import RerankService, request_id_var
 
 log = logging.getLogger("rerank_server")

@@ -58,7 +58,7 @@ class EncoderConfig:
         return self.max_position_embeddings - self.position_offset
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "EncoderConfig":
+    def from_hf(cls, hf: dict) -> EncoderConfig:
         """Reads a Hugging Face ``config.json`` dict; refuses what this forward cannot run."""
         archs = hf.get("architectures") or []
         if not any(a in SUPPORTED_ARCHITECTURES for a in archs) or hf.get("model_type") not in ("xlm-roberta", "roberta"):

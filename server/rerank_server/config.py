@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 from rerank_server.scheduler import MAX_BATCH_PAIRS
 
-
 GPU_BATCH_TOKENS = 16384  # enough rows to fill an H100's GEMMs; larger adds memory, not speed
 CPU_BATCH_TOKENS = 4096  # a CPU's GEMMs are at full rate well below this
 

@@ -1,8 +1,8 @@
 """The ops the model calls, chosen once per device: PyTorch references on the CPU,
 fused Triton kernels and FlashAttention varlen on CUDA."""
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

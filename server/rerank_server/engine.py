@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate, chain
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -108,7 +108,7 @@ class Engine:
 
     @classmethod
     def load(cls, model: str, device: str = "auto", max_length: int | None = None,
-             attention: str | None = None, tokenizer: PairTokenizer | None = None) -> "Engine":
+             attention: str | None = None, tokenizer: PairTokenizer | None = None) -> Engine:
         """``tokenizer``: one already loaded by ``load_tokenizer`` from the same directory."""
         started = time.perf_counter()
         model_dir = resolve_model_dir(model)
