@@ -8,10 +8,10 @@ import math
 import grpc
 import pytest
 import requests
-from conftest import DOCS, QUERY, SERVED_MODEL
 from google.protobuf import descriptor_pb2, json_format, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import DOCS, QUERY, SERVED_MODEL
 
 from rerank_server.schema import pb, pb_grpc
 from rerank_server.tokenization import PairTokenizer

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import requests
-from conftest import DOCS, QUERY, SERVED_MODEL, start_server
+from helpers import DOCS, QUERY, SERVED_MODEL, start_server
 
 from rerank_server.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
 from rerank_server.tokenization import PairTokenizer

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tensor_checks import assert_close, run_interpreted
+
+from rerank_kernels import attention  # the reference; the kernel runs in the child
 
 triton = pytest.importorskip("triton")
-
-from tensor_checks import assert_close, run_interpreted  # noqa: E402
-
-from rerank_kernels import attention  # noqa: E402  (the reference; the kernel runs in the child)
 
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (3e-3, 3e-3)}
 

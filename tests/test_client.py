@@ -14,7 +14,7 @@ import time
 import grpc
 import pytest
 import requests
-from conftest import DOCS, QUERY, ROOT, SERVED_MODEL, start_server
+from helpers import DOCS, QUERY, ROOT, SERVED_MODEL, start_server
 
 from rerank_client import AsyncRerankClient, RerankClient, RerankError, RerankResponse, RerankResult
 

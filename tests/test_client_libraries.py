@@ -22,19 +22,12 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, SERVED_MODEL, start_server
+from clients.quickstart import DOCS, QUERY, TOP_N
+from helpers import ROOT, SERVED_MODEL, start_server
 
 CLIENTS = Path(__file__).with_name("clients")
 REQUIREMENTS = CLIENTS / "requirements.txt"
 VENV = ROOT / ".venv-clients"
-QUERY = "What is machine learning?"  # as in cases.py
-DOCS = [
-    "Machine learning is a subset of artificial intelligence.",
-    "The weather today is sunny and warm.",
-    "Deep learning uses neural networks with multiple layers.",
-    "Python is a popular programming language.",
-]
-TOP_N = 3
 
 # case -> what it checks beyond the default (the sigmoid scores of the top 3, texts as sent)
 DEFAULT_SERVER = [

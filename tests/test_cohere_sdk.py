@@ -6,7 +6,7 @@ from __future__ import annotations
 import cohere
 import pytest
 import requests
-from conftest import DOCS, QUERY, SERVED_MODEL, start_server
+from helpers import DOCS, QUERY, SERVED_MODEL, start_server
 
 OBJECT_DOCS = [
     {"title": "ML", "text": "Machine learning is a subset of artificial intelligence.", "source": "wiki"},

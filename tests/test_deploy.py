@@ -29,11 +29,11 @@ from pathlib import Path
 
 import pytest
 
+from rerank_server import config as server_config
+
 yaml = pytest.importorskip("yaml")
 kubernetes_validate = pytest.importorskip(
     "kubernetes_validate", reason="kubernetes-validate is not installed (pip install -e '.[test]')")
-
-from rerank_server import config as server_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

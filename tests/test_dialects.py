@@ -8,8 +8,8 @@ import math
 import grpc
 import pytest
 import requests
-from conftest import DOCS, QUERY, SERVED_MODEL, start_server
 from google.protobuf import struct_pb2
+from helpers import DOCS, QUERY, SERVED_MODEL, start_server
 
 from rerank_server.schema import pb, pb_grpc
 from rerank_server.tokenization import PairTokenizer

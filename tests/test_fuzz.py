@@ -20,7 +20,7 @@ import math
 
 import pytest
 import requests
-from conftest import SERVED_MODEL, start_server
+from helpers import SERVED_MODEL, start_server
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 

@@ -15,21 +15,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensor_checks import assert_close
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from rerank_kernels import ATTENTION_BACKENDS, available_attention_backends, select_ops
+from rerank_kernels.attention import select_attention, varlen_attention_torch, varlen_attention_triton
+from rerank_kernels.embeddings import embed_layernorm_torch, embed_layernorm_triton
+from rerank_kernels.gelu import bias_gelu_torch, bias_gelu_triton
+from rerank_kernels.layernorm import add_layernorm_torch, add_layernorm_triton
+from rerank_server.checkpoint import write_random_checkpoint
+from rerank_server.engine import Engine
+from rerank_server.model import load_cross_encoder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
-
-from tensor_checks import assert_close  # noqa: E402
-
-from rerank_kernels import ATTENTION_BACKENDS, available_attention_backends, select_ops  # noqa: E402
-from rerank_kernels.attention import select_attention, varlen_attention_torch, varlen_attention_triton  # noqa: E402
-from rerank_kernels.embeddings import embed_layernorm_torch, embed_layernorm_triton  # noqa: E402
-from rerank_kernels.gelu import bias_gelu_torch, bias_gelu_triton  # noqa: E402
-from rerank_kernels.layernorm import add_layernorm_torch, add_layernorm_triton  # noqa: E402
-from rerank_server.checkpoint import write_random_checkpoint  # noqa: E402
-from rerank_server.engine import Engine  # noqa: E402
-from rerank_server.model import load_cross_encoder  # noqa: E402
 
 CUDA = torch.device("cuda")
 ROOT = Path(__file__).resolve().parent.parent

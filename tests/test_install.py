@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, SERVED_MODEL, free_port
+from helpers import ROOT, SERVED_MODEL, free_port
 
 TORCH = "torch==2.13.0"  # the Makefile's; from this machine's local wheel where there is one
 

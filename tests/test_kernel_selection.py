@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from rerank_kernels import TORCH_OPS, Ops, tuning
+from rerank_kernels import TORCH_OPS, Ops, attention, tuning
 from rerank_kernels.linear_gelu import linear_gelu_torch
 
 HIDDEN, INTERMEDIATE = 32, 48
@@ -201,8 +201,6 @@ def test_info_shows_the_choices(tmp_path):
 
 
 # ----------------------------------------------------------------------------- attention configurations
-
-from rerank_kernels import attention  # noqa: E402
 
 HEADS, HEAD_DIM = 2, 32
 

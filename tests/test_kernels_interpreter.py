@@ -22,15 +22,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensor_checks import assert_close, run_interpreted
+
+import rerank_kernels.attention as attention  # references; the Triton ops run in the child
+import rerank_kernels.embeddings as embeddings
+import rerank_kernels.gelu as gelu
+import rerank_kernels.layernorm as layernorm
 
 triton = pytest.importorskip("triton")
-
-from tensor_checks import assert_close, run_interpreted  # noqa: E402
-
-import rerank_kernels.attention as attention  # noqa: E402  (references; the Triton ops run in the child)
-import rerank_kernels.embeddings as embeddings  # noqa: E402
-import rerank_kernels.gelu as gelu  # noqa: E402
-import rerank_kernels.layernorm as layernorm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

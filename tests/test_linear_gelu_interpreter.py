@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tensor_checks import assert_close, run_interpreted
+
+from rerank_kernels import layernorm, linear_gelu  # references; the kernels run in the child
 
 triton = pytest.importorskip("triton")
-
-from tensor_checks import assert_close, run_interpreted  # noqa: E402
-
-from rerank_kernels import layernorm, linear_gelu  # noqa: E402  (references; the kernels run in the child)
 
 # Both sides accumulate in fp32 and round once; fp16 may differ by an ulp of the output.
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3)}

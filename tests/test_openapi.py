@@ -5,7 +5,7 @@ are in it. (schemathesis, in test_schemathesis.py, checks the same far more wide
 import jsonschema
 import pytest
 import requests
-from conftest import SERVED_MODEL
+from helpers import SERVED_MODEL
 
 MAX_DOCUMENTS = 50  # the live_server fixture's --max-documents
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import start_server
+from helpers import start_server
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 import requests
-from conftest import SERVED_MODEL, free_port, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import SERVED_MODEL, error_lines, free_port, start_server, wait_exit
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -171,20 +171,6 @@ def test_environment_variables_and_sigint(tiny_checkpoint, tmp_path):
         if server.process.poll() is None:
             server.process.kill()
             server.process.wait()
-
-
-def wait_exit(server, timeout: float = 60) -> tuple[int, str]:
-    try:
-        code = server.process.wait(timeout)
-    except Exception:
-        server.process.kill()
-        server.process.wait()
-        raise
-    return code, server.log()
-
-
-def error_lines(log: str) -> list[str]:
-    return [line for line in log.splitlines() if re.search(r"\b(ERROR|CRITICAL)\b", line)]
 
 
 def test_missing_model_directory_exits_nonzero_with_one_clear_line(tmp_path):

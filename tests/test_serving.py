@@ -25,28 +25,27 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
-from conftest import SERVED_MODEL, LiveServer, start_server
-from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import (
+    QUEUED,
+    SERVED_MODEL,
+    LiveServer,
+    body,
+    grpc_request,
+    poll,
+    post,
+    scrape,
+    sentence,
+    start_server,
+    stub,
+)
 
-from rerank_server.schema import pb, pb_grpc
+from rerank_server.schema import pb
 
 LONG = 2048  # --max-length of the servers that need slow forwards: long documents are cut to it
-WORDS = ("the a of to and in is was for on with as by at from that which model data system time "
-         "people water energy market city river music language history science school health "
-         "research network computer study report court policy company price growth climate "
-         "species protein cell light sound design garden kitchen train bridge mountain island "
-         "ancient modern early later public private local national global digital natural human "
-         "quickly often rarely never always slowly carefully recently finally mostly").split()
 
 
 # ---------------------------------------------------------------- helpers
-
-def sentence(rng: random.Random, words: int) -> str:
-    text = " ".join(rng.choice(WORDS) for _ in range(words))
-    return text[0].upper() + text[1:] + "."
-
 
 def documents(rng: random.Random, n: int) -> list[str]:
     """Sentence-length documents, 1 to 3 sentences each, all distinct."""
@@ -60,62 +59,18 @@ def long_document(seed: int) -> str:
     return " ".join(sentence(rng, 20) for _ in range(125))
 
 
-def body(query: str, docs: list, **fields) -> dict:
-    return {"model": SERVED_MODEL, "query": query, "documents": docs, **fields}
-
-
-def post(server: LiveServer, payload: dict, headers: dict | None = None, timeout: float = 120,
-         **kwargs) -> requests.Response:
-    return requests.post(server.http_url + "/v1/rerank", json=payload, headers=headers, timeout=timeout, **kwargs)
-
-
 def rerank_ok(server: LiveServer, payload: dict, headers: dict | None = None) -> dict:
     r = post(server, payload, headers)
     assert r.status_code == 200, r.text
     return r.json()
 
 
-def grpc_request(query: str, docs: list[str], **fields) -> pb.RerankRequest:
-    return pb.RerankRequest(model=SERVED_MODEL, query=query,
-                            documents=[struct_pb2.Value(string_value=d) for d in docs], **fields)
-
-
-def stub(server: LiveServer, credentials: grpc.ChannelCredentials | None = None):
-    channel = (grpc.secure_channel(server.grpc_address, credentials) if credentials
-               else grpc.insecure_channel(server.grpc_address))
-    return channel, pb_grpc.RerankStub(channel)
-
-
-def scrape(server: LiveServer, headers: dict | None = None, scheme_url: str | None = None, **kwargs) -> dict[str, float]:
-    """GET /metrics -> {'name{label="v",...}': value}, labels sorted by name."""
-    r = requests.get((scheme_url or server.http_url) + "/metrics", headers=headers, timeout=30, **kwargs)
-    assert r.status_code == 200, r.text
-    out = {}
-    for family in text_string_to_metric_families(r.text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
-    return out
-
-
-FORWARDS, PAIRS, TOKENS, QUEUED = ("rerank_batch_pairs_count", "rerank_batch_pairs_sum", "rerank_tokens_total",
-                                  "rerank_queued_tokens")
+FORWARDS, PAIRS, TOKENS = "rerank_batch_pairs_count", "rerank_batch_pairs_sum", "rerank_tokens_total"
 GRPC_CANCELLED = 'rerank_requests_total{code="CANCELLED",http_status="",route="Rerank",transport="grpc"}'
 
 
 def delta(after: dict, before: dict, key: str) -> float:
     return after.get(key, 0.0) - before.get(key, 0.0)
-
-
-def poll(predicate, timeout: float = 90, what: str = "a condition", interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def wait_ready(*servers: LiveServer, url: str | None = None, verify=None, timeout: float = 180) -> None:

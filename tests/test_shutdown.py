@@ -15,9 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import requests
-from conftest import start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_serving import QUEUED, body, grpc_request, poll, post, scrape, sentence, stub
+from helpers import QUEUED, body, grpc_request, poll, post, scrape, sentence, start_server, stub
 
 GRACE = 2.0
 PAIR = 256  # --max-length: every document below is cut to it; two pairs fill a batch

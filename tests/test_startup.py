@@ -10,8 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, free_port, start_server
-from test_server_lifecycle import error_lines, wait_exit
+from helpers import ROOT, error_lines, free_port, start_server, wait_exit
 
 
 def run_server(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tensor_checks import assert_close
+
+from rerank_kernels import select_ops, tuning
+from rerank_kernels.attention import varlen_attention_torch
+from rerank_kernels.linear_gelu import linear_gelu_torch, linear_gelu_triton
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
-
-from tensor_checks import assert_close  # noqa: E402
-
-from rerank_kernels import (
-    select_ops,  # noqa: E402
-    tuning,  # noqa: E402
-)
-from rerank_kernels.attention import varlen_attention_torch  # noqa: E402
-from rerank_kernels.linear_gelu import linear_gelu_torch, linear_gelu_triton  # noqa: E402
 
 CUDA = torch.device("cuda")
 HIDDEN, INTERMEDIATE, HEADS = 1024, 4096, 16  # bge-reranker-v2-m3

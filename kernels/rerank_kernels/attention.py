@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from rerank_kernels._triton import HAS_TRITON, cuda_grid, require_triton, tl, triton
+
 
 def varlen_attention_torch(
     q: torch.Tensor,
@@ -44,8 +46,6 @@ def varlen_attention_torch(
 
 
 # ----------------------------------------------------------------------------- Triton
-
-from rerank_kernels._triton import HAS_TRITON, cuda_grid, require_triton, tl, triton  # noqa: E402
 
 
 @triton.jit

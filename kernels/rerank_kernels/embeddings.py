@@ -6,6 +6,9 @@ Positions are derived from ``cu_seqlens``: token ``t`` of sequence ``i`` gets
 import torch
 import torch.nn.functional as F
 
+from rerank_kernels._triton import cuda_grid, next_power_of_2, require_triton, tl, triton
+from rerank_kernels.layernorm import layernorm_row
+
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int, offset: int) -> torch.Tensor:
     """(batch + 1,) int32 offsets -> (total,) int64 position ids starting at ``offset``."""
@@ -36,8 +39,6 @@ def embed_layernorm_torch(
 
 # ----------------------------------------------------------------------------- Triton
 
-from rerank_kernels._triton import cuda_grid, next_power_of_2, require_triton, tl, triton  # noqa: E402
-
 
 # Triton compiles a variant per integer argument that is 1 or a multiple of 16: the pair
 # count changes with every batch, so it is not specialized (no compile while serving).
@@ -67,12 +68,7 @@ def _embed_layernorm_kernel(
     x += tl.load(position_ptr + pos.to(tl.int64) * position_stride + cols, mask=mask, other=0.0).to(tl.float32)
     x += tl.load(token_type_ptr + cols, mask=mask, other=0.0).to(tl.float32)
 
-    mean = tl.sum(x, axis=0) / hidden
-    centered = tl.where(mask, x - mean, 0.0)  # padding lanes must not enter the variance
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / hidden + eps)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = centered * rstd * w + b
+    y = layernorm_row(x, cols, hidden, weight_ptr, bias_ptr, eps)
     tl.store(out_ptr + row.to(tl.int64) * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

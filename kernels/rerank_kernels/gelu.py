@@ -2,6 +2,8 @@
 import torch
 import torch.nn.functional as F
 
+from rerank_kernels._triton import cuda_grid, require_triton, tl, triton
+
 
 def bias_gelu_torch(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Reference. x (rows, features), bias (features,) -> gelu_erf(x + bias), computed in fp32."""
@@ -9,8 +11,6 @@ def bias_gelu_torch(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- Triton
-
-from rerank_kernels._triton import cuda_grid, require_triton, tl, triton  # noqa: E402
 
 
 # n_elements changes with every batch: not specialized (1 or a multiple of 16 would each

@@ -2,6 +2,8 @@
 import torch
 import torch.nn.functional as F
 
+from rerank_kernels._triton import cuda_grid, next_power_of_2, require_triton, tl, triton
+
 
 def add_layernorm_torch(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -16,7 +18,19 @@ def add_layernorm_torch(
 
 # ----------------------------------------------------------------------------- Triton
 
-from rerank_kernels._triton import cuda_grid, next_power_of_2, require_triton, tl, triton  # noqa: E402
+
+@triton.jit
+def layernorm_row(x, cols, hidden, weight_ptr, bias_ptr, eps):
+    """LayerNorm of one row held by one program, shared by the fused kernels' epilogues:
+    x (BLOCK_H,) fp32 at lanes ``cols``, 0 past ``hidden`` -> (x - mean) * rstd * weight + bias
+    (BLOCK_H,) fp32; the caller does the one downcast at its store."""
+    mask = cols < hidden
+    mean = tl.sum(x, axis=0) / hidden
+    centered = tl.where(mask, x - mean, 0.0)  # padding lanes must not enter the variance
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / hidden + eps)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return centered * rstd * w + b
 
 
 @triton.jit
@@ -32,12 +46,7 @@ def _add_layernorm_kernel(
     h = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
     h += tl.load(residual_ptr + row * residual_stride + cols, mask=mask, other=0.0).to(tl.float32)
 
-    mean = tl.sum(h, axis=0) / hidden
-    centered = tl.where(mask, h - mean, 0.0)  # padding lanes must not enter the variance
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / hidden + eps)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = centered * rstd * w + b
+    y = layernorm_row(h, cols, hidden, weight_ptr, bias_ptr, eps)
     tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -12,6 +12,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from rerank_kernels._triton import HAS_TRITON, cuda_grid, require_triton, tl, triton
 from rerank_kernels.gelu import bias_gelu_torch
 
 
@@ -30,8 +31,6 @@ def linear_gelu_unfused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 # ----------------------------------------------------------------------------- Triton
-
-from rerank_kernels._triton import HAS_TRITON, cuda_grid, require_triton, tl, triton  # noqa: E402
 
 ROW_BUCKETS = (64, 512)  # autotuning tiers by row count: <= 64, <= 512, more (see rows_bucket)
 

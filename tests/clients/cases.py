@@ -15,17 +15,11 @@ import sys
 import time
 import warnings
 
+from quickstart import DOCS, QUERY, TOP_N
+
 warnings.filterwarnings("ignore")
 
 KEY = "dummy-key"  # the test server has no API keys: any bearer token passes
-QUERY = "What is machine learning?"
-DOCS = [
-    "Machine learning is a subset of artificial intelligence.",
-    "The weather today is sunny and warm.",
-    "Deep learning uses neural networks with multiple layers.",
-    "Python is a popular programming language.",
-]
-TOP_N = 3
 CASES = {}
 
 
