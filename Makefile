@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make serve [MODEL=dir-or-hub-id] [ARGS="--http-port 8000 ..."]   starts the service
 #   make test                                                          runs the tests
+#   make test-fast                                                     the edit loop: -m "not slow"
 # Both create .venv: torch first (TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU
 # build on a machine without a local torch wheel), then this project editable with its test
 # extras and the client, whose builds (scikit-build-core -> CMake) generate the gRPC stubs.
@@ -15,7 +16,7 @@ ARGS ?=
 BUILD_INPUTS := pyproject.toml client/pyproject.toml CMakeLists.txt client/CMakeLists.txt \
 	cmake/ProtoStubs.cmake cmake/relative_imports.cmake proto/rerank/v1/rerank.proto
 
-.PHONY: serve test checkpoint bench clean
+.PHONY: serve test test-fast checkpoint bench clean
 
 $(VENV)/.installed: $(BUILD_INPUTS)
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
@@ -29,6 +30,10 @@ serve: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(ARGS)
+
+# the edit loop: everything but the tests marked slow (markers: pyproject.toml)
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow" $(ARGS)
 
 checkpoint: $(VENV)/.installed
 	$(VENV)/bin/rerank-server checkpoint --size tiny --out checkpoints/tiny

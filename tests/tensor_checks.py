@@ -14,8 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_interpreted(worker: str, *args) -> None:
     """Runs ``worker`` (Python source; ``args`` as its sys.argv[1:]) in a child with
     TRITON_INTERPRET=1: the variable only takes effect if set before triton is imported."""
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", worker, *map(str, args)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"interpreter child failed:\n{result.stderr[-5000:]}"

@@ -16,6 +16,8 @@ from helpers import DOCS, QUERY, SERVED_MODEL
 from rerank_server.schema import pb, pb_grpc
 from rerank_server.tokenization import PairTokenizer
 
+pytestmark = pytest.mark.serving
+
 SERVICE = "rerank.v1.Rerank"
 
 

@@ -14,6 +14,8 @@ from helpers import DOCS, QUERY, SERVED_MODEL, start_server
 from rerank_server.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
 from rerank_server.tokenization import PairTokenizer
 
+pytestmark = pytest.mark.serving
+
 ROUTES = ["/v1/rerank", "/rerank"]
 ALIAS = "reranker"
 MULTILINGUAL = [
@@ -291,6 +293,7 @@ def tokenizer64(tiny_checkpoint):
     return PairTokenizer(tiny_checkpoint / "tokenizer.json", 64, 0, 2)
 
 
+@pytest.mark.slow  # starts a server of its own
 def test_truncated_long_document(short_server, tokenizer, tokenizer64):
     tok = tokenizer64
     long_doc = "Machine learning models learn patterns from data and generalize to new examples. " * 30
@@ -307,6 +310,7 @@ def test_truncated_long_document(short_server, tokenizer, tokenizer64):
     assert s[1] == pytest.approx(s[3], abs=1e-5), "text past the truncation point changed the score"
 
 
+@pytest.mark.slow  # starts a server of its own
 def test_long_query_is_cut(short_server, tokenizer64):
     tok = tokenizer64
     query = "what is the meaning of this extremely long question " * 20

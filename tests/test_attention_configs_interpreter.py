@@ -13,6 +13,8 @@ from rerank_kernels import attention  # the reference; the kernel runs in the ch
 
 triton = pytest.importorskip("triton")
 
+pytestmark = [pytest.mark.interpreter, pytest.mark.slow]
+
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (3e-3, 3e-3)}
 
 

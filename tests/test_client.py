@@ -18,6 +18,8 @@ from helpers import DOCS, QUERY, ROOT, SERVED_MODEL, start_server
 
 from rerank_client import AsyncRerankClient, RerankClient, RerankError, RerankResponse, RerankResult
 
+pytestmark = pytest.mark.serving
+
 MIXED = ["A plain string document about machine learning.",
          {"text": "An object document on neural networks.", "title": "NN", "year": 2024, "tags": ["a", "b"]}]
 BIG = [("token " * 200) + str(i) for i in range(50)]
@@ -298,6 +300,7 @@ def auth_server(tiny_checkpoint, tmp_path_factory):
     assert server.stop() == 0, server.log()
 
 
+@pytest.mark.slow  # starts a server of its own
 def test_retries_until_the_server_starts(auth_server):
     response, codes, elapsed = auth_server.first_call
     assert len(response.results) == len(DOCS) and elapsed < 120
@@ -305,6 +308,7 @@ def test_retries_until_the_server_starts(auth_server):
     assert set(codes[:-1]) == {grpc.StatusCode.UNAVAILABLE}
 
 
+@pytest.mark.slow  # starts a server of its own
 def test_api_key(auth_server, live_server):
     with RerankClient(auth_server.grpc_address, api_key=API_KEY) as c:
         response = c.rerank(QUERY, DOCS)

@@ -25,6 +25,8 @@ import requests
 from clients.quickstart import DOCS, QUERY, TOP_N
 from helpers import ROOT, SERVED_MODEL, start_server
 
+pytestmark = [pytest.mark.clients, pytest.mark.serving, pytest.mark.slow]
+
 CLIENTS = Path(__file__).with_name("clients")
 REQUIREMENTS = CLIENTS / "requirements.txt"
 VENV = ROOT / ".venv-clients"

@@ -8,6 +8,8 @@ import pytest
 import requests
 from helpers import DOCS, QUERY, SERVED_MODEL, start_server
 
+pytestmark = pytest.mark.serving
+
 OBJECT_DOCS = [
     {"title": "ML", "text": "Machine learning is a subset of artificial intelligence.", "source": "wiki"},
     {"title": "Weather", "text": "The weather today is sunny and warm."},
@@ -73,6 +75,7 @@ def objects_server(tiny_checkpoint, tmp_path_factory):
     assert server.stop() == 0, server.log()
 
 
+@pytest.mark.slow  # starts a server of its own
 def test_v1_document_objects_flag(objects_server):
     with cohere.Client(api_key="any-key", base_url=objects_server.http_url, timeout=60) as co:
         response = co.rerank(model=SERVED_MODEL, query=QUERY, documents=DOCS, top_n=2, return_documents=True)

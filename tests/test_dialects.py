@@ -14,6 +14,8 @@ from helpers import DOCS, QUERY, SERVED_MODEL, start_server
 from rerank_server.schema import pb, pb_grpc
 from rerank_server.tokenization import PairTokenizer
 
+pytestmark = [pytest.mark.serving, pytest.mark.slow]
+
 MAX_LENGTH = 64
 LONG = "Deep learning uses neural networks with multiple layers. " * 20  # far over 64 tokens
 

@@ -14,6 +14,8 @@ from rerank_kernels import TORCH_OPS
 from rerank_server.checkpoint import write_random_checkpoint
 from rerank_server.model import load_cross_encoder
 
+pytestmark = [pytest.mark.interpreter, pytest.mark.slow]
+
 TINY = dict(hidden_size=64, num_attention_heads=2, num_hidden_layers=2, intermediate_size=128, vocab_size=300,
             max_position_embeddings=160)
 LENGTHS = [1, 9, 70, 1, 33, 4, 17, 2, 120, 12]  # 269 tokens, two of length 1

@@ -24,6 +24,8 @@ from helpers import SERVED_MODEL, start_server
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+pytestmark = [pytest.mark.serving, pytest.mark.slow]
+
 MAX_DOCUMENTS = 12
 MAX_REQUEST_BYTES = 20_000
 ROUTES = ["/v1/rerank", "/rerank", "/v2/rerank"]

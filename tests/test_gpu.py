@@ -27,8 +27,9 @@ from rerank_server.checkpoint import write_random_checkpoint
 from rerank_server.engine import Engine
 from rerank_server.model import load_cross_encoder
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+pytestmark = [pytest.mark.gpu, pytest.mark.slow,
+              pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="needs a CUDA GPU (torch.cuda.is_available() is False)")]
 
 CUDA = torch.device("cuda")
 ROOT = Path(__file__).resolve().parent.parent

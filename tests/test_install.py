@@ -21,6 +21,8 @@ import pytest
 import requests
 from helpers import ROOT, SERVED_MODEL, free_port
 
+pytestmark = [pytest.mark.install, pytest.mark.serving, pytest.mark.slow]
+
 TORCH = "torch==2.13.0"  # the Makefile's; from this machine's local wheel where there is one
 
 

@@ -16,6 +16,8 @@ from rerank_kernels import layernorm, linear_gelu  # references; the kernels run
 
 triton = pytest.importorskip("triton")
 
+pytestmark = [pytest.mark.interpreter, pytest.mark.slow]
+
 # Both sides accumulate in fp32 and round once; fp16 may differ by an ulp of the output.
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3)}
 

@@ -7,6 +7,8 @@ import pytest
 import requests
 from helpers import SERVED_MODEL
 
+pytestmark = pytest.mark.serving
+
 MAX_DOCUMENTS = 50  # the live_server fixture's --max-documents
 
 

@@ -17,6 +17,8 @@ import pytest
 import requests
 from helpers import start_server
 
+pytestmark = [pytest.mark.serving, pytest.mark.slow]
+
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 
 

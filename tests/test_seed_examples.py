@@ -13,6 +13,8 @@ import sys
 import pytest
 import requests
 
+pytestmark = pytest.mark.serving
+
 # The quick start's set-up, which the later examples rely on (`requests`, `url`, `headers`).
 PRELUDE = '''\
 import requests

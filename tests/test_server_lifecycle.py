@@ -14,6 +14,8 @@ import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import SERVED_MODEL, error_lines, free_port, start_server, wait_exit
 
+pytestmark = [pytest.mark.serving, pytest.mark.slow]
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

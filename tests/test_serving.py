@@ -42,6 +42,8 @@ from helpers import (
 
 from rerank_server.schema import pb
 
+pytestmark = [pytest.mark.serving, pytest.mark.slow]
+
 LONG = 2048  # --max-length of the servers that need slow forwards: long documents are cut to it
 
 

@@ -14,9 +14,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import pytest
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import QUEUED, body, grpc_request, poll, post, scrape, sentence, start_server, stub
+
+pytestmark = [pytest.mark.serving, pytest.mark.slow]
 
 GRACE = 2.0
 PAIR = 256  # --max-length: every document below is cut to it; two pairs fill a batch

@@ -12,6 +12,8 @@ import sys
 import pytest
 from helpers import ROOT, error_lines, free_port, start_server, wait_exit
 
+pytestmark = [pytest.mark.serving, pytest.mark.slow]
+
 
 def run_server(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rerank_server", *args], cwd=ROOT, capture_output=True, text=True,

@@ -11,8 +11,9 @@ from rerank_kernels import select_ops, tuning
 from rerank_kernels.attention import varlen_attention_torch
 from rerank_kernels.linear_gelu import linear_gelu_torch, linear_gelu_triton
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+pytestmark = [pytest.mark.gpu, pytest.mark.slow,
+              pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="needs a CUDA GPU (torch.cuda.is_available() is False)")]
 
 CUDA = torch.device("cuda")
 HIDDEN, INTERMEDIATE, HEADS = 1024, 4096, 16  # bge-reranker-v2-m3
