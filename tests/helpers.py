@@ -1,6 +1,7 @@
 """Helpers shared by test modules: live server subprocesses and the requests they answer.
 Fixtures stay in conftest.py (which imports from here); what more than one test module uses
-lives here rather than being imported from conftest or from another test module."""
+lives here rather than being imported from conftest or from another test module. The kernel
+tests' helpers (a verbose allclose, the interpreter child) are in tensor_checks.py."""
 from __future__ import annotations
 
 import os
@@ -142,7 +143,8 @@ def stub(server: LiveServer, credentials: grpc.ChannelCredentials | None = None)
     return channel, pb_grpc.RerankStub(channel)
 
 
-def scrape(server: LiveServer, headers: dict | None = None, scheme_url: str | None = None, **kwargs) -> dict[str, float]:
+def scrape(server: LiveServer, headers: dict | None = None, scheme_url: str | None = None,
+           **kwargs) -> dict[str, float]:
     """GET /metrics -> {'name{label="v",...}': value}, labels sorted by name."""
     r = requests.get((scheme_url or server.http_url) + "/metrics", headers=headers, timeout=30, **kwargs)
     assert r.status_code == 200, r.text
