@@ -21,7 +21,7 @@ from rerank_kernels import select_ops
 from rerank_kernels.attention import QUERY_TIERS
 from rerank_kernels.tuning import tune_ops
 from rerank_server.model import FFN_ROWS, CrossEncoder, EncoderConfig, load_cross_encoder
-from rerank_server.tokenization import PairTokenizer
+from rerank_server.tokenization import PairTokenizer, token_type_start
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,14 @@ def tune_for_device(model: CrossEncoder) -> None:
                              max_rows=FFN_ROWS)
 
 
+def token_type_ids(pairs: list[list[int]], lengths: list[int]) -> torch.Tensor:
+    """(total,) int64: 0 before each pair's ``token_type_start``, 1 from it (BERT: the document)."""
+    lengths = np.asarray(lengths)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    type_starts = np.repeat(np.fromiter(map(token_type_start, pairs), dtype=np.int64, count=len(pairs)), lengths)
+    return torch.from_numpy((np.arange(starts.shape[0]) - starts >= type_starts).astype(np.int64))
+
+
 @dataclass
 class Engine:
     model: CrossEncoder
@@ -104,7 +112,7 @@ class Engine:
         tokenizer_file = model_dir / "tokenizer.json"
         if not tokenizer_file.exists():
             raise ModelNotFoundError(f"{model_dir} has no tokenizer.json (the fast tokenizer is required)")
-        return PairTokenizer(tokenizer_file, max_length or limit, config.bos_token_id, config.eos_token_id)
+        return PairTokenizer(tokenizer_file, max_length or limit, truncation=config.truncation)
 
     @classmethod
     def load(cls, model: str, device: str = "auto", max_length: int | None = None,
@@ -146,12 +154,15 @@ class Engine:
         total = sum(lengths)
         ids = torch.from_numpy(np.fromiter(chain.from_iterable(pairs), dtype=np.int64, count=total))
         cu_seqlens = torch.tensor([0, *accumulate(lengths)], dtype=torch.int32)
+        types = token_type_ids(pairs, lengths) if self.model.config.uses_token_types else None
         device = self.model.device
         if device.type == "cpu":
-            logits = self.model(ids, cu_seqlens, max(lengths)).tolist()
+            logits = self.model(ids, cu_seqlens, max(lengths), types).tolist()
             return lambda: logits
         ids, cu_seqlens = ids.pin_memory().to(device, non_blocking=True), cu_seqlens.pin_memory().to(device, non_blocking=True)
-        on_device = self.model(ids, cu_seqlens, max(lengths))
+        if types is not None:
+            types = types.pin_memory().to(device, non_blocking=True)
+        on_device = self.model(ids, cu_seqlens, max(lengths), types)
         on_host = torch.empty(on_device.shape, dtype=on_device.dtype, pin_memory=True)
         on_host.copy_(on_device, non_blocking=True)
         # blocking: the wait sleeps in the driver instead of spinning a core
