@@ -31,14 +31,24 @@ class ModelNotFoundError(RuntimeError):
 
 
 CHECKPOINT_FILES = ("config.json", "tokenizer.json", "*.safetensors")
+# what a checkpoint may hold instead of a file we read, and how to make the one we read
+NOT_READ = {
+    "tokenizer.json": ("vocab.txt", "a slow tokenizer's vocabulary; save the fast one with "
+                       "AutoTokenizer.from_pretrained(dir).save_pretrained(dir)"),
+    "*.safetensors": ("pytorch_model.bin", "pickled weights, which this server does not load; convert them "
+                      "with AutoModelForSequenceClassification.from_pretrained(dir).save_pretrained(dir)"),
+}
 
 
 def check_checkpoint_dir(path: Path) -> Path:
     """``path`` if it holds a checkpoint; else ModelNotFoundError naming the missing file."""
     missing = [name for name in CHECKPOINT_FILES if not any(path.glob(name))]
     if missing:
+        instead = [f"it has {NOT_READ[name][0]} ({NOT_READ[name][1]})" for name in missing
+                   if name in NOT_READ and (path / NOT_READ[name][0]).exists()]
         raise ModelNotFoundError(f"--model {path}: the directory has no {' and no '.join(missing)} "
-                                 f"(a checkpoint directory holds {', '.join(CHECKPOINT_FILES)})")
+                                 f"(a checkpoint directory holds {', '.join(CHECKPOINT_FILES)})"
+                                 + "".join(f"; {line}" for line in instead))
     return path
 
 

@@ -62,7 +62,7 @@ class PairTemplate:
         parts: list[list[int]] = [[], [], []]  # prefix, middle, suffix ids
         types: list[list[int]] = [[], [], [], [], []]  # prefix, query, middle, document, suffix
         seen = 0  # ordinary tokens passed: the query's, then the document's
-        for token, special, token_type in zip(pair.ids, pair.special_tokens_mask, pair.type_ids):
+        for token, special, token_type in zip(pair.ids, pair.special_tokens_mask, pair.type_ids, strict=True):
             if not special:
                 if seen in (0, len(query.ids)):  # a text's first token gives the text's type
                     types[1 if seen == 0 else 3].append(token_type)
