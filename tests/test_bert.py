@@ -389,88 +389,85 @@ def minilm_checkpoint(tmp_path_factory) -> Path:
 
 
 def corpus() -> tuple[list[str], list[str]]:
-    """Real English: the docstrings of standard-library functions (some over 512 tokens when
-    joined), and questions about them."""
-    import argparse
+    """Real English: the first paragraphs of standard-library docstrings, two long documents
+    (whole docstrings joined, cut at 512 tokens), two questions and one long query (which
+    longest_first cuts beside the long documents)."""
     import collections
     import json as json_module
-    import pathlib
     import re
     import shutil
     import subprocess as sp
-    docs = [inspect.getdoc(f) for f in (
-        sorted, json_module.loads, json_module.dumps, re.sub, re.findall, shutil.copytree, shutil.rmtree,
-        sp.run, sp.check_output, pathlib.Path.glob, pathlib.Path.read_text, collections.Counter,
-        collections.OrderedDict.move_to_end, collections.deque, argparse.ArgumentParser.add_argument, zip, enumerate,
-        open, print, round, max, min, sum, isinstance, getattr, str.split, str.join, str.strip, dict.get,
-        list.sort, math.isclose, math.fsum, os.walk, os.path.join, hashlib.sha256, zipfile.ZipFile.extractall)]
-    docs = [d for d in docs if d]
-    docs += [" ".join(docs[i::4]) for i in range(4)]  # long ones: truncated at 512
+    full = [inspect.getdoc(f) or "" for f in (
+        sorted, json_module.loads, json_module.dumps, re.sub, shutil.copytree, shutil.rmtree, sp.run,
+        sp.check_output, collections.Counter, os.walk, os.path.join, zip, enumerate, open)]
+    docs = [d.split("\n\n")[0] for d in full] + [" ".join(full[0::2]), " ".join(full[1::2])]
     queries = ["how do I parse JSON text into a dict?", "run a command and capture its output",
-               "sort a list in place", "copy a whole directory tree", "walk a directory recursively"]
+               "I have a folder with many nested folders and files in it, and I want to visit every one of them, "
+               "read the text files, count how often each word occurs, and then sort the words by how often they "
+               "occur, writing the result as JSON to another file, then delete the old folder"]
     return queries, docs
 
 
-def test_real_minilm_weights_match_transformers_fp32(minilm_checkpoint):
-    engine = Engine.load(str(minilm_checkpoint), "cpu")
+@pytest.fixture(scope="module")
+def minilm_reference(minilm_checkpoint):
+    """(queries, docs, our pairs per query, transformers fp32 logits per query, its bf16 ones)."""
     hf = BertForSequenceClassification.from_pretrained(minilm_checkpoint, attn_implementation="eager").eval()
-    hf_tok = AutoTokenizer.from_pretrained(minilm_checkpoint)
+    tokenizer = Engine.load_tokenizer(minilm_checkpoint)
     queries, docs = corpus()
-    for query in queries[:2]:
-        pairs = engine.tokenizer.encode_pairs(query, docs)
+    pairs = [tokenizer.encode_pairs(query, docs) for query in queries]
+    fp32 = [hf_logits(hf, p) for p in pairs]
+    hf.to(torch.bfloat16)
+    return queries, docs, pairs, fp32, [hf_logits(hf, p) for p in pairs]
+
+
+def test_real_minilm_weights_match_transformers_fp32(minilm_checkpoint, minilm_reference):
+    queries, docs, pairs, want, _ = minilm_reference
+    engine = Engine.load(str(minilm_checkpoint), "cpu")
+    hf_tok = AutoTokenizer.from_pretrained(minilm_checkpoint)
+    for query, query_pairs, query_want in zip(queries, pairs, want, strict=True):
         enc = hf_tok([query] * len(docs), docs, truncation="longest_first", max_length=512)
-        assert [list(p) for p in pairs] == enc["input_ids"] and [token_types(p) for p in pairs] == enc["token_type_ids"]
-        assert max(len(p) for p in pairs) == 512
-        got, want = torch.tensor(engine.forward(pairs)), hf_logits(hf, pairs)
-        assert want.std() > 0.1
-        assert_close(got, want, 1e-4, 0, what=f"all-MiniLM-L6-v2 fp32 vs transformers ({query!r})")
+        assert [list(p) for p in query_pairs] == enc["input_ids"]
+        assert [token_types(p) for p in query_pairs] == enc["token_type_ids"]
+        assert max(len(p) for p in query_pairs) == 512
+        assert query_want.std() > 0.1
+        got = torch.tensor(engine.forward(query_pairs))
+        assert_close(got, query_want, 1e-4, 0, what=f"all-MiniLM-L6-v2 fp32 vs transformers ({query[:30]!r})")
 
 
 def topk_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
     return len(set(a.topk(k).indices.tolist()) & set(b.topk(k).indices.tolist())) / k
 
 
-def test_real_minilm_weights_bf16_fidelity_and_ranking(minilm_checkpoint, capsys):
+def ties(logits: torch.Tensor) -> int:
+    return len(logits) - len(set(logits.tolist()))
+
+
+def test_real_minilm_weights_bf16_fidelity_and_ranking(minilm_checkpoint, minilm_reference, capsys):
     """Trained weights have activation outliers random ones lack. bf16 logits within 3x the
     error of transformers' own bf16 model against its fp32; and what bf16 does to rankings
     (top-k overlap with fp32, ties), printed for the README / report."""
-    ours32 = load_cross_encoder(minilm_checkpoint, TORCH_OPS, CPU, torch.float32)
-    ours16 = load_cross_encoder(minilm_checkpoint, TORCH_OPS, CPU, torch.bfloat16)
-    hf = BertForSequenceClassification.from_pretrained(minilm_checkpoint, attn_implementation="eager").eval()
-    tokenizer = Engine.load_tokenizer(minilm_checkpoint)
-    queries, docs = corpus()
-    want, hf_bf16, got32, got16 = [], [], [], []
-    for query in queries:
-        pairs = tokenizer.encode_pairs(query, docs)
-        want.append(hf_logits(hf, pairs))
-        ids, cu, max_len, types = batch(pairs)
-        got32.append(ours32(ids, cu, max_len, types))
-        got16.append(ours16(ids, cu, max_len, types))
-    hf.to(torch.bfloat16)
-    for query in queries:
-        hf_bf16.append(hf_logits(hf, tokenizer.encode_pairs(query, docs)))
+    queries, docs, pairs, want, hf_bf16 = minilm_reference
+    model = load_cross_encoder(minilm_checkpoint, TORCH_OPS, CPU, torch.bfloat16)
+    ours = [model(*batch(p)) for p in pairs]
+    ours_err = max((o - w).abs().max().item() for o, w in zip(ours, want, strict=True))
     hf_err = max((h - w).abs().max().item() for h, w in zip(hf_bf16, want, strict=True))
-    ours_err = max((o - w).abs().max().item() for o, w in zip(got16, want, strict=True))
-    assert max((o - w).abs().max().item() for o, w in zip(got32, want, strict=True)) <= 1e-4
-    lines = [f"bf16 on all-MiniLM-L6-v2 (seeded head), {len(queries)} queries x {len(docs)} documents: "
-             f"max |logit - HF fp32|: ours bf16 {ours_err:.4f}, HF bf16 {hf_err:.4f}; "
-             f"logit spread (std) {torch.stack(want).std().item():.3f}"]
-    for name, runs in (("ours bf16", got16), ("HF bf16", hf_bf16)):
-        for k in (1, 3, 10):
-            overlap = sum(topk_overlap(r, w, k) for r, w in zip(runs, want, strict=True)) / len(queries)
-            lines.append(f"  {name}: mean top-{k} overlap with fp32 {overlap:.3f}")
-        ties = sum(len(r) - len(set(r.tolist())) for r in runs)
+    lines = [f"bf16 on all-MiniLM-L6-v2 (seeded head), {len(queries)} queries x {len(docs)} documents, logit std "
+             f"{torch.stack(want).std().item():.3f}: max |logit - HF fp32| ours bf16 {ours_err:.4f}, "
+             f"HF bf16 {hf_err:.4f}; tied logits in fp32 {sum(map(ties, want))}"]
+    for name, runs in (("ours bf16", ours), ("HF bf16", hf_bf16)):
+        overlaps = [sum(topk_overlap(r, w, k) for r, w in zip(runs, want, strict=True)) / len(queries)
+                    for k in (1, 3, 5)]
         same_order = sum(torch.equal(r.argsort(descending=True, stable=True), w.argsort(descending=True, stable=True))
                          for r, w in zip(runs, want, strict=True))
-        lines.append(f"  {name}: tied logits {ties} (fp32: {sum(len(w) - len(set(w.tolist())) for w in want)}), "
-                     f"full order kept for {same_order} of {len(queries)} queries")
+        lines.append(f"  {name}: mean top-1/3/5 overlap with fp32 {overlaps[0]:.2f}/{overlaps[1]:.2f}/"
+                     f"{overlaps[2]:.2f}; tied logits {sum(map(ties, runs))}; whole order kept for {same_order} "
+                     f"of {len(queries)} queries")
     with capsys.disabled():
         print("\n" + "\n".join(lines))
     assert ours_err <= 3 * hf_err, f"bf16: ours {ours_err:.3g} > 3 x HF bf16's {hf_err:.3g}"
-    # the head runs in fp32: bf16 creates no ties, and the best document stays the best
-    for r, w in zip(got16, want, strict=True):
-        assert len(set(r.tolist())) == len(r)
-        assert r.argmax() == w.argmax()
+    for r, w in zip(ours, want, strict=True):
+        assert ties(r) == ties(w)  # the head runs in fp32: bf16 creates no ties of its own
+        assert r.argmax() == w.argmax()  # the best document stays the best
 
 
 # ----------------------------------------------------------------------------- served
