@@ -33,7 +33,7 @@ FFN_ROWS = 4096  # tokens per FFN slice (see CrossEncoder._block)
 class Family:
     """What a ``model_type`` brings beyond the sizes its config.json states."""
 
-    architecture: str
+    architectures: tuple[str, ...]  # the config.json architectures it runs
     # How a pair too long for the model is cut (rerank_server.tokenization.PairTokenizer):
     # "only_second" (the document; a query leaving no room is capped at 3/4: FlagEmbedding's
     # rule for bge-reranker) or "longest_first" (sentence-transformers' CrossEncoder).
@@ -44,18 +44,19 @@ class Family:
     name_remaps: tuple[tuple[str, str], ...] = ()
 
 
+_ROBERTA = ("XLMRobertaForSequenceClassification", "RobertaForSequenceClassification")  # one model in two names
 FAMILIES = {
-    "xlm-roberta": Family("XLMRobertaForSequenceClassification", "only_second", True, 1e-5),
-    "roberta": Family("RobertaForSequenceClassification", "only_second", True, 1e-5),
+    "xlm-roberta": Family(_ROBERTA, "only_second", True, 1e-5),
+    "roberta": Family(_ROBERTA, "only_second", True, 1e-5),
     # BERT's head is the pooler (dense + tanh on the first token) then a one-output Linear:
     # RoBERTa's classifier.dense -> tanh -> classifier.out_proj in other names.
-    "bert": Family("BertForSequenceClassification", "longest_first", False, 1e-12, name_remaps=(
+    "bert": Family(("BertForSequenceClassification",), "longest_first", False, 1e-12, name_remaps=(
         (r"^classifier\.(weight|bias)$", r"classifier.out_proj.\1"),
         (r"^(?:bert\.)?pooler\.dense\.", "classifier.dense."),
         (r"^bert\.", ""),
     )),
 }
-SUPPORTED_ARCHITECTURES = tuple(f.architecture for f in FAMILIES.values())
+SUPPORTED_ARCHITECTURES = tuple(dict.fromkeys(a for f in FAMILIES.values() for a in f.architectures))
 
 
 class UnsupportedModelError(ValueError):
@@ -101,7 +102,7 @@ class EncoderConfig:
         """Reads a Hugging Face ``config.json`` dict; refuses what this forward cannot run."""
         archs = hf.get("architectures") or []
         family = FAMILIES.get(hf.get("model_type"))
-        if family is None or family.architecture not in archs:
+        if family is None or not set(family.architectures) & set(archs):
             raise UnsupportedModelError(
                 f"unsupported model (architectures={archs}, model_type={hf.get('model_type')!r}): "
                 f"this server runs one-label {' / '.join(SUPPORTED_ARCHITECTURES)} cross-encoders"
