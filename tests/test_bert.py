@@ -60,11 +60,12 @@ def token_types(pair: EncodedPair) -> list[int]:
     return [int(i >= pair.type_start) for i in range(len(pair))]
 
 
-def hf_logits(hf, pairs: list[EncodedPair]) -> torch.Tensor:
+def hf_logits(hf, pairs: list[EncodedPair], device: torch.device = CPU) -> torch.Tensor:
     """One unpadded call per pair (no masking in the reference), with the pair's token types."""
     with torch.inference_mode():
-        return torch.stack([hf(input_ids=torch.tensor([list(p)]),
-                               token_type_ids=torch.tensor([token_types(p)])).logits[0, 0].float() for p in pairs])
+        return torch.stack([hf(input_ids=torch.tensor([list(p)], device=device),
+                               token_type_ids=torch.tensor([token_types(p)], device=device)).logits[0, 0].float()
+                            for p in pairs]).cpu()
 
 
 def random_pairs(lengths: list[int], seed: int, vocab: int) -> list[EncodedPair]:
@@ -91,12 +92,12 @@ def bert_tiny(tmp_path_factory) -> Path:
 
 # ----------------------------------------------------------------------------- config and loading
 
-def test_config_reads_bert_differences(bert_tiny):
+def test_config_reads_bert_differences(bert_tiny, tmp_path):
     config = EncoderConfig.from_hf(json.loads((bert_tiny / "config.json").read_text()))
     assert (config.family, config.position_offset, config.max_tokens, config.layer_norm_eps) == ("bert", 0, 512, 1e-12)
     assert config.uses_token_types and config.truncation == "longest_first"
     xlmr = EncoderConfig.from_hf(json.loads(write_random_checkpoint(
-        bert_tiny.parent / "xlmr", "tiny", vocab_size=300).joinpath("config.json").read_text()))
+        tmp_path, "tiny", vocab_size=300).joinpath("config.json").read_text()))
     assert not xlmr.uses_token_types and xlmr.truncation == "only_second" and xlmr.position_offset == 2
 
 
@@ -338,6 +339,25 @@ def test_whole_bert_with_the_cuda_ops_in_the_interpreter(tmp_path):
     assert_close(ours["torch.float32"], want, 1e-4, 1e-4, what="fp32 BERT (interpreted CUDA ops) vs transformers")
     hf16_err, ours16_err = (hf16 - want).abs().max().item(), (ours["torch.float16"] - want).abs().max().item()
     assert ours16_err <= 3 * hf16_err + 1e-3, f"fp16: ours {ours16_err:.3g} > 3 x HF fp16's {hf16_err:.3g} + 1e-3"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bert_fp16_on_cuda_matches_transformers(tmp_path):
+    """The engine on CUDA (fp16, the selected attention backend, token types copied to the device)
+    against transformers fp32: max abs error <= 3x transformers' own fp16 error."""
+    cuda = torch.device("cuda")
+    checkpoint = write_random_checkpoint(tmp_path, "tiny", seed=9, family="bert", hidden_size=256,
+                                         num_attention_heads=4, num_hidden_layers=3, intermediate_size=1024,
+                                         vocab_size=5000)
+    engine = Engine.load(str(checkpoint), "cuda")
+    pairs = random_pairs([4, 17, 64, 300, 9, 512, 33, 6, 130, 2], seed=10, vocab=5000)
+    got = torch.tensor(engine.forward(pairs))
+    hf = BertForSequenceClassification.from_pretrained(checkpoint, attn_implementation="eager").eval().to(cuda)
+    want = hf_logits(hf, pairs, cuda)
+    hf16_err = (hf_logits(hf.half(), pairs, cuda) - want).abs().max().item()
+    assert want.std() > 1e-3
+    ours_err = (got - want).abs().max().item()
+    assert ours_err <= 3 * hf16_err + 1e-3, f"fp16: ours {ours_err:.3g} > 3 x HF fp16's {hf16_err:.3g} + 1e-3"
 
 
 # ----------------------------------------------------------------------------- real weights
