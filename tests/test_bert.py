@@ -5,6 +5,7 @@ tokenizer's post-processor, sentence-transformers' longest_first truncation, the
 under Triton's interpreter, and the HTTP dialects against a served BERT checkpoint."""
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
 import inspect
@@ -146,11 +147,11 @@ def models(request, tmp_path_factory):
                                    family="bert", **spec)
     ours = load_cross_encoder(path, TORCH_OPS, CPU, torch.float32)
     hf = BertForSequenceClassification.from_pretrained(path, attn_implementation="eager").eval()
-    return ours, hf
+    return ours, hf, path
 
 
 def test_random_bert_matches_transformers(models):
-    ours, hf = models
+    ours, hf, _ = models
     g = torch.Generator().manual_seed(3)
     longest = ours.config.max_tokens
     lengths = [1, 2, 3, longest] + torch.randint(4, 300, (8,), generator=g).tolist()
@@ -166,7 +167,7 @@ def test_random_bert_matches_transformers(models):
 
 
 def test_padded_hf_batch_matches_unpadded(models):
-    ours, hf = models
+    ours, hf, _ = models
     pairs = random_pairs([5, 40, 9, 130], seed=7, vocab=ours.config.vocab_size)
     ids, cu, max_len, types = batch(pairs)
     pad = lambda rows: torch.nn.utils.rnn.pad_sequence([torch.tensor(r) for r in rows], batch_first=True)  # noqa: E731
@@ -174,6 +175,18 @@ def test_padded_hf_batch_matches_unpadded(models):
         want = hf(input_ids=pad([list(p) for p in pairs]), token_type_ids=pad([token_types(p) for p in pairs]),
                   attention_mask=pad([[1] * len(p) for p in pairs])).logits[:, 0]
     assert_close(ours(ids, cu, max_len, types), want, 1e-4, 0, what="padded HF batch")
+
+
+def test_random_bert_bf16_within_3x_transformers_bf16(models):
+    """bf16 weights and activations (the head in fp32): max abs logit error against transformers
+    fp32 within 3x transformers' own bf16 model's."""
+    _, hf, path = models
+    ours = load_cross_encoder(path, TORCH_OPS, CPU, torch.bfloat16)
+    pairs = random_pairs([2, 7, 40, 130, 250, ours.config.max_tokens - 1], seed=12, vocab=ours.config.vocab_size)
+    want = hf_logits(hf, pairs)
+    hf_err = (hf_logits(copy.deepcopy(hf).to(torch.bfloat16), pairs) - want).abs().max().item()
+    ours_err = (ours(*batch(pairs)) - want).abs().max().item()
+    assert ours_err <= 3 * hf_err, f"bf16: ours {ours_err:.3g} > 3 x HF bf16's {hf_err:.3g}"
 
 
 def test_engine_scores_what_transformers_scores_on_its_own_encoding(bert_tiny):
