@@ -250,7 +250,8 @@ def test_kernels_compile_for_cuda():
     import rerank_kernels.embeddings as e
     import rerank_kernels.gelu as g
     import rerank_kernels.layernorm as n
-    cases = [(e._embed_layernorm_kernel, {"BLOCK_H": 1024, "HAS_TYPE_IDS": True}, 4), (n._add_layernorm_kernel, {"BLOCK_H": 1024}, 4),
+    cases = [(e._embed_layernorm_kernel, {"BLOCK_H": 1024, "HAS_TYPE_IDS": True}, 4),
+             (n._add_layernorm_kernel, {"BLOCK_H": 1024}, 4),
              (g._bias_gelu_kernel, {"BLOCK": 1024}, 4),
              (a._varlen_attention_kernel, {"HEADS": 16, "HEAD_DIM": 64, "BLOCK_M": 16, "BLOCK_N": 64, "IEEE": False}, 4),
              (a._varlen_attention_kernel, {"HEADS": 16, "HEAD_DIM": 64, "BLOCK_M": 128, "BLOCK_N": 64, "IEEE": False}, 8)]
