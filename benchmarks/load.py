@@ -119,12 +119,9 @@ class Workload:
 
 
 def make_workload(checkpoint: Path, n_requests: int, seed: int, max_length: int | None) -> Workload:
-    from rerank_server.tokenization import PairTokenizer
+    from rerank_server.engine import Engine
 
-    config = json.loads((checkpoint / "config.json").read_text())
-    limit = config["max_position_embeddings"] - config.get("pad_token_id", 1) - 1
-    tokenizer = PairTokenizer(checkpoint / "tokenizer.json", max_length or limit,
-                              config.get("bos_token_id", 0), config.get("eos_token_id", 2))
+    tokenizer = Engine.load_tokenizer(checkpoint, max_length)  # the checkpoint's template and limit
     rng = random.Random(seed)
     queries, documents, pairs = [], [], []
     for i in range(n_requests):

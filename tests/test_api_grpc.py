@@ -35,7 +35,7 @@ def stub(channel):
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_checkpoint):
-    return PairTokenizer(tiny_checkpoint / "tokenizer.json", 8192, 0, 2)
+    return PairTokenizer(tiny_checkpoint / "tokenizer.json", 8192)
 
 
 def value(doc) -> struct_pb2.Value:

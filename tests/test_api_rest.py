@@ -35,7 +35,7 @@ def sigmoid(x: float) -> float:
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_checkpoint):
-    return PairTokenizer(tiny_checkpoint / "tokenizer.json", 8192, 0, 2)
+    return PairTokenizer(tiny_checkpoint / "tokenizer.json", 8192)
 
 
 def expected_tokens(tok: PairTokenizer, query: str, docs: list[str]) -> int:
@@ -290,7 +290,7 @@ def short_server(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer64(tiny_checkpoint):
-    return PairTokenizer(tiny_checkpoint / "tokenizer.json", 64, 0, 2)
+    return PairTokenizer(tiny_checkpoint / "tokenizer.json", 64)
 
 
 @pytest.mark.slow  # starts a server of its own

@@ -18,7 +18,7 @@ MAX_LENGTH = 64
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_checkpoint):
-    return PairTokenizer(tiny_checkpoint / "tokenizer.json", MAX_LENGTH, 0, 2)
+    return PairTokenizer(tiny_checkpoint / "tokenizer.json", MAX_LENGTH)
 
 
 def rerank(tokenizer, body: dict):

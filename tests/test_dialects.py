@@ -39,7 +39,7 @@ def objects_server(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_checkpoint):
-    return PairTokenizer(tiny_checkpoint / "tokenizer.json", MAX_LENGTH, 0, 2)
+    return PairTokenizer(tiny_checkpoint / "tokenizer.json", MAX_LENGTH)
 
 
 def post(server, path, body, **kwargs) -> requests.Response:

@@ -58,14 +58,16 @@ def cu_seqlens(lengths: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hidden", [1024, 80])
-def test_embed_layernorm(dtype, hidden):
+@pytest.mark.parametrize("offset, with_types", [(2, False), (0, True)], ids=["roberta", "bert"])
+def test_embed_layernorm(dtype, hidden, offset, with_types):
     torch.manual_seed(0)
     lengths = random_lengths(hidden)
-    cu, total, vocab, offset = cu_seqlens(lengths), sum(lengths), 5000, 2
+    cu, total, vocab = cu_seqlens(lengths), sum(lengths), 5000
     args = (torch.randint(0, vocab, (total,), device=CUDA), cu, torch.randn(vocab, hidden, device=CUDA, dtype=dtype),
             torch.randn(max(lengths) + offset, hidden, device=CUDA, dtype=dtype),
-            torch.randn(hidden, device=CUDA, dtype=dtype), 1 + 0.1 * torch.randn(hidden, device=CUDA, dtype=dtype),
-            0.1 * torch.randn(hidden, device=CUDA, dtype=dtype), 1e-5, offset)
+            torch.randn(2, hidden, device=CUDA, dtype=dtype), 1 + 0.1 * torch.randn(hidden, device=CUDA, dtype=dtype),
+            0.1 * torch.randn(hidden, device=CUDA, dtype=dtype), 1e-5, offset,
+            torch.randint(0, 2, (total,), device=CUDA) if with_types else None)
     out = embed_layernorm_triton(*args)
     assert out.dtype == dtype
     assert_close(out, embed_layernorm_torch(*args), *GLUE_TOL[dtype], what="embed_layernorm")

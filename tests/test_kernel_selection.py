@@ -191,7 +191,7 @@ def test_info_shows_the_choices(tmp_path):
     ops = choose(gpu)
     service = RerankService(["m"], max_documents=10)
     model = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float16, ops=ops,
-                            config=SimpleNamespace(num_layers=2, hidden_size=64))
+                            config=SimpleNamespace(num_layers=2, hidden_size=64, family="xlm-roberta"))
     service.engine = SimpleNamespace(model=model, max_length=512, model_dir=tmp_path)
     info = json.loads(json.dumps(service.describe()))
     assert info["kernel_choices"] == ops.choices

@@ -85,15 +85,17 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 for dtype in DTYPES:
     for hidden in (48, 80, 1024):
-        for offset in (2, 0):
+        # RoBERTa (positions from 2, every token type 0) and BERT (positions from 0, per-token types)
+        for offset, with_types in ((2, False), (0, True)):
             torch.manual_seed(hidden + offset)
             cu, longest = random_cu_seqlens(hidden, longest=70 if hidden < 1024 else 9)
-            vocab = 97
-            CASES[f"embed-{_dtype_name(dtype)}-h{hidden}-offset{offset}"] = Case(
+            vocab, total = 97, int(cu[-1])
+            CASES[f"embed-{_dtype_name(dtype)}-h{hidden}-offset{offset}{'-types' if with_types else ''}"] = Case(
                 "embeddings", "embed_layernorm_triton",
-                (torch.randint(0, vocab, (int(cu[-1]),)), cu, torch.randn(vocab, hidden).to(dtype),
-                 torch.randn(longest + offset + 3, hidden).to(dtype), torch.randn(2, hidden).to(dtype)[0],
-                 (1 + 0.1 * torch.randn(hidden)).to(dtype), (0.1 * torch.randn(hidden)).to(dtype), 1e-5, offset),
+                (torch.randint(0, vocab, (total,)), cu, torch.randn(vocab, hidden).to(dtype),
+                 torch.randn(longest + offset + 3, hidden).to(dtype), torch.randn(2, hidden).to(dtype),
+                 (1 + 0.1 * torch.randn(hidden)).to(dtype), (0.1 * torch.randn(hidden)).to(dtype), 1e-5, offset,
+                 torch.randint(0, 2, (total,)) if with_types else None),
                 embeddings.embed_layernorm_torch, GLUE_TOL[dtype])
 
     for rows, hidden in ((1, 48), (37, 80), (5, 1024)):
@@ -166,9 +168,18 @@ def _spikes(hidden: int = 16) -> torch.Tensor:
 CASES["embed-positions-restart-per-sequence"] = Case(
     "embeddings", "embed_layernorm_triton",
     (torch.zeros(9, dtype=torch.long), cu_from_lengths([1, 3, 1, 4]), torch.zeros(3, 16), _spikes(),
-     torch.zeros(16), torch.ones(16), torch.zeros(16), 1e-5, 2),
+     torch.zeros(1, 16), torch.ones(16), torch.zeros(16), 1e-5, 2),
     embeddings.embed_layernorm_torch, GLUE_TOL[torch.float32],
     check=lambda out: out.argmax(1).tolist() == [2, 2, 3, 4, 2, 2, 3, 4, 5])
+# Each token's type row is added (BERT: query 0, document 1): zero word and position rows and
+# a spiky three-row type table make the output reveal the type ids the kernel used.
+_TYPE_IDS = [0, 0, 1, 1, 2, 0, 1, 0, 1]
+CASES["embed-token-type-per-token"] = Case(
+    "embeddings", "embed_layernorm_triton",
+    (torch.zeros(9, dtype=torch.long), cu_from_lengths([4, 1, 4]), torch.zeros(3, 16), torch.zeros(8, 16),
+     _spikes()[5:8], torch.ones(16), torch.zeros(16), 1e-12, 0, torch.tensor(_TYPE_IDS, dtype=torch.int32)),
+    embeddings.embed_layernorm_torch, GLUE_TOL[torch.float32],
+    check=lambda out: out.argmax(1).tolist() == [5 + t for t in _TYPE_IDS])
 
 _WORKER = """
 import importlib, sys, traceback
@@ -216,7 +227,7 @@ def _cuda_signature(kernel, dtype: str) -> dict[str, str]:
     for p in kernel.params:
         if p.is_constexpr:
             sig[p.name] = "constexpr"
-        elif p.name == "ids_ptr":
+        elif p.name.endswith("ids_ptr"):
             sig[p.name] = "*i64"
         elif p.name.startswith("cu_seqlens"):
             sig[p.name] = "*i32"
@@ -239,7 +250,8 @@ def test_kernels_compile_for_cuda():
     import rerank_kernels.embeddings as e
     import rerank_kernels.gelu as g
     import rerank_kernels.layernorm as n
-    cases = [(e._embed_layernorm_kernel, {"BLOCK_H": 1024}, 4), (n._add_layernorm_kernel, {"BLOCK_H": 1024}, 4),
+    cases = [(e._embed_layernorm_kernel, {"BLOCK_H": 1024, "HAS_TYPE_IDS": True}, 4),
+             (n._add_layernorm_kernel, {"BLOCK_H": 1024}, 4),
              (g._bias_gelu_kernel, {"BLOCK": 1024}, 4),
              (a._varlen_attention_kernel, {"HEADS": 16, "HEAD_DIM": 64, "BLOCK_M": 16, "BLOCK_N": 64, "IEEE": False}, 4),
              (a._varlen_attention_kernel, {"HEADS": 16, "HEAD_DIM": 64, "BLOCK_M": 128, "BLOCK_N": 64, "IEEE": False}, 8)]

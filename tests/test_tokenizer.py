@@ -21,7 +21,7 @@ def hf_tokenizer(tiny_checkpoint):
 
 
 def pair_tokenizer(checkpoint, max_length=8192):
-    return PairTokenizer(checkpoint / "tokenizer.json", max_length, bos_id=0, eos_id=2)
+    return PairTokenizer(checkpoint / "tokenizer.json", max_length)
 
 
 def test_fixture_is_the_real_vocabulary(hf_tokenizer):

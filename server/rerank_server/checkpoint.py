@@ -1,4 +1,4 @@
-"""Writes random-weight XLM-RoBERTa reranker checkpoints around the real tokenizer.
+"""Writes random-weight reranker checkpoints (XLM-RoBERTa, or BERT) around real tokenizers.
 
 Real weights cannot be downloaded everywhere; tests, benchmarks and offline trials use
 these. The directory is a normal Hugging Face checkpoint (config.json, model.safetensors,
@@ -7,6 +7,7 @@ tokenizer.json), loadable by this server and by ``transformers`` alike.
     rerank-server checkpoint --size tiny --out checkpoints/tiny
     rerank-server checkpoint --size small --out checkpoints/small  # 6 x 384, for CPU load tests
     rerank-server checkpoint --size full --out checkpoints/full    # bge-reranker-v2-m3 shapes
+    rerank-server checkpoint --family bert --size small --out checkpoints/bert-small  # ms-marco-MiniLM-L-6-v2 shapes
 
 (``python -m rerank_server.checkpoint`` is the same.)
 """
@@ -22,8 +23,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-# The real XLM-RoBERTa tokenizer (MIT; see assets/NOTICE.md), shipped as package data.
-TOKENIZER_FIXTURE = Path(__file__).resolve().parent / "assets" / "xlm-roberta-tokenizer.json.gz"
+# The real XLM-RoBERTa tokenizer (MIT) and uncased BERT WordPiece tokenizer (Apache-2.0), shipped
+# as package data (see assets/NOTICE.md).
+ASSETS = Path(__file__).resolve().parent / "assets"
+TOKENIZER_FIXTURE = ASSETS / "xlm-roberta-tokenizer.json.gz"
+BERT_TOKENIZER_FIXTURE = ASSETS / "bert-uncased-tokenizer.json.gz"
 
 # bge-reranker-v2-m3's config.json, less the fields transformers fills by default.
 FULL = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
@@ -32,6 +36,25 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermed
 # a forward that costs far more than the tokenizer, as on a real deployment, yet answers in 0.1 s.
 SMALL = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
 SIZES = {"tiny": TINY, "small": SMALL, "full": FULL}
+
+# What a BERT cross-encoder's config.json has where XLM-RoBERTa's differs
+# (cross-encoder/ms-marco-MiniLM-L-6-v2's, less what transformers fills by default).
+BERT = {
+    "architectures": ["BertForSequenceClassification"],
+    "model_type": "bert",
+    "vocab_size": 30522,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "layer_norm_eps": 1e-12,
+    "pad_token_id": 0,
+}
+FAMILIES = {"xlm-roberta": ({}, TOKENIZER_FIXTURE, {
+                "tokenizer_class": "XLMRobertaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                "sep_token": "</s>", "cls_token": "<s>", "unk_token": "<unk>", "pad_token": "<pad>",
+                "mask_token": "<mask>"}),
+            "bert": (BERT, BERT_TOKENIZER_FIXTURE, {
+                "tokenizer_class": "BertTokenizer", "do_lower_case": True, "cls_token": "[CLS]",
+                "sep_token": "[SEP]", "unk_token": "[UNK]", "pad_token": "[PAD]", "mask_token": "[MASK]"})}
 
 
 def hf_config(**overrides) -> dict:
@@ -56,6 +79,8 @@ def hf_config(**overrides) -> dict:
         "torch_dtype": "float32",
     }
     config.update(overrides)
+    if config["model_type"] == "bert":  # BERT configs name no <s> / </s>
+        del config["bos_token_id"], config["eos_token_id"]
     return config
 
 
@@ -74,7 +99,9 @@ def random_state_dict(config: dict, seed: int, dtype: torch.dtype = torch.float3
     def linear(prefix: str, out_features: int, in_features: int) -> dict[str, torch.Tensor]:
         return {f"{prefix}.weight": randn(out_features, in_features), f"{prefix}.bias": randn(out_features, std=0.05)}
 
-    e = "roberta.embeddings"
+    bert = config["model_type"] == "bert"
+    prefix = "bert" if bert else "roberta"
+    e = f"{prefix}.embeddings"
     sd = {
         f"{e}.word_embeddings.weight": randn(V, H),
         f"{e}.position_embeddings.weight": randn(config["max_position_embeddings"], H),
@@ -82,7 +109,7 @@ def random_state_dict(config: dict, seed: int, dtype: torch.dtype = torch.float3
         **norm(f"{e}.LayerNorm"),
     }
     for i in range(config["num_hidden_layers"]):
-        p = f"roberta.encoder.layer.{i}"
+        p = f"{prefix}.encoder.layer.{i}"
         for name in ("query", "key", "value"):
             sd.update(linear(f"{p}.attention.self.{name}", H, H))
         sd.update(linear(f"{p}.attention.output.dense", H, H))
@@ -90,28 +117,30 @@ def random_state_dict(config: dict, seed: int, dtype: torch.dtype = torch.float3
         sd.update(linear(f"{p}.intermediate.dense", I, H))
         sd.update(linear(f"{p}.output.dense", H, I))
         sd.update(norm(f"{p}.output.LayerNorm"))
-    sd.update(linear("classifier.dense", H, H))
-    sd["classifier.out_proj.weight"] = randn(1, H, std=0.5)
-    sd["classifier.out_proj.bias"] = randn(1, std=0.5)
+    # the head: dense + tanh on the first token, then one output (BERT: its pooler and classifier)
+    dense, out = ("bert.pooler.dense", "classifier") if bert else ("classifier.dense", "classifier.out_proj")
+    sd.update(linear(dense, H, H))
+    sd[f"{out}.weight"] = randn(1, H, std=0.5)
+    sd[f"{out}.bias"] = randn(1, std=0.5)
     return sd
 
 
 def write_random_checkpoint(out: Path, size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
-                            **overrides) -> Path:
-    """Writes config.json, model.safetensors and the tokenizer files into ``out``."""
+                            family: str = "xlm-roberta", **overrides) -> Path:
+    """Writes config.json, model.safetensors and the tokenizer files into ``out``;
+    ``family`` "xlm-roberta" or "bert"; ``overrides`` go into config.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = hf_config(**{**SIZES[size], **overrides})
+    family_config, tokenizer_fixture, tokenizer_config = FAMILIES[family]
+    config = hf_config(**{**family_config, **SIZES[size], **overrides})
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     save_file(random_state_dict(config, seed, dtype), out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    with gzip.open(TOKENIZER_FIXTURE, "rb") as src, open(out / "tokenizer.json", "wb") as dst:
+    with gzip.open(tokenizer_fixture, "rb") as src, open(out / "tokenizer.json", "wb") as dst:
         shutil.copyfileobj(src, dst)
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "XLMRobertaTokenizer", "model_max_length": config["max_position_embeddings"] - 2,
-        "bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>",
-        "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>",
-    }, indent=2))
+    positions = config["max_position_embeddings"] - (0 if family == "bert" else config["pad_token_id"] + 1)
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {**tokenizer_config, "model_max_length": positions}, indent=2))
     # Readable by every user (safetensors writes 0600): a checkpoint mounted into the image is
     # read by its non-root user.
     for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
@@ -122,14 +151,18 @@ def write_random_checkpoint(out: Path, size: str = "tiny", seed: int = 0, dtype:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rerank-server checkpoint", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="directory to write")
+    parser.add_argument("--family", choices=tuple(FAMILIES), default="xlm-roberta",
+                        help="xlm-roberta: bge-reranker-v2-m3's architecture and tokenizer (8192 positions); "
+                             "bert: BertForSequenceClassification with the uncased WordPiece tokenizer "
+                             "(512 positions), as cross-encoder/ms-marco-MiniLM-L-6-v2")
     parser.add_argument("--size", choices=tuple(SIZES), default="tiny",
                         help="tiny: 2 layers, hidden 64; small: 6 layers, hidden 384 (MiniLM-L6 shapes); "
-                             "full: bge-reranker-v2-m3 shapes (568M parameters)")
+                             "full: bge-reranker-v2-m3 shapes (568M parameters with its vocabulary)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     args = parser.parse_args(argv)
-    path = write_random_checkpoint(args.out, args.size, args.seed, getattr(torch, args.dtype))
-    print(f"wrote a random {args.size} checkpoint to {path}")
+    path = write_random_checkpoint(args.out, args.size, args.seed, getattr(torch, args.dtype), args.family)
+    print(f"wrote a random {args.size} {args.family} checkpoint to {path}")
 
 
 if __name__ == "__main__":

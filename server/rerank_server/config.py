@@ -117,7 +117,8 @@ def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> Config:
     add("--http-port", type=port, default=_env_number("http-port", 8000), help="REST port")
     add("--grpc-port", type=port, default=_env_number("grpc-port", 50051), help="gRPC port")
     add("--max-length", type=int, default=_env_number("max-length", None),
-        help="tokens per (query, document) pair after truncation (default: the model's, 8192)")
+        help="tokens per (query, document) pair after truncation (default: the model's: 8192 for "
+             "bge-reranker-v2-m3, 512 for BERT cross-encoders)")
     add("--device", choices=("auto", "cpu", "cuda"), default=_env("device", "auto"),
         help="auto: CUDA when available, else the CPU")
     add("--attention", default=_env("attention", None),

@@ -21,7 +21,7 @@ from rerank_kernels import select_ops
 from rerank_kernels.attention import QUERY_TIERS
 from rerank_kernels.tuning import tune_ops
 from rerank_server.model import FFN_ROWS, CrossEncoder, EncoderConfig, load_cross_encoder
-from rerank_server.tokenization import PairTokenizer
+from rerank_server.tokenization import PairTokenizer, token_type_start
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +31,24 @@ class ModelNotFoundError(RuntimeError):
 
 
 CHECKPOINT_FILES = ("config.json", "tokenizer.json", "*.safetensors")
+# what a checkpoint may hold instead of a file we read, and how to make the one we read
+NOT_READ = {
+    "tokenizer.json": ("vocab.txt", "a slow tokenizer's vocabulary; save the fast one with "
+                       "AutoTokenizer.from_pretrained(dir).save_pretrained(dir)"),
+    "*.safetensors": ("pytorch_model.bin", "pickled weights, which this server does not load; convert them "
+                      "with AutoModelForSequenceClassification.from_pretrained(dir).save_pretrained(dir)"),
+}
 
 
 def check_checkpoint_dir(path: Path) -> Path:
     """``path`` if it holds a checkpoint; else ModelNotFoundError naming the missing file."""
     missing = [name for name in CHECKPOINT_FILES if not any(path.glob(name))]
     if missing:
+        instead = [f"it has {NOT_READ[name][0]} ({NOT_READ[name][1]})" for name in missing
+                   if name in NOT_READ and (path / NOT_READ[name][0]).exists()]
         raise ModelNotFoundError(f"--model {path}: the directory has no {' and no '.join(missing)} "
-                                 f"(a checkpoint directory holds {', '.join(CHECKPOINT_FILES)})")
+                                 f"(a checkpoint directory holds {', '.join(CHECKPOINT_FILES)})"
+                                 + "".join(f"; {line}" for line in instead))
     return path
 
 
@@ -86,6 +96,14 @@ def tune_for_device(model: CrossEncoder) -> None:
                              max_rows=FFN_ROWS)
 
 
+def token_type_ids(pairs: list[list[int]], lengths: list[int]) -> torch.Tensor:
+    """(total,) int64: 0 before each pair's ``token_type_start``, 1 from it (BERT: the document)."""
+    lengths = np.asarray(lengths)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    type_starts = np.repeat(np.fromiter(map(token_type_start, pairs), dtype=np.int64, count=len(pairs)), lengths)
+    return torch.from_numpy((np.arange(starts.shape[0]) - starts >= type_starts).astype(np.int64))
+
+
 @dataclass
 class Engine:
     model: CrossEncoder
@@ -104,7 +122,7 @@ class Engine:
         tokenizer_file = model_dir / "tokenizer.json"
         if not tokenizer_file.exists():
             raise ModelNotFoundError(f"{model_dir} has no tokenizer.json (the fast tokenizer is required)")
-        return PairTokenizer(tokenizer_file, max_length or limit, config.bos_token_id, config.eos_token_id)
+        return PairTokenizer(tokenizer_file, max_length or limit, truncation=config.truncation)
 
     @classmethod
     def load(cls, model: str, device: str = "auto", max_length: int | None = None,
@@ -146,12 +164,15 @@ class Engine:
         total = sum(lengths)
         ids = torch.from_numpy(np.fromiter(chain.from_iterable(pairs), dtype=np.int64, count=total))
         cu_seqlens = torch.tensor([0, *accumulate(lengths)], dtype=torch.int32)
+        types = token_type_ids(pairs, lengths) if self.model.config.uses_token_types else None
         device = self.model.device
         if device.type == "cpu":
-            logits = self.model(ids, cu_seqlens, max(lengths)).tolist()
+            logits = self.model(ids, cu_seqlens, max(lengths), types).tolist()
             return lambda: logits
         ids, cu_seqlens = ids.pin_memory().to(device, non_blocking=True), cu_seqlens.pin_memory().to(device, non_blocking=True)
-        on_device = self.model(ids, cu_seqlens, max(lengths))
+        if types is not None:
+            types = types.pin_memory().to(device, non_blocking=True)
+        on_device = self.model(ids, cu_seqlens, max(lengths), types)
         on_host = torch.empty(on_device.shape, dtype=on_device.dtype, pin_memory=True)
         on_host.copy_(on_device, non_blocking=True)
         # blocking: the wait sleeps in the driver instead of spinning a core

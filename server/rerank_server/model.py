@@ -1,4 +1,4 @@
-"""XLM-RoBERTa cross-encoder over unpadded variable-length batches.
+"""XLM-RoBERTa (and RoBERTa and BERT) cross-encoders over unpadded variable-length batches.
 
 Every pair's tokens are concatenated into one ``(total_tokens, hidden)`` tensor
 described by ``cu_seqlens`` (batch + 1,) int32 and ``max_seqlen``: no padding, so
@@ -6,6 +6,8 @@ no FLOP is spent on it, and every GEMM sees all pairs' tokens in its M dimension
 The memory-bound glue and attention are called through ``rerank_kernels.Ops`` (PyTorch on
 the CPU, Triton/FlashAttention on CUDA); the GEMMs are ``F.linear``, but for the FFN's
 up-projection, ``ops.linear_gelu`` (on CUDA a fused Triton kernel where it measured faster).
+The families differ only in their ``EncoderConfig`` (positions, token types, LayerNorm eps,
+how pairs are truncated) and in checkpoint names, remapped onto one set (``destination``).
 """
 from __future__ import annotations
 
@@ -25,11 +27,40 @@ from rerank_kernels import Ops
 log = logging.getLogger(__name__)
 
 FFN_ROWS = 4096  # tokens per FFN slice (see CrossEncoder._block)
-SUPPORTED_ARCHITECTURES = ("XLMRobertaForSequenceClassification", "RobertaForSequenceClassification")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a ``model_type`` brings beyond the sizes its config.json states."""
+
+    architectures: tuple[str, ...]  # the config.json architectures it runs
+    # How a pair too long for the model is cut (rerank_server.tokenization.PairTokenizer):
+    # "only_second" (the document; a query leaving no room is capped at 3/4: FlagEmbedding's
+    # rule for bge-reranker) or "longest_first" (sentence-transformers' CrossEncoder).
+    truncation: str
+    positions_from_padding: bool  # RoBERTa numbers positions from padding_idx + 1, BERT from 0
+    layer_norm_eps: float  # when config.json omits it
+    # checkpoint name -> the RoBERTa name ``CrossEncoder.destination`` reads (regexes, in order)
+    name_remaps: tuple[tuple[str, str], ...] = ()
+
+
+_ROBERTA = ("XLMRobertaForSequenceClassification", "RobertaForSequenceClassification")  # one model in two names
+FAMILIES = {
+    "xlm-roberta": Family(_ROBERTA, "only_second", True, 1e-5),
+    "roberta": Family(_ROBERTA, "only_second", True, 1e-5),
+    # BERT's head is the pooler (dense + tanh on the first token) then a one-output Linear:
+    # RoBERTa's classifier.dense -> tanh -> classifier.out_proj in other names.
+    "bert": Family(("BertForSequenceClassification",), "longest_first", False, 1e-12, name_remaps=(
+        (r"^classifier\.(weight|bias)$", r"classifier.out_proj.\1"),
+        (r"^(?:bert\.)?pooler\.dense\.", "classifier.dense."),
+        (r"^bert\.", ""),
+    )),
+}
+SUPPORTED_ARCHITECTURES = tuple(dict.fromkeys(a for f in FAMILIES.values() for a in f.architectures))
 
 
 class UnsupportedModelError(ValueError):
-    """The checkpoint is not a one-label (XLM-)RoBERTa sequence classifier."""
+    """The checkpoint is not a one-label (XLM-)RoBERTa or BERT sequence classifier."""
 
 
 @dataclass(frozen=True)
@@ -43,10 +74,19 @@ class EncoderConfig:
     type_vocab_size: int
     layer_norm_eps: float
     pad_token_id: int
-    bos_token_id: int
-    eos_token_id: int
-    # RoBERTa numbers positions from padding_idx + 1; a BERT-style model would use 0.
+    # RoBERTa numbers positions from padding_idx + 1; BERT from 0.
     position_offset: int
+    family: str  # a key of FAMILIES
+
+    @property
+    def uses_token_types(self) -> bool:
+        """BERT adds a type row per token (query 0, document 1); RoBERTa's one-row table is
+        added to every token (transformers passes no token_type_ids for it)."""
+        return self.type_vocab_size > 1
+
+    @property
+    def truncation(self) -> str:
+        return FAMILIES[self.family].truncation
 
     @property
     def head_dim(self) -> int:
@@ -61,7 +101,8 @@ class EncoderConfig:
     def from_hf(cls, hf: dict) -> EncoderConfig:
         """Reads a Hugging Face ``config.json`` dict; refuses what this forward cannot run."""
         archs = hf.get("architectures") or []
-        if not any(a in SUPPORTED_ARCHITECTURES for a in archs) or hf.get("model_type") not in ("xlm-roberta", "roberta"):
+        family = FAMILIES.get(hf.get("model_type"))
+        if family is None or not set(family.architectures) & set(archs):
             raise UnsupportedModelError(
                 f"unsupported model (architectures={archs}, model_type={hf.get('model_type')!r}): "
                 f"this server runs one-label {' / '.join(SUPPORTED_ARCHITECTURES)} cross-encoders"
@@ -75,7 +116,7 @@ class EncoderConfig:
             raise UnsupportedModelError("only absolute position embeddings are supported")
         if hf["hidden_size"] % hf["num_attention_heads"]:
             raise UnsupportedModelError("hidden_size must be a multiple of num_attention_heads")
-        pad = hf.get("pad_token_id", 1)
+        pad = hf.get("pad_token_id", 1 if family.positions_from_padding else 0)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -84,11 +125,10 @@ class EncoderConfig:
             intermediate_size=hf["intermediate_size"],
             max_position_embeddings=hf["max_position_embeddings"],
             type_vocab_size=hf.get("type_vocab_size", 1),
-            layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
+            layer_norm_eps=hf.get("layer_norm_eps", family.layer_norm_eps),
             pad_token_id=pad,
-            bos_token_id=hf.get("bos_token_id", 0),
-            eos_token_id=hf.get("eos_token_id", 2),
-            position_offset=pad + 1,
+            position_offset=pad + 1 if family.positions_from_padding else 0,
+            family=hf["model_type"],
         )
 
 
@@ -111,7 +151,7 @@ class Layer:
 
 
 class CrossEncoder:
-    """``forward(input_ids, cu_seqlens, max_seqlen) -> logits (batch,) float32``."""
+    """``forward(input_ids, cu_seqlens, max_seqlen, token_type_ids=None) -> logits (batch,) float32``."""
 
     def __init__(self, config: EncoderConfig, ops: Ops, device: torch.device, dtype: torch.dtype):
         c, self.config, self.ops, self.device, self.dtype = config, config, ops, device, dtype
@@ -138,13 +178,15 @@ class CrossEncoder:
         self.head_out_weight, self.head_out_bias = empty32(1, H), empty32(1)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        """input_ids (total,) int64, cu_seqlens (batch + 1,) int32 on the model's device."""
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (total,) int64, cu_seqlens (batch + 1,) int32, token_type_ids (total,) int64
+        or None (every token type 0; ignored by a model without token types), on the model's device."""
         c, ops = self.config, self.ops
         x = ops.embed_layernorm(
             input_ids, cu_seqlens, self.word_embeddings, self.position_embeddings,
-            self.token_type_embeddings[0], self.embed_norm_weight, self.embed_norm_bias,
-            c.layer_norm_eps, c.position_offset,
+            self.token_type_embeddings, self.embed_norm_weight, self.embed_norm_bias,
+            c.layer_norm_eps, c.position_offset, token_type_ids if c.uses_token_types else None,
         )
         for layer in self.layers[:-1]:
             x = self._block(layer, x, cu_seqlens, max_seqlen)
@@ -157,7 +199,7 @@ class CrossEncoder:
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, hidden) first-token rows in the model's dtype -> (batch,) fp32 logits:
-        dense -> tanh -> out_proj, all in fp32."""
+        dense -> tanh -> out_proj (BERT: pooler -> classifier), all in fp32."""
         h = torch.tanh(F.linear(x.float(), self.head_dense_weight, self.head_dense_bias))
         return F.linear(h, self.head_out_weight, self.head_out_bias).squeeze(-1)
 
@@ -207,6 +249,8 @@ class CrossEncoder:
 
     def destination(self, name: str) -> torch.Tensor | None:
         """The slice of our weights that the Hugging Face tensor ``name`` fills (None: unused)."""
+        for pattern, replacement in FAMILIES[self.config.family].name_remaps:
+            name = re.sub(pattern, replacement, name)
         m = re.fullmatch(r"(?:roberta\.)?encoder\.layer\.(\d+)\.(.+)\.(weight|bias)", name)
         if m:
             index, module, kind = int(m.group(1)), m.group(2), m.group(3)

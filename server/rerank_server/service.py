@@ -26,7 +26,7 @@ from rerank_server.engine import Engine
 from rerank_server.metrics import Metrics
 from rerank_server.scheduler import QueueFullError, Scheduler, ShuttingDownError
 from rerank_server.schema import pb
-from rerank_server.tokenization import PairTooLongError
+from rerank_server.tokenization import EncodedPair, PairTooLongError, token_type_start
 
 
 class ApiError(Exception):
@@ -165,7 +165,7 @@ class RerankService:
                         attention_backend=model.ops.attention_backend, max_length=self.engine.max_length,
                         kernel_choices=model.ops.choices,  # load-time measurements (CUDA), with timings
                         model_dir=str(self.engine.model_dir), layers=model.config.num_layers,
-                        hidden_size=model.config.hidden_size)
+                        hidden_size=model.config.hidden_size, family=model.config.family)
         if self.scheduler:
             info.update(max_batch_tokens=self.scheduler.max_batch_tokens,
                         max_queued_tokens=self.scheduler.max_queued_tokens)
@@ -320,9 +320,10 @@ class RerankService:
         call.timings["tokenize"] = time.perf_counter() - t0
         # identical pairs (duplicate documents) are scored once: equal scores tie exactly, and
         # the compute is not spent twice
+        # (the key: token type start, then the ids; equal ids split into other types differ)
         unique: dict[tuple[int, ...], int] = {}
-        slot = [unique.setdefault(tuple(p), len(unique)) for p in pairs]
-        distinct = [list(p) for p in unique]
+        slot = [unique.setdefault((token_type_start(p), *p), len(unique)) for p in pairs]
+        distinct = [EncodedPair(key[1:], key[0]) for key in unique]
         try:
             unique_logits = await self.scheduler.score(distinct, call.timings)
             window_logits = [unique_logits[i] for i in slot]
