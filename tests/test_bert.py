@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from conftest import SERVED_MODEL, start_server
+from helpers import SERVED_MODEL, start_server
 from safetensors.torch import load_file, save_file
 from tensor_checks import assert_close, run_interpreted
 from tokenizers import Tokenizer, processors
@@ -32,6 +32,9 @@ from rerank_server.checkpoint import BERT_TOKENIZER_FIXTURE, TOKENIZER_FIXTURE, 
 from rerank_server.engine import Engine, ModelNotFoundError, resolve_model_dir
 from rerank_server.model import EncoderConfig, load_cross_encoder
 from rerank_server.tokenization import EncodedPair, PairTemplate, PairTokenizer, longest_first
+
+# starts servers, runs the Triton interpreter and transformers' reference on trained weights (~3-4 min)
+pytestmark = [pytest.mark.slow, pytest.mark.serving, pytest.mark.interpreter]
 
 CPU = torch.device("cpu")
 QUERY = "how do pandas live in the wild?"
