@@ -12,7 +12,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-
 # At least GROUP_MIN_SEQS sequences of equal length, each at most GROUP_MAX_LEN keys long, share
 # one SDPA call; the others get one call each on views (no copies). A group's gather and scatter
 # copy q, k, v and the output once more: that costs more than the ~30 us saved per call for
