@@ -137,6 +137,9 @@ def summary() -> str:
             continue
         if d.get("benchmark") == "forward":
             figures = [f"{name} {w['ours']['tokens_per_s']:,.0f} tokens/s = {w['ratio_ours_over_hf']:.2f}x Hugging Face"
+                       + (f", {w['ours']['ratio_over_onnxruntime']:.2f}x onnxruntime per pair"
+                          if "ratio_over_onnxruntime" in w["ours"] else "")
+                       + (f" (bf16: {w['ours-bf16']['tokens_per_s']:,.0f} tokens/s)" if "ours-bf16" in w else "")
                        for name, w in d["workloads"].items() if w.get("hf") and w["ours"].get("tokens_per_s")]
             lines.append(f"- Forward, {d['dtype']}, full-size random weights: {'; '.join(figures)} "
                          f"({provenance(path, d)})")
