@@ -10,7 +10,9 @@ from benchmarks.forward import parse_args
 from benchmarks.forward_summary import cpu_targets
 from benchmarks.gemm import candidates
 from benchmarks.onnx_baseline import OnnxPerPair, ensure_onnx, onnx_path, onnx_unavailable_reason
+from benchmarks.rest_e2e import make_request
 from benchmarks.workloads import make_docs, make_latency_workload, pack_ours
+from rerank_server.engine import Engine
 from rerank_server.scheduler import Scheduler, launch_now
 
 
@@ -105,3 +107,12 @@ def test_dtype_list_is_checked():
     with pytest.raises(SystemExit):
         parse_args(["--quick", "--dtype", "float64"])
     assert parse_args(["--quick", "--dtype", "float32"]).dtypes == ["float32"]
+
+
+def test_rest_request_is_what_the_server_tokenizes(tiny_checkpoint):
+    """The end-to-end request (benchmarks.rest_e2e): documents of mixed lengths whose pairs,
+    as the server's tokenizer makes them, are the tokens counted."""
+    query, documents, pairs = make_request(tiny_checkpoint, 16, seed=0)
+    assert len(documents) == len(pairs) == 16
+    assert pairs == Engine.load_tokenizer(tiny_checkpoint).encode_pairs(query, documents)
+    assert len({len(p) for p in pairs}) > 8, "mixed lengths"
