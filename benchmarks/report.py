@@ -123,6 +123,18 @@ def load_section(path: Path, d: dict) -> str:
     return "\n".join(lines)
 
 
+def rest_e2e_line(path: Path, d: dict) -> str:
+    """One request over REST against onnxruntime one pair at a time (benchmarks.rest_e2e)."""
+    ours, ort, req = d["ours_rest"], d.get("onnxruntime"), d["request"]
+    flags = f" `{d['server_args']}`" if d.get("server_args") else ""
+    text = (f"End to end over REST, `{d['model']['checkpoint']}`{flags}, one query and {req['docs']} documents "
+            f"({req['tokens']} tokens): ours {ours['tokens_per_s']:,.0f} tokens/s")
+    if ort:
+        text += (f", onnxruntime fp32 one pair at a time {ort['tokens_per_s']:,.0f} tokens/s = "
+                 f"{ours['tokens_per_s'] / ort['tokens_per_s']:.2f}x")
+    return f"{text} ({provenance(path, d)})"
+
+
 def results_files() -> list[tuple[Path, dict]]:
     """(path, contents), the forward benchmark first, then the runs in the order they were made."""
     files = [(path, json.loads(path.read_text())) for path in RESULTS.glob("*.json")]
@@ -143,6 +155,8 @@ def summary() -> str:
                        for name, w in d["workloads"].items() if w.get("hf") and w["ours"].get("tokens_per_s")]
             lines.append(f"- Forward, {d['dtype']}, full-size random weights: {'; '.join(figures)} "
                          f"({provenance(path, d)})")
+        elif d.get("benchmark") == "rest_e2e":
+            lines.append("- " + rest_e2e_line(path, d))
         elif d.get("benchmark") == "load":
             closed = [r for r in d["runs"] if r.get("fraction_of_raw_forward") and r["batching"]
                       and r["mode"].split()[0].isdigit()]
@@ -166,6 +180,8 @@ def render() -> str:
             sections.append(forward_section(path, d))
         elif d.get("benchmark") == "load":
             sections.append(load_section(path, d))
+        elif d.get("benchmark") == "rest_e2e":
+            sections.append(rest_e2e_line(path, d))
     return "\n\n".join(sections) or "No results yet."
 
 
