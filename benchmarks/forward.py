@@ -520,7 +520,7 @@ def write_record(args: argparse.Namespace, device: torch.device, describe: str, 
         "backends": {b.name: {"kind": b.kind, "dtype": b.dtype, "attention": b.attention,
                               "weight_bytes": b.weight_bytes,
                               # what the load-time measurement chose for ours, with its timings (CUDA)
-                              **({"kernel_choices": b.model.ops.choices} if b.kind == "ours" else {})}
+                              **({"kernel_choices": getattr(b.model.ops, "choices", None)} if b.kind == "ours" else {})}
                      for b in backends},
         "hf_notes": hf_notes,
         "flops_definition": "useful = 2*matmul_params*real_tokens + 4*layers*hidden*sum(len^2) (full model; "
@@ -606,7 +606,8 @@ def main(argv: list[str] | None = None) -> None:
     targets = cuda_targets(results, probe, args.uniform_len) if device.type == "cuda" else cpu_targets(results, rss)
     print_targets(targets)
     print_rss_and_profile(rss, profile)
-    choices = {b.name: b.model.ops.choices for b in backends if b.kind == "ours" and b.model.ops.choices}
+    choices = {b.name: getattr(b.model.ops, "choices", None) for b in backends if b.kind == "ours"}
+    choices = {name: c for name, c in choices.items() if c}
     if choices:
         print("op choices made at load: " + json.dumps(choices, default=str))
     write_record(args, device, describe, checkpoint, config, backends, hf_notes + onnx_notes,
