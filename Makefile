@@ -4,7 +4,7 @@
 #   make test-fast                                                     the edit loop: -m "not slow"
 # Both create .venv: torch first (TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU
 # build on a machine without a local torch wheel), then this project editable with its test
-# extras and the client, whose builds (scikit-build-core -> CMake) generate the gRPC stubs.
+# and bench extras and the client, whose builds (scikit-build-core -> CMake) generate the gRPC stubs.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -22,7 +22,7 @@ $(VENV)/.installed: $(BUILD_INPUTS)
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -e ".[test]" -e ./client
+	$(PY) -m pip install -q -e ".[test,bench]" -e ./client
 	touch $@
 
 serve: $(VENV)/.installed

@@ -20,6 +20,11 @@ rounded as the fp16 model would round them, written in half the time) on the sam
 
 The CPU runs uniform and mixed with 16 documents each; CUDA all four, with 128 documents.
 
+On the CPU ours runs once per ``--dtype`` (default float32 and, where the CPU has native bf16,
+bfloat16: *ours-bf16*), and *onnxruntime* runs the Hugging Face model exported with ``torch.onnx``
+(fp32, cached beside the checkpoint; the ``bench`` extra) one pair at a time: the strongest CPU
+peer (``--skip-onnx`` leaves it out).
+
 Backends: *ours* (the best attention backend of ``rerank_kernels.available_attention_backends``,
 or ``--attention NAME``; ``--all-attention`` adds ``ours:NAME`` for every other available (on CUDA
 but torch-sdpa, the per-sequence reference)
@@ -37,8 +42,9 @@ little less (its last layer computes queries, attention output and FFN for the f
 of each sequence only); that count is reported beside it as "executed". Hugging Face
 executes more (padding); its executed count includes the padded tokens.
 
-The FLOP rates are compared with the machine's fp32 (fp16 on CUDA) ``F.linear`` rate at
-the model's GEMM shapes, measured in the same run, before and after the forwards; on CUDA
+The FLOP rates are compared with the best GEMM rate of each backend's dtype at the model's
+shapes, measured in the same run before and after the forwards (``benchmarks.gemm``: on the CPU
+``F.linear``, oneDNN with the weight reordered once and, fp32, onnxruntime's MatMul); on CUDA
 also with 800 TFLOP/s: MFU of the useful FLOPs (the targets) and of the executed ones, side by
 side. Memory: on the CPU the peak resident set of our model alone
 (load + one forward per batch) in a child process (``--rss-probe``), so neither the HF
@@ -54,7 +60,6 @@ import argparse
 import copy
 import datetime
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -63,17 +68,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.measure import (  # noqa: F401  (device_description, git_commit, slug: also load.py's)
+from benchmarks.checkpoints import ensure_checkpoint
+from benchmarks.forward_summary import (
+    H100_PEAK_FLOPS,
+    add_rates,
+    cpu_targets,
+    cuda_targets,
+    print_report,
+    print_rss_and_profile,
+    print_targets,
+)
+from benchmarks.gemm import measure_candidates
+from benchmarks.measure import (
     GiB,
     MachineLoad,
     PeakMemory,
-    best_layer_mix,
     cpu_facts,
     cuda_facts,
     device_description,
-    fmt_rate,
     fmt_s,
-    gemm_rate,
     git_commit,
     slug,
     summarize,
@@ -81,8 +94,8 @@ from benchmarks.measure import (  # noqa: F401  (device_description, git_commit,
     time_runs,
     wait_quiet,
 )
+from benchmarks.onnx_baseline import OnnxPerPair, ensure_onnx, onnx_unavailable_reason
 from benchmarks.probes import (
-    TARGET_MEMORY_HEADROOM,
     maybe_rss_probe,
     memory_probe,
     ours_weight_bytes,
@@ -103,41 +116,13 @@ from benchmarks.workloads import (
     useful_flops,
 )
 from rerank_kernels import ATTENTION_BACKENDS, Ops, available_attention_backends, select_ops
-from rerank_server.checkpoint import write_random_checkpoint
 from rerank_server.engine import tune_for_device
 from rerank_server.model import CrossEncoder, EncoderConfig, load_cross_encoder
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
-H100_PEAK_FLOPS = 800e12  # dense fp16/bf16, GUIDE section 5
-
-# Targets (printed as pass/fail, never adjusted to the result).
-TARGET_MIXED_RATIO = 2.0  # ours / HF tokens/s on the mixed workload
-TARGET_GEMM_FRACTION = 0.90  # CPU: ours useful FLOP/s / measured F.linear rate
-TARGET_RSS_RATIO = 1.3  # CPU: peak RSS of ours / weight bytes
-TARGET_UNIFORM_RATIO = 1.3  # CUDA: ours / the fastest HF, uniform workload
-TARGET_MFU = 0.60  # CUDA: ours useful FLOP/s / 800 TFLOP/s, uniform (256-token) workload
-# CUDA: the memory probe's peak allocation <= weights + probes.TARGET_MEMORY_HEADROOM (2 GiB)
-CHECKPOINT_SUFFIX = {torch.float32: "", torch.float16: "-fp16"}  # the CPU's files, CUDA's
-
-
-# --------------------------------------------------------------------------- setup
-
-def ensure_checkpoint(quick: bool, dtype: torch.dtype = torch.float32) -> Path:
-    """The cached random checkpoint (written once through a temporary directory, so a
-    half-written one is never reused). fp16 files hold the fp32 ones' values rounded."""
-    size = "tiny" if quick else "full"
-    path = REPO / "checkpoints" / f"{size}-random{CHECKPOINT_SUFFIX[dtype]}"
-    if (path / "config.json").exists() and (path / "model.safetensors").exists():
-        return path
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    t0 = time.perf_counter()
-    print(f"writing a random {size} checkpoint to {path} ...", flush=True)
-    write_random_checkpoint(tmp, size, seed=0, dtype=dtype)
-    tmp.rename(path)
-    print(f"  done in {time.perf_counter() - t0:.1f} s", flush=True)
-    return path
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 # --------------------------------------------------------------------------- workloads and GEMM rate
@@ -161,14 +146,14 @@ def build_workloads(args: argparse.Namespace, vocab_size: int, device: torch.dev
     return workloads
 
 
-def measure_gemm(config: EncoderConfig, args: argparse.Namespace, dtype: torch.dtype, device: torch.device) -> dict:
-    print(f"GEMM rate (F.linear, {dtype}, M={args.gemm_m}) ...", flush=True)
-    result = gemm_rate(config, args.gemm_m, dtype, device, repeats=5, quiet_wait_s=args.quiet_wait)
-    for k, v in result["per_shape_flops_per_s"].items():
-        print(f"  {k}: {fmt_rate(v)}")
-    print(f"  layer mix: {fmt_rate(result['layer_mix_flops_per_s'])} (rest of the machine used up to "
-          f"{result['max_foreign_cpus'] or 0:.2f} CPUs meanwhile)", flush=True)
-    return result
+def measure_gemm(config: EncoderConfig, args: argparse.Namespace, device: torch.device,
+                 before: dict | None = None) -> dict:
+    """The GEMM candidates of every dtype run (benchmarks.gemm); with ``before``, each
+    candidate's best of both measurements and each dtype's best candidate."""
+    dtypes = dict.fromkeys([DTYPES[d] for d in args.dtypes] + ([torch.float32] if device.type == "cpu" else []))
+    return {str(d).removeprefix("torch."): measure_candidates(
+        config, args.gemm_m, d, device, 5, args.quiet_wait, None if before is None else
+        before[str(d).removeprefix("torch.")]) for d in dtypes}
 
 
 # --------------------------------------------------------------------------- backends
@@ -177,15 +162,18 @@ def measure_gemm(config: EncoderConfig, args: argparse.Namespace, dtype: torch.d
 class Backend:
     """One thing timed: our model with one set of ops, or a Hugging Face model with one
     attention implementation."""
-    name: str  # "ours", "ours:<attention>", "hf" (SDPA), "hf-fa2", "hf-<implementation>"
-    kind: str  # "ours" or "hf"
+    name: str  # "ours", "ours-bf16", "ours:<attention>", "hf" (SDPA), "hf-fa2", "hf-<implementation>", "onnxruntime"
+    kind: str  # "ours", "hf" or "onnxruntime"
     model: object
     attention: str
     weight_bytes: int
+    dtype: str = "float32"
 
     def run(self, w: Workload) -> torch.Tensor:
         if self.kind == "ours":
             return torch.cat([self.model(ids, cu, max_len) for ids, cu, max_len in w.ours_batches])
+        if self.kind == "onnxruntime":  # one pair at a time, unpadded
+            return self.model(w.docs)
         with torch.inference_mode():
             return torch.cat([self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
                               for ids, mask in w.hf_batches])
@@ -193,14 +181,18 @@ class Backend:
     def executed_flops(self, c: EncoderConfig, w: Workload, hf_batch_size: int) -> float:
         if self.kind == "ours":
             return ours_executed_flops(c, w.lengths)
+        if self.kind == "onnxruntime":
+            return useful_flops(c, w.lengths)
         return hf_executed_flops(c, w.lengths, hf_batch_size)
 
 
-def ours_backends(ours: CrossEncoder, all_attention: bool, device: torch.device, dtype: torch.dtype) -> list[Backend]:
-    """``ours`` as loaded, and with ``all_attention`` a shallow copy (same weights) per other
-    available attention backend."""
+def ours_backends(ours: CrossEncoder, all_attention: bool, device: torch.device, dtype: torch.dtype,
+                  name: str = "ours") -> list[Backend]:
+    """``ours`` as loaded (named ``name``), and with ``all_attention`` a shallow copy (same
+    weights) per other available attention backend."""
     nbytes = ours_weight_bytes(ours)
-    backends = [Backend("ours", "ours", ours, ours.ops.attention_backend, nbytes)]
+    short = str(dtype).removeprefix("torch.")
+    backends = [Backend(name, "ours", ours, ours.ops.attention_backend, nbytes, short)]
     if all_attention:
         for name in available_attention_backends(device, dtype):
             # torch-sdpa on CUDA is the reference (one SDPA call and a host sync per sequence)
@@ -208,7 +200,7 @@ def ours_backends(ours: CrossEncoder, all_attention: bool, device: torch.device,
                 variant = copy.copy(ours)
                 variant.ops = select_ops(device, name, dtype=dtype)
                 tune_for_device(variant)  # as the server would load it with --attention NAME
-                backends.append(Backend(f"ours:{name}", "ours", variant, name, nbytes))
+                backends.append(Backend(f"ours:{name}", "ours", variant, name, nbytes, short))
     return backends
 
 
@@ -249,7 +241,7 @@ def load_hf(checkpoint: Path, implementation: str, device: torch.device, dtype: 
           f"{hf.config._attn_implementation})", flush=True)
     nbytes = sum(p.numel() * p.element_size() for p in hf.parameters())
     name = HF_SHORT_NAMES.get(implementation, f"hf-{implementation}")
-    return Backend(name, "hf", hf, hf.config._attn_implementation, nbytes)
+    return Backend(name, "hf", hf, hf.config._attn_implementation, nbytes, str(dtype).removeprefix("torch."))
 
 
 def hf_backends(checkpoint: Path, args: argparse.Namespace, device: torch.device,
@@ -270,6 +262,23 @@ def hf_backends(checkpoint: Path, args: argparse.Namespace, device: torch.device
     for n in notes:
         print(f"note: {n}", flush=True)
     return backends, notes
+
+
+def onnx_backends(checkpoint: Path, args: argparse.Namespace, device: torch.device) -> tuple[list[Backend], list[str]]:
+    """onnxruntime fp32 one pair at a time (CPU, unless --skip-onnx), or a note why not."""
+    if args.skip_onnx or device.type != "cpu":
+        return [], []
+    reason = onnx_unavailable_reason()
+    if reason is not None:
+        note = f"onnxruntime not run: {reason}"
+        print(f"note: {note}", flush=True)
+        return [], [note]
+    path = ensure_onnx(checkpoint)
+    t0 = time.perf_counter()
+    runner = OnnxPerPair(path, torch.get_num_threads())
+    print(f"loaded onnxruntime {runner.version} in {time.perf_counter() - t0:.1f} s ({path})", flush=True)
+    nbytes = sum(f.stat().st_size for f in path.parent.iterdir())
+    return [Backend("onnxruntime", "onnxruntime", runner, "onnxruntime (fused by its graph optimizer)", nbytes)], []
 
 
 def warm_up(backends: list[Backend], workloads: list[Workload], args: argparse.Namespace, device: torch.device) -> float:
@@ -295,7 +304,7 @@ def measure_backend(b: Backend, w: Workload, config: EncoderConfig, args: argpar
     """Timed runs of one backend on one workload (and its peak CUDA memory): the result
     entry and the logits of the last run."""
     repeats = args.latency_repeats if w.latency else args.repeats
-    print(f"{w.name} / {b.name}: {repeats} timed runs ...", flush=True)
+    print(f"{w.name} / {b.name} ({b.dtype}): {repeats} timed runs ...", flush=True)
     box = {}
     with PeakMemory(device) as memory:
         runs = time_runs(lambda: box.__setitem__("y", b.run(w)), repeats, device, args.quiet_wait,
@@ -337,6 +346,12 @@ def compare_backends(entry: dict, outputs: dict[str, torch.Tensor]) -> None:
         if "ours" in outputs:
             entry["max_abs_logit_diff_ours_vs_hf"] = entry["ours"]["max_abs_logit_diff_vs_hf"]
             entry["ratio_ours_over_hf"] = entry["ours"]["ratio_over_hf"]
+    if "onnxruntime" in outputs:
+        ort_rate = entry["onnxruntime"]["tokens_per_s"]
+        for name, y in outputs.items():
+            if name != "onnxruntime":
+                entry[name]["ratio_over_onnxruntime"] = entry[name]["tokens_per_s"] / ort_rate
+                entry[name]["max_abs_logit_diff_vs_onnxruntime"] = float((y - outputs["onnxruntime"]).abs().max())
     hf_names = [n for n in outputs if n == "hf" or n.startswith("hf-")]
     if hf_names and "ours" in outputs:
         best = max(hf_names, key=lambda n: entry[n]["tokens_per_s"])
@@ -358,146 +373,6 @@ def measure_workload(w: Workload, backends: list[Backend], config: EncoderConfig
         entry[b.name], outputs[b.name] = measure_backend(b, w, config, args, device)
     compare_backends(entry, outputs)
     return entry
-
-
-def add_rates(results: dict, gemm_ref: float, device: torch.device) -> None:
-    for entry in results.values():
-        for b in backend_entries(entry).values():
-            b["useful_fraction_of_gemm_rate"] = b["useful_flops_per_s"] / gemm_ref
-            b["executed_fraction_of_gemm_rate"] = b["executed_flops_per_s"] / gemm_ref
-            if device.type == "cuda":  # useful work (the targets) and what the backend executed
-                b["mfu_vs_800_tflops"] = b["useful_flops_per_s"] / H100_PEAK_FLOPS
-                b["executed_mfu_vs_800_tflops"] = b["executed_flops_per_s"] / H100_PEAK_FLOPS
-
-
-def backend_entries(entry: dict) -> dict[str, dict]:
-    """The per-backend results of a workload entry, in the order they ran."""
-    return {k: v for k, v in entry.items() if isinstance(v, dict) and "tokens_per_s" in v}
-
-
-# --------------------------------------------------------------------------- targets
-
-def cpu_targets(results: dict, rss: dict | None) -> dict:
-    targets = {}
-    if "mixed" in results and "ratio_ours_over_hf" in results["mixed"]:
-        m = results["mixed"]
-        r = m["ratio_ours_over_hf"]
-        targets["mixed_ours_over_hf>=2"] = {"value": r, "pass": r >= TARGET_MIXED_RATIO,
-                                            "contended": m["ours"]["contended"] or m["hf"]["contended"]}
-    for wname, entry in results.items():
-        f = entry["ours"]["useful_fraction_of_gemm_rate"]
-        targets[f"{wname}_ours_useful_fraction_of_gemm>=0.90"] = {
-            "value": f, "pass": f >= TARGET_GEMM_FRACTION, "contended": entry["ours"]["contended"]}
-    if rss is not None:
-        targets["peak_rss<=1.3x_weights"] = {"value": rss["peak_over_weights"],
-                                             "pass": rss["peak_over_weights"] <= TARGET_RSS_RATIO, "contended": False}
-    return targets
-
-
-def cuda_targets(results: dict, probe: dict | None, uniform_len: int) -> dict:
-    """Issue 3's GPU targets: ours against the fastest HF backend of the run (>= 2x on mixed,
-    >= 1.3x on uniform), MFU on the uniform workload, and peak memory of the memory probe."""
-    targets = {}
-    for wname, goal in (("mixed", TARGET_MIXED_RATIO), ("uniform", TARGET_UNIFORM_RATIO)):
-        entry = results.get(wname, {})
-        if "ratio_ours_over_best_hf" in entry:
-            r, best = entry["ratio_ours_over_best_hf"], entry["best_hf"]
-            targets[f"{wname}_ours_over_hf>={goal:g}"] = {
-                "value": r, "pass": r >= goal, "contended": entry["ours"]["contended"] or entry[best]["contended"],
-                "detail": f"against {best} ({entry[best]['tokens_per_s']:,.0f} tokens/s), the fastest HF here"}
-    if "uniform" in results:
-        ours = results["uniform"]["ours"]
-        targets[f"uniform_ours_mfu>={TARGET_MFU:.2f}"] = {
-            "value": ours["mfu_vs_800_tflops"], "pass": ours["mfu_vs_800_tflops"] >= TARGET_MFU,
-            "contended": ours["contended"], "detail": f"{uniform_len}-token docs, useful FLOPs / 800 TFLOP/s"}
-    if probe is not None and probe["memory"] is not None:
-        peak = probe["memory"]["peak_allocated_bytes"]
-        targets[f"peak_memory_{probe['tokens']}_tokens<=weights+2GiB"] = {
-            "value": peak / GiB, "pass": probe["pass"], "contended": False,
-            "detail": f"GiB allocated; limit {probe['limit_bytes'] / GiB:.2f} GiB = weights "
-                      f"{probe['weight_bytes'] / GiB:.2f} + {TARGET_MEMORY_HEADROOM / GiB:.0f}"}
-    return targets
-
-
-def print_targets(targets: dict) -> None:
-    print("targets:")
-    for k, v in targets.items():
-        note = "  (every run contended by other processes: inconclusive)" if v["contended"] else ""
-        detail = f" ({v['detail']})" if v.get("detail") else ""
-        print(f"  {verdict(v['pass'])}  {k}: {v['value']:.3f}{detail}{note}")
-
-
-# --------------------------------------------------------------------------- report
-
-def print_table(results: dict, device: torch.device) -> None:
-    cuda = device.type == "cuda"
-    width = max([7] + [len(n) for e in results.values() for n in backend_entries(e)])
-    scale, unit = (1e3, "ms") if cuda else (1.0, "s")
-    header = (f"{'workload':9} {'backend':{width}} {'tokens/s':>10} {'median ' + unit:>9} {'useful':>16} {'of GEMM':>8} "
-              f"{'executed':>16} {'of GEMM':>8}")
-    if cuda:
-        header += f" {'MFU useful':>10} {'MFU exec':>9} {'peak GiB':>9}"
-    print(header)
-    for wname, entry in results.items():
-        for name, b in backend_entries(entry).items():
-            line = (f"{wname:9} {name:{width}} {b['tokens_per_s']:10,.1f} {b['median_s'] * scale:8.2f}"
-                    f"{'*' if b['contended'] else ' '} "
-                    f"{fmt_rate(b['useful_flops_per_s']):>16} {b['useful_fraction_of_gemm_rate']:8.1%} "
-                    f"{fmt_rate(b['executed_flops_per_s']):>16} {b['executed_fraction_of_gemm_rate']:8.1%}")
-            if cuda:
-                line += (f" {b['mfu_vs_800_tflops']:10.2%} {b['executed_mfu_vs_800_tflops']:9.2%}"
-                         f" {b['memory']['own_peak_bytes'] / GiB:9.2f}")
-            print(line)
-        print_comparisons(wname, entry)
-
-
-def print_comparisons(wname: str, entry: dict) -> None:
-    for name, b in backend_entries(entry).items():
-        if "p90_s" in b:
-            print(f"{wname:9} {name} latency: median {fmt_s(b['median_s'])}, p90 {fmt_s(b['p90_s'])} over "
-                  f"{len(b['runs'])} runs ({entry['docs']} docs, {entry['tokens']} tokens, "
-                  f"{entry['ours_batches'] if name.startswith('ours') else -(-entry['docs'] // entry['hf_batch_size'])} "
-                  f"forward(s))")
-    for name, b in backend_entries(entry).items():
-        if "ratio_over_hf" in b:
-            print(f"{wname:9} {name}/HF = {b['ratio_over_hf']:.2f}x (padding {entry['padding_fraction']:.1%}); "
-                  f"max |logit {name} - HF| = {b['max_abs_logit_diff_vs_hf']:.2e}")
-    if entry.get("best_hf", "hf") != "hf":
-        print(f"{wname:9} ours/{entry['best_hf']} (fastest HF) = {entry['ratio_ours_over_best_hf']:.2f}x")
-
-
-def print_report(results: dict, gemm: dict, device: torch.device, describe: str, dtype: torch.dtype,
-                 args: argparse.Namespace) -> None:
-    print()
-    print(f"=== {describe}, torch {torch.__version__}, {torch.get_num_threads()} threads, {dtype}")
-    print(f"GEMM rate (F.linear layer mix, M={args.gemm_m}): before {fmt_rate(gemm['before']['layer_mix_flops_per_s'])}, "
-          f"after {fmt_rate(gemm['after']['layer_mix_flops_per_s'])}; reference = "
-          f"{fmt_rate(gemm['reference_flops_per_s'])} (each shape at its better measurement)")
-    print("times: median of the uncontended runs (the rest of the machine under "
-          f"{MachineLoad.CONTENDED_SHARE:.0%} of it), or of all runs, marked *, where every run was contended")
-    print("FLOPs: 'useful' = 2 x matmul params x real tokens + 4 x layers x hidden x sum(len^2) (full model, "
-          "no padding); ours executes slightly less (last layer: first tokens only), HF more (padding).")
-    if device.type == "cuda":
-        print("peak GiB: the backend's weights + its forward's peak allocation above what was allocated before "
-              "(torch.cuda.max_memory_allocated)")
-    print_table(results, device)
-
-
-def print_rss_and_profile(rss: dict | None, profile: dict | None) -> None:
-    if rss is not None:
-        print(f"peak RSS of ours: {rss['peak_rss_bytes'] / GiB:.2f} GiB for {rss['weight_bytes'] / GiB:.2f} GiB of "
-              f"weights ({rss['peak_over_weights']:.2f}x; {rss['peak_minus_import_over_weights']:.2f}x above the "
-              f"{rss['rss_after_import_bytes'] / 2**20:.0f} MiB import baseline), {rss['workload']} workload, "
-              f"largest batch {rss['largest_batch_tokens']} tokens")
-    if profile is not None:
-        print(f"profile of one forward of ours ({profile['batch_tokens']} tokens, {profile['batch_sequences']} "
-              f"sequences, {profile['wall_s']:.2f} s wall under the profiler, others used "
-              f"{profile['foreign_cpus'] or 0:.2f} CPUs meanwhile):")
-        for k, v in sorted(profile["categories_s"].items(), key=lambda kv: -kv[1]):
-            print(f"  {v:8.3f} s {profile['categories_fraction'][k]:6.1%}  {k}")
-        print("  top ops by self time:")
-        for e in profile["top_self_ops"]:
-            print(f"  {e['self_s']:8.3f} s {e['fraction']:6.1%}  {e['op']} x{e['calls']}")
 
 
 # --------------------------------------------------------------------------- main
@@ -540,7 +415,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="further timed runs allowed while fewer than --repeats ran uncontended (default 2 on the CPU)")
     p.add_argument("--workloads", help=f"comma-separated subset of {','.join(WORKLOADS)} "
                                        "(default: all on CUDA, uniform,mixed on the CPU)")
+    p.add_argument("--dtype", default=None,
+                   help="comma-separated dtypes of ours (default on the CPU: float32,bfloat16, bfloat16 only where "
+                        "the CPU has native bf16; on CUDA float16)")
     p.add_argument("--skip-hf", action="store_true", help="time ours only (no ratio)")
+    p.add_argument("--skip-onnx", action="store_true",
+                   help="CPU: leave out onnxruntime (else it needs the bench extra)")
     p.add_argument("--skip-rss", action="store_true", help="skip the peak-RSS child process (CPU)")
     p.add_argument("--profile", action="store_true", help="also profile one forward of ours per op")
     p.add_argument("--out", type=Path, help="results file (default benchmarks/results/<device>-<date>.json)")
@@ -569,11 +449,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.repeats = args.repeats or 3
     args.extra_runs = args.extra_runs if args.extra_runs is not None else (0 if cuda or quick else 2)
     args.gemm_m = args.gemm_m or (512 if quick else 16384 if cuda else 4096)
+    requested = args.dtype.split(",") if args.dtype else None
+    if requested is None:
+        requested = ["float16"] if cuda else ["float32"] + (["bfloat16"] if native_bf16() else [])
+    unknown = [d for d in requested if d not in DTYPES]
+    if unknown:
+        p.error(f"--dtype: unknown {', '.join(unknown)}; choose from {', '.join(DTYPES)}")
+    if not cuda and "float16" in requested:
+        p.error("--dtype float16 runs on CUDA only")
+    if not cuda and "bfloat16" in requested and not native_bf16():
+        p.error("--dtype bfloat16: this CPU has no native bf16 (AVX512_BF16 or AMX)")
+    args.dtypes = list(dict.fromkeys(requested))
     return args
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
+def native_bf16() -> bool:
+    """The CPU computes bf16 natively (mkldnn's own check is true on any AVX-512 CPU, emulated)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def load_ours(checkpoint: Path, ops: Ops, device: torch.device, dtype: torch.dtype) -> CrossEncoder:
@@ -582,18 +474,19 @@ def load_ours(checkpoint: Path, ops: Ops, device: torch.device, dtype: torch.dty
     ours = load_cross_encoder(checkpoint, ops, device, dtype)
     tune_for_device(ours)
     sync(device)
-    print(f"loaded ours in {time.perf_counter() - t0:.1f} s (attention: {ours.ops.attention_backend}; available: "
-          f"{', '.join(available_attention_backends(device, dtype))})", flush=True)
+    print(f"loaded ours ({dtype}) in {time.perf_counter() - t0:.1f} s (attention: {ours.ops.attention_backend}; "
+          f"available: {', '.join(available_attention_backends(device, dtype))})", flush=True)
     return ours
 
 
-def write_record(args: argparse.Namespace, device: torch.device, describe: str, dtype: torch.dtype, checkpoint: Path,
+def write_record(args: argparse.Namespace, device: torch.device, describe: str, checkpoint: Path,
                  config: EncoderConfig, backends: list[Backend], hf_notes: list[str], **parts) -> None:
     date = datetime.date.today().isoformat()
     device_name = slug(describe) if device.type == "cuda" else "cpu-" + slug(describe)
     out = args.out or RESULTS_DIR / f"{device_name}-{date}{'-quick' if args.quick else ''}.json"
     ours = backends[0]
     has_hf = any(b.kind == "hf" for b in backends)
+    ort = next((b.model for b in backends if b.kind == "onnxruntime"), None)
     record = {
         "benchmark": "forward",
         "date": date,
@@ -604,7 +497,10 @@ def write_record(args: argparse.Namespace, device: torch.device, describe: str, 
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__ if has_hf else None,
         "threads": torch.get_num_threads(),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": args.dtypes[0],  # ours; the others: "dtypes" (each backend's: backends.<name>.dtype)
+        "dtypes": args.dtypes,
+        "onnxruntime": None if ort is None else {"version": ort.version, "model": str(ort.path.relative_to(REPO))
+                                                 if ort.path.is_relative_to(REPO) else str(ort.path)},
         "quick": args.quick,
         "model": {"checkpoint": str(checkpoint.relative_to(REPO)), "layers": config.num_layers,
                   "hidden": config.hidden_size, "ffn": config.intermediate_size, "vocab": config.vocab_size,
@@ -621,9 +517,10 @@ def write_record(args: argparse.Namespace, device: torch.device, describe: str, 
                      "latency_docs": args.latency_docs, "latency_repeats": args.latency_repeats,
                      "memory_tokens": args.memory_tokens, "all_attention": args.all_attention,
                      "hf_attn_requested": args.hf_attn},
-        "backends": {b.name: {"kind": b.kind, "attention": b.attention, "weight_bytes": b.weight_bytes,
+        "backends": {b.name: {"kind": b.kind, "dtype": b.dtype, "attention": b.attention,
+                              "weight_bytes": b.weight_bytes,
                               # what the load-time measurement chose for ours, with its timings (CUDA)
-                              **({"kernel_choices": b.model.ops.choices} if b.kind == "ours" else {})}
+                              **({"kernel_choices": getattr(b.model.ops, "choices", None)} if b.kind == "ours" else {})}
                      for b in backends},
         "hf_notes": hf_notes,
         "flops_definition": "useful = 2*matmul_params*real_tokens + 4*layers*hidden*sum(len^2) (full model; "
@@ -644,20 +541,22 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is available")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtypes = [DTYPES[d] for d in args.dtypes]
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        ops = select_ops(device, args.attention, dtype=dtype)
+        ops = {d: select_ops(device, args.attention, dtype=d) for d in dtypes}
     except ValueError as e:
         sys.exit(f"--attention: {e}")
     started = time.perf_counter()
 
-    checkpoint = ensure_checkpoint(args.quick, dtype)
+    # the CPU's files are fp32 (bf16 is rounded at load); CUDA's fp16
+    checkpoint = ensure_checkpoint("tiny" if args.quick else "full", torch.float16 if device.type == "cuda" else
+                                   torch.float32)
     args.checkpoint = str(checkpoint)
     config = EncoderConfig.from_hf(json.loads((checkpoint / "config.json").read_text()))
     describe = device_description(device)
-    print(f"device: {describe} ({args.device}, {dtype}), torch {torch.__version__}, "
+    print(f"device: {describe} ({args.device}, {', '.join(args.dtypes)}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", flush=True)
     print(f"model: {checkpoint.name} ({config.num_layers} layers, hidden {config.hidden_size}, "
           f"FFN {config.intermediate_size}), matmul params {matmul_params(config) / 1e6:.1f}M", flush=True)
@@ -665,25 +564,31 @@ def main(argv: list[str] | None = None) -> None:
 
     # 1. Peak RSS of our model alone (CPU), in a child process, before this one grows.
     rss = maybe_rss_probe(args, checkpoint, device)
-    # 2. GEMM rate at the model's shapes.
-    gemm_before = measure_gemm(config, args, dtype, device)
-    # 3. Ours, and its memory for one large batch while no other model is loaded.
-    ours = load_ours(checkpoint, ops, device, dtype)
-    probe = memory_probe(ours, args.memory_tokens, args.seed, device) if args.memory_tokens else None
-    if probe is not None:
-        print_memory_probe(probe)
+    # 2. GEMM rates at the model's shapes, every candidate of every dtype.
+    gemm_before = measure_gemm(config, args, device)
+    # 3. Ours (once per dtype), and its memory for one large batch while no other model is loaded.
+    backends, probe = [], None
+    for i, dtype in enumerate(dtypes):
+        ours = load_ours(checkpoint, ops[dtype], device, dtype)
+        if i == 0 and args.memory_tokens:
+            probe = memory_probe(ours, args.memory_tokens, args.seed, device)
+            print_memory_probe(probe)
+        backends += ours_backends(ours, args.all_attention, device, dtype,
+                                  "ours" if i == 0 else f"ours-{SHORT_DTYPE[dtype]}")
     # 4. The other backends, warm-up, timed runs.
-    hf, hf_notes = hf_backends(checkpoint, args, device, dtype)
-    backends = ours_backends(ours, args.all_attention, device, dtype) + hf
+    hf, hf_notes = hf_backends(checkpoint, args, device, torch.float16 if device.type == "cuda" else torch.float32)
+    onnx, onnx_notes = onnx_backends(checkpoint, args, device)
+    backends += hf + onnx
     print(f"warm-up {warm_up(backends, workloads, args, device):.1f} s", flush=True)
     results = {w.name: measure_workload(w, backends, config, args, device) for w in workloads}
 
-    gemm_after = gemm_rate(config, args.gemm_m, dtype, device, repeats=5, quiet_wait_s=args.quiet_wait)
-    # The reference takes each shape's better measurement: a slow moment of the machine
-    # does not flatter the fraction.
-    gemm_ref = best_layer_mix(config, gemm_before, gemm_after)
-    add_rates(results, gemm_ref, device)
-    gemm = {"before": gemm_before, "after": gemm_after, "reference_flops_per_s": gemm_ref,
+    gemm = measure_gemm(config, args, device, before=gemm_before)
+    # Each dtype's reference: its best candidate, each shape at its better measurement (a slow
+    # moment of the machine does not flatter the share).
+    refs = {dtype: g["reference_flops_per_s"] for dtype, g in gemm.items()}
+    add_rates(results, refs, {b.name: b.dtype for b in backends}, device)
+    gemm = {"per_dtype": gemm, "before": gemm_before, "reference_flops_per_s": refs.get(args.dtypes[0]),
+            "reference_flops_per_s_by_dtype": refs,
             **({"nominal_peak_flops_per_s": H100_PEAK_FLOPS} if device.type == "cuda" else {})}
 
     profile = None
@@ -691,17 +596,21 @@ def main(argv: list[str] | None = None) -> None:
         w = next((w for w in workloads if w.name == "mixed"), workloads[0])
         print(f"profiling one forward of ours ({w.name}, first batch) ...", flush=True)
         wait_quiet(args.quiet_wait)
-        profile = profile_ours(ours, w.ours_batches[0], device)
+        profile = profile_ours(backends[0].model, w.ours_batches[0], device)
 
-    print_report(results, gemm, device, describe, dtype, args)
-    for note in hf_notes:
+    print_report(results, gemm, device, describe, args)
+    for note in hf_notes + onnx_notes:
         print(f"note: {note}")
     if probe is not None:
         print_memory_probe(probe)
     targets = cuda_targets(results, probe, args.uniform_len) if device.type == "cuda" else cpu_targets(results, rss)
     print_targets(targets)
     print_rss_and_profile(rss, profile)
-    write_record(args, device, describe, dtype, checkpoint, config, backends, hf_notes,
+    choices = {b.name: getattr(b.model.ops, "choices", None) for b in backends if b.kind == "ours"}
+    choices = {name: c for name, c in choices.items() if c}
+    if choices:
+        print("op choices made at load: " + json.dumps(choices, default=str))
+    write_record(args, device, describe, checkpoint, config, backends, hf_notes + onnx_notes,
                  gemm=gemm, workloads=results, memory_probe=probe, rss=rss, targets=targets, profile=profile,
                  wall_s=time.perf_counter() - started)
 

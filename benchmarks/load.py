@@ -76,7 +76,8 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.forward import device_description, git_commit, slug
+from benchmarks.checkpoints import ensure_checkpoint
+from benchmarks.measure import device_description, git_commit, slug
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -461,17 +462,6 @@ class RawForward:
 
 
 # --------------------------------------------------------------------------- the run
-
-def ensure_checkpoint(size: str) -> Path:
-    path = REPO / "checkpoints" / f"{size}-random"
-    if not ((path / "config.json").exists() and (path / "model.safetensors").exists()):
-        from rerank_server.checkpoint import write_random_checkpoint
-
-        tmp = path.with_name(path.name + ".tmp")
-        write_random_checkpoint(tmp, size, seed=0)
-        tmp.rename(path)
-    return path
-
 
 def print_raw(raw: dict) -> None:
     foreign = raw["foreign_cpus_best_pass"]

@@ -2,6 +2,7 @@
 the machine was, peak CUDA memory, the F.linear rate at the model's GEMM shapes."""
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
@@ -182,10 +183,10 @@ class PeakMemory:
 
 
 def gemm_rate(c: EncoderConfig, m: int, dtype: torch.dtype, device: torch.device, repeats: int,
-              quiet_wait_s: float = 0.0) -> dict:
-    """``F.linear`` (with bias, as the model calls it) at the model's GEMM shapes with ``m``
-    rows. The aggregate is one encoder layer's mix: total FLOPs / total median time.
-    On CUDA each timed run makes ``CUDA_GEMM_CALLS`` calls."""
+              quiet_wait_s: float = 0.0, build=None) -> dict:
+    """One GEMM candidate (default ``F.linear`` with bias, as the model calls it; see
+    benchmarks.gemm) at the model's GEMM shapes with ``m`` rows. The aggregate is one encoder
+    layer's mix: total FLOPs / total median time. On CUDA each timed run makes ``CUDA_GEMM_CALLS`` calls."""
     H, I = c.hidden_size, c.intermediate_size
     shapes = [("qkv", H, 3 * H), ("attn_out", H, H), ("ffn_up", H, I), ("ffn_down", I, H)]
     calls = CUDA_GEMM_CALLS if device.type == "cuda" else 1
@@ -193,15 +194,19 @@ def gemm_rate(c: EncoderConfig, m: int, dtype: torch.dtype, device: torch.device
     per_shape, flops_sum, time_sum, loads = {}, 0.0, 0.0, []
     with torch.inference_mode():
         for name, k, n in shapes:
-            x = torch.randn(m, k, generator=g).to(device, dtype)
-            w = (torch.randn(n, k, generator=g) * 0.02).to(device, dtype)
-            b = torch.randn(n, generator=g).to(device, dtype)
-            F.linear(x, w, b)  # warm-up
+            if build is None:
+                x = torch.randn(m, k, generator=g).to(device, dtype)
+                w = (torch.randn(n, k, generator=g) * 0.02).to(device, dtype)
+                b = torch.randn(n, generator=g).to(device, dtype)
+                run = functools.partial(F.linear, x, w, b)
+            else:
+                run = build(k, n, m, dtype, device, g)
+            run()  # warm-up
             wait_quiet(quiet_wait_s)
 
-            def linear_calls():
+            def linear_calls(run=run):
                 for _ in range(calls):
-                    F.linear(x, w, b)
+                    run()
             runs = time_runs(linear_calls, repeats, device)
             t = summarize(runs)["median_s"] / calls
             loads += [r["foreign_cpus"] or 0.0 for r in runs]
@@ -209,7 +214,6 @@ def gemm_rate(c: EncoderConfig, m: int, dtype: torch.dtype, device: torch.device
             per_shape[f"{name} {m}x{k}->{n}"] = flops / t
             flops_sum += flops
             time_sum += t
-            del x, w, b
     return {"m": m, "per_shape_flops_per_s": per_shape, "layer_mix_flops_per_s": flops_sum / time_sum,
             "max_foreign_cpus": max(loads) if loads else None, "calls_per_run": calls}
 

@@ -29,32 +29,62 @@ def provenance(path: Path, d: dict) -> str:
 
 
 def forward_section(path: Path, d: dict) -> str:
-    lines = [f"**Forward, ours vs Hugging Face** — {provenance(path, d)}, {d['dtype']}, "
-             f"random full-size weights; HF: `{d['settings']['hf_attn_implementation']}` attention, padded "
-             f"micro-batches of {d['settings']['hf_batch_size']} in arrival order.", "",
-             "| workload | tokens | padding | ours tokens/s | HF tokens/s | ours / HF | ours, share of GEMM rate |"
-             " max abs Δlogit |",
-             "|---|---|---|---|---|---|---|---|"]
+    """One row per workload and backend: tokens/s, ratios to HF and onnxruntime (where they ran),
+    share of the GEMM rate of the backend's dtype, largest logit difference from HF."""
+    dtypes = ", ".join(d.get("dtypes", [d["dtype"]]))
+    peers = "HF padded" + (" and onnxruntime one pair at a time" if d.get("onnxruntime") else "")
+    lines = [f"**Forward, ours vs {peers}** — {provenance(path, d)}, ours in {dtypes}, "
+             f"random full-size weights; HF: `{d['settings']['hf_attn_implementation']}` attention, fp32, padded "
+             f"micro-batches of {d['settings']['hf_batch_size']} in arrival order"
+             + (f"; onnxruntime {d['onnxruntime']['version']}, fp32" if d.get("onnxruntime") else "") + ".", "",
+             "| workload | tokens | padding (HF) | backend | tokens/s | / HF | / onnxruntime | share of GEMM rate "
+             "| max abs Δlogit vs HF |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, w in d["workloads"].items():
-        ours, hf = w["ours"], w.get("hf")
-        if not ours.get("tokens_per_s"):
-            continue
-        share = ours.get("useful_fraction_of_gemm_rate") or ours.get("mfu_vs_800_tflops")
-        lines.append(
-            f"| {name} ({w['description']}) | {w['tokens']} | {w.get('padding_fraction', 0):.0%} "
-            f"| {ours['tokens_per_s']:,.0f} | {hf['tokens_per_s']:,.0f} | {w['ratio_ours_over_hf']:.2f}x "
-            f"| {share:.1%} | {w.get('max_abs_logit_diff_ours_vs_hf', float('nan')):.1e} |"
-            if hf else f"| {name} | {w['tokens']} | | {ours['tokens_per_s']:,.0f} | | | {share:.1%} | |")
-    gemm = d.get("gemm", {}).get("reference_flops_per_s")
-    if gemm:
+        first = True
+        for backend, b in w.items():
+            if not (isinstance(b, dict) and b.get("tokens_per_s")):
+                continue
+            share = b.get("useful_fraction_of_gemm_rate") or b.get("mfu_vs_800_tflops")
+            # files written before per-backend ratios name ours' on the workload
+            ratio = b.get("ratio_over_hf", w.get("ratio_ours_over_hf") if backend == "ours" else None)
+            diff = b.get("max_abs_logit_diff_vs_hf",
+                         w.get("max_abs_logit_diff_ours_vs_hf") if backend == "ours" else None)
+            head = (f"{name} ({w['description']}) | {w['tokens']} | {w.get('padding_fraction', 0):.0%}" if first
+                    else "| |")
+            first = False
+            lines.append(
+                f"| {head} | {backend} | {b['tokens_per_s']:,.0f} | {fmt_ratio(ratio)} "
+                f"| {fmt_ratio(b.get('ratio_over_onnxruntime'))} | {'' if share is None else f'{share:.1%}'} "
+                f"| {'' if diff is None else f'{diff:.1e}'} |")
+    gemm = d.get("gemm", {})
+    per_dtype = gemm.get("per_dtype")
+    if per_dtype:
+        rates = "; ".join(
+            f"{dtype}: " + ", ".join(f"{n} {r / 1e9:.0f}" for n, r in g.get("layer_mix_best_of_both", {}).items())
+            + f" (best: {g.get('best')})" for dtype, g in per_dtype.items())
+        lines += ["", f"GEMM rates measured in the same run at the model's shapes (GFLOP/s, one layer's mix): {rates}; "
+                      "each backend's share is of the best rate of its dtype, counting the full model's useful "
+                      "FLOPs on real tokens."]
+    elif gemm.get("reference_flops_per_s"):
         lines += ["", f"GEMM rate measured in the same run (`F.linear` at the model's shapes): "
-                      f"{gemm / 1e9:.0f} GFLOP/s; shares count the full model's useful FLOPs on real tokens."]
+                      f"{gemm['reference_flops_per_s'] / 1e9:.0f} GFLOP/s; shares count the full model's useful "
+                      "FLOPs on real tokens."]
     rss = d.get("rss")
     if rss and rss.get("peak_rss_bytes"):
         lines.append(f"Peak resident memory of our model alone (load + forward, {rss['workload']}): "
                      f"{rss['peak_rss_bytes'] / 2**30:.2f} GiB = {rss['peak_rss_bytes'] / d['model']['weight_bytes']:.2f}x "
                      f"the weight bytes.")
+    targets = d.get("targets")
+    if targets and per_dtype:
+        lines += ["", "Targets: " + "; ".join(f"{name}: {t['value']:.2f} ({'pass' if t['pass'] else 'FAIL'}"
+                                             f"{', contended' if t.get('contended') else ''})"
+                                             for name, t in targets.items())]
     return "\n".join(lines)
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}x"
 
 
 def neighbours_note(d: dict) -> str:
@@ -93,6 +123,18 @@ def load_section(path: Path, d: dict) -> str:
     return "\n".join(lines)
 
 
+def rest_e2e_line(path: Path, d: dict) -> str:
+    """One request over REST against onnxruntime one pair at a time (benchmarks.rest_e2e)."""
+    ours, ort, req = d["ours_rest"], d.get("onnxruntime"), d["request"]
+    flags = f" `{d['server_args']}`" if d.get("server_args") else ""
+    text = (f"End to end over REST, `{d['model']['checkpoint']}`{flags}, one query and {req['docs']} documents "
+            f"({req['tokens']} tokens): ours {ours['tokens_per_s']:,.0f} tokens/s")
+    if ort:
+        text += (f", onnxruntime fp32 one pair at a time {ort['tokens_per_s']:,.0f} tokens/s = "
+                 f"{ours['tokens_per_s'] / ort['tokens_per_s']:.2f}x")
+    return f"{text} ({provenance(path, d)})"
+
+
 def results_files() -> list[tuple[Path, dict]]:
     """(path, contents), the forward benchmark first, then the runs in the order they were made."""
     files = [(path, json.loads(path.read_text())) for path in RESULTS.glob("*.json")]
@@ -107,9 +149,14 @@ def summary() -> str:
             continue
         if d.get("benchmark") == "forward":
             figures = [f"{name} {w['ours']['tokens_per_s']:,.0f} tokens/s = {w['ratio_ours_over_hf']:.2f}x Hugging Face"
+                       + (f", {w['ours']['ratio_over_onnxruntime']:.2f}x onnxruntime per pair"
+                          if "ratio_over_onnxruntime" in w["ours"] else "")
+                       + (f" (bf16: {w['ours-bf16']['tokens_per_s']:,.0f} tokens/s)" if "ours-bf16" in w else "")
                        for name, w in d["workloads"].items() if w.get("hf") and w["ours"].get("tokens_per_s")]
             lines.append(f"- Forward, {d['dtype']}, full-size random weights: {'; '.join(figures)} "
                          f"({provenance(path, d)})")
+        elif d.get("benchmark") == "rest_e2e":
+            lines.append("- " + rest_e2e_line(path, d))
         elif d.get("benchmark") == "load":
             closed = [r for r in d["runs"] if r.get("fraction_of_raw_forward") and r["batching"]
                       and r["mode"].split()[0].isdigit()]
@@ -133,6 +180,8 @@ def render() -> str:
             sections.append(forward_section(path, d))
         elif d.get("benchmark") == "load":
             sections.append(load_section(path, d))
+        elif d.get("benchmark") == "rest_e2e":
+            sections.append(rest_e2e_line(path, d))
     return "\n\n".join(sections) or "No results yet."
 
 

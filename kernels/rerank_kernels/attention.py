@@ -14,6 +14,14 @@ import torch.nn.functional as F
 
 from rerank_kernels._triton import HAS_TRITON, cuda_grid, require_triton, tl, triton
 
+# At least GROUP_MIN_SEQS sequences of equal length, each at most GROUP_MAX_LEN keys long, share
+# one SDPA call; the others get one call each on views (no copies). A group's gather and scatter
+# copy q, k, v and the output once more: that costs more than the ~30 us saved per call for
+# pairs of sequences, and is lost in the attention itself above a few hundred tokens
+# (measured on a 2-core Zen 5: python -m benchmarks.attention).
+GROUP_MIN_SEQS = 4
+GROUP_MAX_LEN = 256
+
 
 def varlen_attention_torch(
     q: torch.Tensor,
@@ -25,24 +33,62 @@ def varlen_attention_torch(
     max_seqlen_k: int,
     scale: float,
 ) -> torch.Tensor:
-    """Reference and CPU path: one SDPA call per sequence, nothing padded.
+    """Reference and CPU path: one SDPA call per group of sequences of equal length, nothing padded.
 
     q (total_q, heads, head_dim), k/v (total_k, heads, head_dim),
-    cu_seqlens_* (batch + 1,) int32 -> (total_q, heads, head_dim)."""
+    cu_seqlens_* (batch + 1,) int32 -> (total_q, heads, head_dim).
+
+    Batch invariant: a sequence's output is bitwise the same alone, in any group and at any
+    position (tests/test_attention_torch.py). PyTorch's fused CPU flash kernel works per
+    (sequence, head, query block), so a group of equal-length sequences gives each what it gets
+    alone. With one query row (the last layer's first tokens) it is not: its split of the keys
+    over threads follows the group's size (fp32), and a matmul-softmax-matmul is not either
+    (MKL's batched GEMM), so one-row queries keep one call per sequence."""
     out = torch.empty_like(q)
     starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    groups: dict[tuple[int, int], list[int]] = {}
     for i in range(len(starts_q) - 1):
-        qs, qe, ks, ke = starts_q[i], starts_q[i + 1], starts_k[i], starts_k[i + 1]
-        if qe == qs:
+        len_q, len_k = starts_q[i + 1] - starts_q[i], starts_k[i + 1] - starts_k[i]
+        if len_q:
+            groups.setdefault((len_q, len_k), []).append(i)
+    for (len_q, len_k), seqs in groups.items():
+        if len(seqs) < GROUP_MIN_SEQS or len_k > GROUP_MAX_LEN or len_q == 1:
+            for i in seqs:  # views, no copies: (1, heads, len, dim)
+                qs, ks = starts_q[i], starts_k[i]
+                o = _attend(_heads_first(q[qs:qs + len_q]), _heads_first(k[ks:ks + len_k]),
+                            _heads_first(v[ks:ks + len_k]), scale)
+                out[qs:qs + len_q] = o[0].transpose(0, 1)
             continue
-        # 4-D (1, heads, len, dim): the layout PyTorch's fused CPU flash kernel takes (3-D falls
-        # back to the math path, which materializes len x len scores: ~6x slower at 4k tokens)
-        o = F.scaled_dot_product_attention(
-            q[qs:qe].transpose(0, 1)[None], k[ks:ke].transpose(0, 1)[None], v[ks:ke].transpose(0, 1)[None],
-            scale=scale,
-        )
-        out[qs:qe] = o[0].transpose(0, 1)
+        rows_q = _token_rows(starts_q, seqs, len_q, q.device)
+        rows_k = _token_rows(starts_k, seqs, len_k, q.device)
+        n = len(seqs)
+        o = _attend(_gather_heads_first(q, rows_q, n), _gather_heads_first(k, rows_k, n),
+                    _gather_heads_first(v, rows_k, n), scale)
+        out.index_copy_(0, rows_q, o.transpose(1, 2).reshape(n * len_q, *q.shape[1:]))
     return out
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """(len, heads, dim) -> the view (1, heads, len, dim)."""
+    return x.transpose(0, 1)[None]
+
+
+def _token_rows(starts: list[int], seqs: list[int], length: int, device: torch.device) -> torch.Tensor:
+    """The token rows of sequences ``seqs`` (each ``length`` long), in order: (len(seqs) * length,) int64."""
+    first = torch.tensor([starts[i] for i in seqs], dtype=torch.int64)
+    return (first[:, None] + torch.arange(length)).reshape(-1).to(device)
+
+
+def _gather_heads_first(x: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows of x (total, heads, dim) -> (n, heads, len, dim), one copy."""
+    return x.index_select(0, rows).view(n, -1, *x.shape[1:]).transpose(1, 2)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """(n, heads, len_q, dim) x (n, heads, len_k, dim) -> (n, heads, len_q, dim). 4-D is the
+    layout PyTorch's fused CPU flash kernel takes (3-D falls back to the math path, which
+    materializes len x len scores: ~6x slower at 4k tokens); softmax in fp32 for bf16 too."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 # ----------------------------------------------------------------------------- Triton
