@@ -55,17 +55,20 @@ class BoundedTokenizer:
     Cuts are made where the pipeline is *separable*: ``ids(a + b) == ids(a) + ids(b)``.
 
     1. **A space before a plain character** (``"x y"``, cut before the space; ``x`` anything
-       but a Prepend character). The added tokens (``<s>``, ``<mask>``, ...) contain no space,
-       so none spans the cut. The normalizer works one grapheme cluster at a time (the
-       Precompiled SentencePiece map; the others here map characters or runs of spaces), and
-       such a space is a cluster of its own with a cluster boundary before it (UAX #29 decides a
-       boundary from the two characters beside it: only Prepend joins a following space, only
-       Extend, ZWJ and SpacingMark join a preceding one). The normalized space is whitespace, where every pre-tokenizer here
-       ends a word (WhitespaceSplit, Metaspace, ByteLevel's `` ?\\p{L}+``), and words are
-       tokenized independently. ``check_separable`` tests this on the loaded tokenizer at start-up;
-       where it fails, texts are tokenized whole. Python's whitespace is not the boundary: U+001C
-       is whitespace to Python, not to the tokenizer, and ZWJ, U+FEFF, control characters and
-       lone combining marks are deleted by the normalizer, so a "word" may give no token at all.
+       but a Prepend character), or before marks, joiners, format or control characters that
+       the normalizer turns, with the space, into text that starts with a space (checked on
+       those few characters, which end before the next plain character or space). The added
+       tokens (``<s>``, ``<mask>``, ...) contain no space, so none spans the cut. The normalizer
+       works one grapheme cluster at a time (the Precompiled SentencePiece map; the others here
+       map characters or runs of spaces), and UAX #29 decides a cluster boundary from the two
+       characters beside it: only Prepend joins a following space, only Extend, ZWJ and
+       SpacingMark join a preceding one. The normalized space is whitespace, where every
+       pre-tokenizer here ends a word (WhitespaceSplit, Metaspace, ByteLevel's `` ?\\p{L}+``),
+       and words are tokenized independently. ``check_separable`` tests this on the loaded
+       tokenizer at start-up; where it fails, texts are tokenized whole. Python's whitespace is
+       not the boundary: U+001C is whitespace to Python, not to the tokenizer, and ZWJ, U+FEFF,
+       control characters and lone combining marks are deleted by the normalizer, so a "word"
+       may give no token at all.
     2. **Inside one word**, for a Unigram (SentencePiece) model only, which segments a word by
        Viterbi: the best path's node at position p depends only on the word's first p characters,
        so tokenizing the prefix ``text[:p]`` walks back exactly the path the whole text's lattice
@@ -80,15 +83,26 @@ class BoundedTokenizer:
        two added tokens can overlap: the tokenizer splits them out of the raw text first and
        tokenizes the pieces between them independently.
 
-    Where neither cut exists (one word of combining marks, a text of characters the normalizer
-    deletes, a left-truncated text ending in one long word) the prefix grows to the whole text:
-    still exact; its cost is then the whole text's. A text with fewer than ``n`` tokens is
-    always tokenized whole: every one of its tokens is used.
+    Where no cut is found (a text of characters the normalizer deletes, one word of combining
+    marks, a periodic word such as ``"xxxx…"``, a left-truncated text ending in one long word)
+    the piece grows past the last cut up to ``uncut_chars(n)`` characters (``UNCUT_CHARS_PER_TOKEN``
+    per wanted token, at least ``MIN_UNCUT_CHARS``: 262,144 for 8,192 tokens), and is cut there:
+    the one place the result may differ from the whole text's, in the tokens next to that cut.
+    No bounded piece could do better: the Unigram segmentation of ``"x" * k`` puts the remainder
+    of ``k / 3`` right after its first piece (``▁xxx x xxx …``), so its second token depends on
+    the whole word's length. A left cut that far from the kept tokens leaves them as they are in
+    practice (Viterbi paths merge within a few pieces). A text with fewer than ``n`` tokens
+    within that reach is tokenized whole: every one of its tokens is used.
     """
 
     # first piece: this many characters per wanted token (about 4.5 for English with XLM-R),
     # doubled until it holds enough tokens
     CHARS_PER_TOKEN = 6
+    # how far past the last cut a piece may grow (see above)
+    UNCUT_CHARS_PER_TOKEN = 32
+    MIN_UNCUT_CHARS = 16384
+    # the longest run of marks and format characters after a space that a cut looks through
+    JOINED_CHARS = 64
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
@@ -121,11 +135,26 @@ class BoundedTokenizer:
         return all(self.ids(a + b) == self.ids(a) + self.ids(b) for a, b in probes)
 
     def is_cut(self, text: str, match: re.Match) -> bool:
-        """A separable cut before ``match`` (a space between plain characters, or an added token)."""
+        """A separable cut before ``match``: an added token, or a space after the end of a
+        grapheme cluster whose own cluster normalizes to whitespace first (1. in the class
+        docstring)."""
         at = match.start()
         if match.group() != " ":
             return at > 0
-        return 0 < at < len(text) - 1 and ends_a_cluster(text[at - 1]) and is_plain(text[at + 1])
+        if not (0 < at < len(text) - 1 and ends_a_cluster(text[at - 1])):
+            return False
+        if is_plain(text[at + 1]):
+            return True
+        if self.normalizer is None:
+            return False
+        # the space may be a cluster with what follows (" \u0301", " \u200d"): its clusters end
+        # before the next plain character or space, unless a Prepend one joins that too
+        end = at + 1
+        while end < len(text) and end - at <= self.JOINED_CHARS and not (is_plain(text[end]) or text[end] == " "):
+            end += 1
+        if end - at > self.JOINED_CHARS or not ends_a_cluster(text[end - 1]):
+            return False
+        return self.normalizer.normalize_str(text[at:end]).startswith(" ")
 
     def last_cut(self, text: str, start: int, end: int) -> int | None:
         """The largest cut in ``(start, end]``, or None."""
@@ -142,6 +171,9 @@ class BoundedTokenizer:
                 return match.start()
         return None
 
+    def uncut_chars(self, n: int) -> int:
+        return max(self.UNCUT_CHARS_PER_TOKEN * n, self.MIN_UNCUT_CHARS)
+
     def head(self, text: str, n: int) -> list[int]:
         """``ids(text)[:n]``, exactly (see the class docstring)."""
         size = max(n, 1) * self.CHARS_PER_TOKEN
@@ -149,6 +181,8 @@ class BoundedTokenizer:
             return self.ids(text)[:n]
         done, done_at = [], 0  # ids(text[:done_at]) == done; done_at is 0 or a cut
         while size < len(text):
+            if size - done_at > self.uncut_chars(n):  # no cut in reach: cut the word there
+                return (done + self.ids(text[done_at:done_at + self.uncut_chars(n)]))[:n]
             cut = self.last_cut(text, done_at, size)
             if cut is not None:
                 done += self.ids(text[done_at:cut])
@@ -170,6 +204,8 @@ class BoundedTokenizer:
             return self.ids(text)[-n:] if n else []
         done, done_at = [], len(text)  # ids(text[done_at:]) == done
         while size < len(text):
+            if done_at - (len(text) - size) > self.uncut_chars(n):  # no cut in reach: cut the word there
+                return (self.ids(text[done_at - self.uncut_chars(n):done_at]) + done)[-n:] if n else []
             cut = self.first_cut(text, len(text) - size, done_at)
             if cut is not None:
                 done = self.ids(text[cut:done_at]) + done
@@ -218,7 +254,7 @@ class BoundedTokenizer:
             [text[start:p] for p in range(window_end - self.piece_chars + 1, window_end + 1)],
             add_special_tokens=False)
         shared = 0
-        for tokens in zip(*(zip(w.ids, w.offsets) for w in walks)):
+        for tokens in zip(*(zip(w.ids, w.offsets, strict=True) for w in walks), strict=False):
             if any(t != tokens[0] for t in tokens[1:]):
                 break
             shared += 1
