@@ -9,6 +9,7 @@ pipeline (added tokens -> normalizer -> pre-tokenizer -> model), is in ``Bounded
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import re
 import unicodedata
@@ -75,10 +76,12 @@ class BoundedTokenizer:
        holds from p. A token spans at most ``L`` characters (the longest piece), so the whole
        word's best path visits one of any ``L`` consecutive positions; if the paths walked back
        from each of ``L`` consecutive positions share their first tokens, the whole text's path
-       has those tokens too. Positions must be character-for-character with the normalized text
-       (each character plain, normalized alone to one non-space character, no added token near);
-       the shared tokens' last one is dropped when it is ``<unk>``, which the model fuses with the
-       unknown characters that follow. This costs ``L`` tokenizations of the prefix.
+       has those tokens too; fewer positions suffice where no piece of more characters begins
+       at the window's characters (a token jumping over it would be such a piece). Positions
+       must be character-for-character with the normalized text (each character plain,
+       normalized alone to one non-space character, no added token near); the shared tokens'
+       last one is dropped when it is ``<unk>``, which the model fuses with the unknown
+       characters that follow. This costs one tokenization of the prefix per position.
     3. **Before an added token** matched verbatim (not normalized, stripping nothing), where no
        two added tokens can overlap: the tokenizer splits them out of the raw text first and
        tokenizes the pieces between them independently.
@@ -117,7 +120,8 @@ class BoundedTokenizer:
         # 2. (Viterbi certification) needs the Unigram model and its normalizer
         self.piece_chars = 0
         if isinstance(tokenizer.model, models.Unigram) and self.normalizer is not None:
-            self.piece_chars = max(map(len, tokenizer.get_vocab(with_added_tokens=False)))
+            self.pieces = sorted(tokenizer.get_vocab(with_added_tokens=False))
+            self.piece_chars = max(map(len, self.pieces))
             self.unk_id = tokenizer.token_to_id("<unk>")
         self.separable = self.check_separable()
         if not self.separable:
@@ -181,8 +185,6 @@ class BoundedTokenizer:
             return self.ids(text)[:n]
         done, done_at = [], 0  # ids(text[:done_at]) == done; done_at is 0 or a cut
         while size < len(text):
-            if size - done_at > self.uncut_chars(n):  # no cut in reach: cut the word there
-                return (done + self.ids(text[done_at:done_at + self.uncut_chars(n)]))[:n]
             cut = self.last_cut(text, done_at, size)
             if cut is not None:
                 done += self.ids(text[done_at:cut])
@@ -190,9 +192,11 @@ class BoundedTokenizer:
                 if len(done) >= n:
                     return done[:n]
             if self.piece_chars:
-                certain = self.certain_head(text, done_at, size, n - len(done))
+                certain = self.certain_head(text, done_at, min(size, done_at + self.uncut_chars(n)), n - len(done))
                 if certain is not None and len(done) + len(certain) >= n:
                     return (done + certain)[:n]
+            if size - done_at > self.uncut_chars(n):  # no cut in reach: cut the word there
+                return (done + self.ids(text[done_at:done_at + self.uncut_chars(n)]))[:n]
             size *= 2
         return (done + self.ids(text[done_at:]))[:n]
 
@@ -204,14 +208,14 @@ class BoundedTokenizer:
             return self.ids(text)[-n:] if n else []
         done, done_at = [], len(text)  # ids(text[done_at:]) == done
         while size < len(text):
-            if done_at - (len(text) - size) > self.uncut_chars(n):  # no cut in reach: cut the word there
-                return (self.ids(text[done_at - self.uncut_chars(n):done_at]) + done)[-n:] if n else []
             cut = self.first_cut(text, len(text) - size, done_at)
             if cut is not None:
                 done = self.ids(text[cut:done_at]) + done
                 done_at = cut
                 if len(done) >= n:
                     return done[-n:] if n else []
+            if done_at - (len(text) - size) > self.uncut_chars(n):  # no cut in reach: cut the word there
+                return (self.ids(text[done_at - self.uncut_chars(n):done_at]) + done)[-n:] if n else []
             size *= 2
         done = self.ids(text[:done_at]) + done
         return done[-n:] if n else []
@@ -238,6 +242,11 @@ class BoundedTokenizer:
             end += 1
         return None
 
+    def begins_a_piece(self, chars: str) -> bool:
+        """Whether some piece of the vocabulary starts with ``chars``."""
+        at = bisect.bisect_left(self.pieces, chars)
+        return at < len(self.pieces) and self.pieces[at].startswith(chars)
+
     def certain_head(self, text: str, start: int, end: int, want: int) -> list[int] | None:
         """At least ``want`` tokens of ``text[start:end]`` (``start`` a cut or 0) certainly
         the first of ``text[start:]`` (2. in the class docstring), or None (too few tokens
@@ -250,9 +259,13 @@ class BoundedTokenizer:
         window_end = self.window_after(text, reach, end - 1)
         if window_end is None:
             return None
+        # Only a piece that the text around the window begins can jump over it: the window
+        # needs as many positions as the longest piece start that ends at its last character.
+        chars = text[window_end - self.piece_chars:window_end + 1]  # one to one with the normalized text
+        normalized = "".join(map(self.normalizer.normalize_str, chars))
+        width = max([1] + [len(normalized) - i for i in range(len(normalized)) if self.begins_a_piece(normalized[i:])])
         walks = self.tokenizer.encode_batch(
-            [text[start:p] for p in range(window_end - self.piece_chars + 1, window_end + 1)],
-            add_special_tokens=False)
+            [text[start:p] for p in range(window_end - width + 1, window_end + 1)], add_special_tokens=False)
         shared = 0
         for tokens in zip(*(zip(w.ids, w.offsets, strict=True) for w in walks), strict=False):
             if any(t != tokens[0] for t in tokens[1:]):
