@@ -30,11 +30,12 @@ ENV PATH=/opt/venv/bin:$PATH
 # torch first: the CUDA build (with its CUDA libraries and the Triton it was built against).
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /src
-# The project's pinned dependencies next, read from pyproject.toml, in a layer of their own that
-# stays cached while only the sources change (torch is already satisfied).
-COPY pyproject.toml ./
+# The project's dependencies next, read from pyproject.toml (ranges) at the versions
+# constraints.txt pins, in a layer of their own that stays cached while only the sources change
+# (torch is already satisfied).
+COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt
+ && pip install -r /tmp/requirements.txt -c constraints.txt
 COPY README.md CMakeLists.txt ./
 COPY cmake ./cmake
 COPY proto ./proto

@@ -5,6 +5,7 @@
 # Both create .venv: torch first (TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU
 # build on a machine without a local torch wheel), then this project editable with its test
 # and bench extras and the client, whose builds (scikit-build-core -> CMake) generate the gRPC stubs.
+# pyproject.toml declares ranges; constraints.txt pins the versions installed here (and in CI).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ TORCH_INDEX ?=
 MODEL ?= BAAI/bge-reranker-v2-m3
 ARGS ?=
 # what a rebuild depends on: the metadata, the proto and the CMake that compiles it
-BUILD_INPUTS := pyproject.toml client/pyproject.toml CMakeLists.txt client/CMakeLists.txt \
+BUILD_INPUTS := pyproject.toml constraints.txt client/pyproject.toml CMakeLists.txt client/CMakeLists.txt \
 	cmake/ProtoStubs.cmake cmake/relative_imports.cmake proto/rerank/v1/rerank.proto
 
 .PHONY: serve test test-fast checkpoint bench clean
@@ -22,7 +23,7 @@ $(VENV)/.installed: $(BUILD_INPUTS)
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -e ".[test,bench]" -e ./client
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench]" -e ./client
 	touch $@
 
 serve: $(VENV)/.installed

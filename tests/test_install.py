@@ -2,9 +2,11 @@
 `python -m build` (the build runs protoc), the server wheel installed (not editable) in a
 fresh virtual environment and started as `rerank-server` on a random checkpoint written by
 the installed package, and the client wheel in a second venv without torch calling it over
-REST, gRPC and the `rerank` CLI. Slow (two venvs): a few minutes."""
+REST, gRPC and the `rerank` CLI; and the same server wheel with every dependency at the floor
+of its range in pyproject.toml (a third venv, about a minute more). Slow: a few minutes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -19,7 +21,10 @@ from pathlib import Path
 
 import pytest
 import requests
+import tomllib
 from helpers import ROOT, SERVED_MODEL, free_port
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 pytestmark = [pytest.mark.install, pytest.mark.serving, pytest.mark.slow]
 
@@ -87,14 +92,11 @@ def test_the_client_wheel_needs_no_server_and_no_torch(dist):
             assert "rerank_server" not in text and "import torch" not in text, name
 
 
-@pytest.fixture(scope="module")
-def installed_server(dist, tmp_path_factory):
-    """The server wheel in a fresh venv, started from a directory holding a server.py and a
-    kernels/ package (a user's project): they must not shadow the installed service."""
-    home = tmp_path_factory.mktemp("server-venv")
-    bin_dir = make_venv(home / "venv")
-    run(bin_dir / "pip", "install", "-q", TORCH)
-    run(bin_dir / "pip", "install", "-q", one(dist, "rerank_server-*.whl"))
+@contextlib.contextmanager
+def serving(bin_dir: Path, home: Path):
+    """``rerank-server`` of the venv ``bin_dir`` on a tiny checkpoint its own package writes,
+    started from a directory holding a server.py and a kernels/ package (a user's project): they
+    must not shadow the installed service."""
     work = home / "work"
     (work / "kernels").mkdir(parents=True)
     (work / "server.py").write_text("raise SystemExit('the working directory shadowed the installed package')\n")
@@ -121,6 +123,57 @@ def installed_server(dist, tmp_path_factory):
            "log": home / "server.log"}
     process.terminate()
     assert process.wait(60) == 0, (home / "server.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def installed_server(dist, tmp_path_factory):
+    """The server wheel in a fresh venv, its dependencies at the versions constraints.txt pins
+    (as `make` installs them)."""
+    home = tmp_path_factory.mktemp("server-venv")
+    bin_dir = make_venv(home / "venv")
+    run(bin_dir / "pip", "install", "-q", TORCH)
+    run(bin_dir / "pip", "install", "-q", "-c", ROOT / "constraints.txt", one(dist, "rerank_server-*.whl"))
+    with serving(bin_dir, home) as server:
+        yield server
+
+
+def runtime_requirements() -> list[Requirement]:
+    return [Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+
+
+def floor_constraints() -> dict[str, str]:
+    """{name: floor} of every runtime dependency, read from pyproject.toml's ranges (so the
+    floors tested can never drift from the floors declared); torch: the one installable here."""
+    floors = {}
+    for requirement in runtime_requirements():
+        lower = [s.version for s in requirement.specifier if s.operator == ">="]
+        assert len(lower) == 1 and any(s.operator == "<" for s in requirement.specifier), requirement
+        floors[canonicalize_name(requirement.name)] = TORCH.split("==")[1] if requirement.name == "torch" else lower[0]
+    return floors
+
+
+def test_dependencies_are_ranges_and_constraints_pin_a_version_inside_each():
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            requirement = Requirement(line)
+            (spec,) = requirement.specifier
+            assert spec.operator == "==", line
+            pins[canonicalize_name(requirement.name)] = spec.version
+    for requirement in runtime_requirements():
+        name = canonicalize_name(requirement.name)
+        if name == "torch":  # the Makefile's TORCH, installed first
+            assert TORCH.split("==")[1] in requirement.specifier and name not in pins
+            continue
+        assert name in pins and pins[name] in requirement.specifier, (requirement, pins.get(name))
+    assert "grpcio-tools" not in {canonicalize_name(r.name) for r in runtime_requirements()}
+
+
+def test_nothing_imports_grpc_tools_at_run_time():
+    """grpcio-tools is a build requirement only (protoc, through CMake)."""
+    sources = [p for d in ("server", "kernels", "client/rerank_client") for p in (ROOT / d).rglob("*.py")]
+    assert sources
+    assert not [p for p in sources if "grpc_tools" in p.read_text()]
 
 
 def test_the_installed_checkpoint_writer_leaves_files_every_user_can_read(installed_server):
@@ -168,3 +221,21 @@ def test_the_client_wheel_in_a_venv_without_torch_calls_the_server(dist, install
         out = run(bin_dir / "rerank", "what is a panda?", "a bear", "a car", "--model", SERVED_MODEL, "--json",
                   *transport)
         assert len(json.loads(out)["results"]) == 2, out
+
+
+def test_the_wheel_serves_with_every_dependency_at_its_floor(installed_server, tmp_path):
+    """The installed wheel's venv (its torch reused: the slow install) moved to every
+    dependency's floor, checked by pip, then served again. Last in this file: the earlier tests
+    use the venv at the pinned versions."""
+    bin_dir = installed_server["bin"]
+    floors = floor_constraints()
+    requirements = tmp_path / "floors.txt"
+    requirements.write_text("".join(f"{name}=={version}\n" for name, version in floors.items()))
+    run(bin_dir / "pip", "install", "-q", "-r", requirements)
+    run(bin_dir / "pip", "check")  # the wheel's ranges hold at the floors
+    probe = "import json, importlib.metadata as m; print(json.dumps({d.name: d.version for d in m.distributions()}))"
+    versions = json.loads(run(bin_dir / "python", "-c", probe))
+    installed = {canonicalize_name(name): version.split("+")[0] for name, version in versions.items()}
+    assert {name: installed.get(name) for name in floors} == floors
+    with serving(bin_dir, tmp_path) as server:
+        test_the_installed_server_answers_rest_and_grpc(server)

@@ -1,6 +1,8 @@
 """Checkpoint loading: straight from safetensors, refusals with clear messages, hub resolution."""
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -84,8 +86,29 @@ def test_offline_hub_id_without_cache_says_how_to_fix(tmp_path, monkeypatch):
     import huggingface_hub.constants as c
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(ModelNotFoundError, match="--model /path/to/dir"):
+    with pytest.raises(ModelNotFoundError, match="--model /path/to/dir") as e:
         resolve_model_dir("some-org/some-reranker")
+    # the offline route is named, and it works: the command it gives writes a directory --model takes
+    message = str(e.value)
+    assert "rerank-server checkpoint --size full --out DIR, then --model DIR" in message
+    command = message.split("rerank-server checkpoint ", 1)[1].split(",", 1)[0].split()
+    assert command == ["--size", "full", "--out", "DIR"]
+    out = tmp_path / "DIR"
+    subprocess.run([sys.executable, "-m", "rerank_server", "checkpoint", "--size", "tiny", "--out", str(out)],
+                   check=True, capture_output=True)  # tiny: the same writer, 1/100 of the disk
+    assert resolve_model_dir(str(out)) == out
+
+
+def test_unreachable_hub_names_the_offline_route(tmp_path, monkeypatch):
+    """Online but the hub cannot be reached (no network): the same message, with the route."""
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
+    monkeypatch.setattr(c, "ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(ModelNotFoundError, match="could not be downloaded") as e:
+        resolve_model_dir("some-org/some-reranker")
+    assert "rerank-server checkpoint --size full --out DIR, then --model DIR" in str(e.value)
 
 
 def test_hub_id_resolves_from_the_hf_cache(tiny_checkpoint, tmp_path, monkeypatch):

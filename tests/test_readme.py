@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 from helpers import ROOT
 
 pytestmark = pytest.mark.serving
@@ -35,6 +36,18 @@ def commands(script: str) -> list[str]:
 def live(script: str, server) -> str:
     return (script.replace("http://localhost:8000", server.http_url).replace("localhost:8000", server.http_url)
             .replace("localhost:50051", server.grpc_address))
+
+
+def example_exchanges() -> list[tuple[str, dict, dict]]:
+    """(path, request body, response) for each bash block that is one `curl -d` to a scoring
+    route followed at once by a json block: the README's example answer to that request."""
+    out = []
+    fences = FENCE.findall(README.read_text())
+    for (lang, body), (next_lang, answer) in zip(fences, fences[1:], strict=False):
+        match = re.search(r"curl -s localhost:8000(\S+) .*?-d '(.*?)'", body, re.S)
+        if lang == "bash" and next_lang == "json" and match:
+            out.append((match.group(1), json.loads(match.group(2)), json.loads(answer)))
+    return out
 
 
 def runnable_bash() -> list[str]:
@@ -75,3 +88,31 @@ def test_shell_snippet(live_server, index, tmp_path):
         body = json.loads(out)  # rerank, TEI's bare array or /score's list: never an error body
         assert body and (isinstance(body, list) or body.get("object") in ("rerank", "list")), body
         assert isinstance(body, list) or body.get("results") or body.get("data"), body
+
+
+def shape(value):
+    """The JSON value with every number replaced by its type (scores differ on random weights)."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shape(v) for v in value]
+    return type(value).__name__ if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+@pytest.mark.parametrize("index", range(len(example_exchanges())))
+def test_example_response_is_what_the_server_answers(live_server, index):
+    """The usage shown is the server's for that request (the tokenizer is the real one); the
+    rest has the server's shape; only scores, ids and times are illustrative."""
+    path, request, shown = example_exchanges()[index]
+    answer = requests.post(live_server.http_url + path, json=request, timeout=60).json()
+    assert shown["usage"] == answer["usage"]
+    for volatile in ("id", "created"):
+        shown.pop(volatile), answer.pop(volatile)
+    for result in shown["results"] + answer["results"]:  # the order depends on the (random) scores
+        index, document = result.pop("index"), result.pop("document", None)
+        assert document in (None, request["documents"][index])  # each document as sent
+    assert shape(shown) == shape(answer)
+
+
+def test_the_readme_shows_an_example_exchange():
+    assert any(path == "/v1/rerank" and "usage" in shown for path, _, shown in example_exchanges())

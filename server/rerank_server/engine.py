@@ -38,6 +38,10 @@ NOT_READ = {
     "*.safetensors": ("pytorch_model.bin", "pickled weights, which this server does not load; convert them "
                       "with AutoModelForSequenceClassification.from_pretrained(dir).save_pretrained(dir)"),
 }
+# what to run where no hub is reachable at all: a random-weight checkpoint of the real shapes and
+# tokenizer, which serves every route (its scores rank nothing)
+OFFLINE_ROUTE = ("With no hub access, try the service on random weights: rerank-server checkpoint --size full "
+                 "--out DIR, then --model DIR (make serve MODEL=DIR)")
 
 
 def check_checkpoint_dir(path: Path) -> Path:
@@ -69,19 +73,19 @@ def resolve_model_dir(model: str) -> Path:
     if not could_be_hub_id(model):
         raise ModelNotFoundError(f"--model {model!r}: {where}")
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     log.info("resolving %s through the Hugging Face cache %s%s (download progress in bytes below)", model,
              constants.HF_HUB_CACHE, " offline" if constants.HF_HUB_OFFLINE else "")
     try:
         return check_checkpoint_dir(Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors"])))
-    except LocalEntryNotFoundError as e:
+    except (LocalEntryNotFoundError, HfHubHTTPError) as e:
         how = ("offline (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE
                else f"and could not be downloaded ({e.__class__.__name__})")
         raise ModelNotFoundError(
             f"--model {model!r}: {where}, and not in the Hugging Face cache {constants.HF_HUB_CACHE} {how}: "
             f"download it where the hub is reachable, or pass --model /path/to/dir holding "
-            f"{', '.join(CHECKPOINT_FILES)}") from None
+            f"{', '.join(CHECKPOINT_FILES)}. {OFFLINE_ROUTE}") from None
     except HFValidationError as e:
         raise ModelNotFoundError(f"--model {model!r}: {where}, and not a valid hub id ({e})") from None
 
