@@ -278,9 +278,10 @@ def test_truncation_is_sentence_transformers_longest_first(bert_tiny, max_length
     hf_tok = AutoTokenizer.from_pretrained(bert_tiny)
     ours = Engine.load_tokenizer(bert_tiny, max_length)
     long_query = "a long question about pandas and bears and bamboo " * 12
+    docs = [*DOCS, " ".join(DOCS) * 40]  # the last one far longer than any window: the bounded cut
     for query in (QUERY, long_query):
-        enc = hf_tok([query] * len(DOCS), DOCS, truncation="longest_first", max_length=max_length)
-        pairs = ours.encode_pairs(query, DOCS)
+        enc = hf_tok([query] * len(docs), docs, truncation="longest_first", max_length=max_length)
+        pairs = ours.encode_pairs(query, docs)
         assert [list(p) for p in pairs] == enc["input_ids"]
         assert [token_types(p) for p in pairs] == enc["token_type_ids"]
         assert all(len(p) <= max_length for p in pairs)

@@ -17,7 +17,7 @@ from rerank_server.tokenization import PairTokenizer, PairTooLongError, ends_a_c
 def pair_tokenizer(tmp_path_factory):
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
     path.write_bytes(gzip.decompress(TOKENIZER_FIXTURE.read_bytes()))
-    return PairTokenizer(path, 8192, bos_id=0, eos_id=2)
+    return PairTokenizer(path, 8192)
 
 
 @pytest.fixture(scope="module")
@@ -150,11 +150,10 @@ def test_python_whitespace_is_not_the_boundary(bounded):
 def reference_chunks(pt: PairTokenizer, query, documents, max_doc_tokens=None, max_chunks=1, keep_end=False):
     """The pair encoding from whole-text tokenization (what the server did before the bound)."""
     q = pt.tokenizer.encode(query, add_special_tokens=False).ids[: pt.max_query_tokens]
-    window = pt.max_length - len(q) - 4
+    window = pt.max_length - len(q) - pt.template.num_special
     if max_doc_tokens is not None:
         window = min(window, max_doc_tokens)
     stride = max(1, window - window // 8)
-    head = [pt.bos, *q, pt.eos, pt.eos]
     pairs, owner = [], []
     for index, doc in enumerate(pt.tokenizer.encode_batch(documents, add_special_tokens=False)):
         ids = doc.ids
@@ -163,7 +162,7 @@ def reference_chunks(pt: PairTokenizer, query, documents, max_doc_tokens=None, m
                 break
             if keep_end:
                 start = max(0, len(ids) - window - start)
-            pairs.append(head + ids[start:start + window] + [pt.eos])
+            pairs.append(pt.template.pair(q, ids[start:start + window]))
             owner.append(index)
     return pairs, owner
 
