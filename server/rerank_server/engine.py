@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate, chain
 from pathlib import Path
@@ -21,7 +20,8 @@ from rerank_kernels import select_ops
 from rerank_kernels.attention import QUERY_TIERS
 from rerank_kernels.tuning import tune_ops
 from rerank_server.model import FFN_ROWS, CrossEncoder, EncoderConfig, load_cross_encoder
-from rerank_server.tokenization import PairTokenizer
+from rerank_server.scheduler import Wait, launch_now
+from rerank_server.tokenization import PairTokenizer, check_max_length
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,8 @@ class Engine:
         does not release it), so a server does this before its listeners answer health."""
         config = EncoderConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
         limit = config.max_tokens
-        if max_length is not None and not 8 <= max_length <= limit:
-            raise ValueError(f"--max-length must be between 8 and the model's {limit}, got {max_length}")
+        if max_length is not None:
+            check_max_length(max_length, limit)
         tokenizer_file = model_dir / "tokenizer.json"
         if not tokenizer_file.exists():
             raise ModelNotFoundError(f"{model_dir} has no tokenizer.json (the fast tokenizer is required)")
@@ -136,7 +136,7 @@ class Engine:
         """Whether ``launch`` returns before the forward is computed (CUDA)."""
         return self.model.device.type == "cuda"
 
-    def launch(self, pairs: list[list[int]]) -> Callable[[], list[float]]:
+    def launch(self, pairs: list[list[int]]) -> Wait:
         """Token-id lists -> a wait for one logit each, as one unpadded batch.
 
         ``cu_seqlens`` is built on the host, so nothing waits on the device before or during
@@ -147,9 +147,8 @@ class Engine:
         ids = torch.from_numpy(np.fromiter(chain.from_iterable(pairs), dtype=np.int64, count=total))
         cu_seqlens = torch.tensor([0, *accumulate(lengths)], dtype=torch.int32)
         device = self.model.device
-        if device.type == "cpu":
-            logits = self.model(ids, cu_seqlens, max(lengths)).tolist()
-            return lambda: logits
+        if device.type == "cpu":  # computes now; the wait hands the logits over
+            return launch_now(lambda _: self.model(ids, cu_seqlens, max(lengths)).tolist())(pairs)
         ids, cu_seqlens = ids.pin_memory().to(device, non_blocking=True), cu_seqlens.pin_memory().to(device, non_blocking=True)
         on_device = self.model(ids, cu_seqlens, max(lengths))
         on_host = torch.empty(on_device.shape, dtype=on_device.dtype, pin_memory=True)

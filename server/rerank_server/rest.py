@@ -169,9 +169,11 @@ def _field_error(field: descriptor.FieldDescriptor, value) -> str | None:
     if field.enum_type is not None:  # protobuf's JSON mapping: the value's name, or its number
         names = [v.name for v in field.enum_type.values]
         numbers = [v.number for v in field.enum_type.values]
-        if value in names if isinstance(value, str) else _integral(value) and value in numbers:
+        if isinstance(value, str) and value in names or _integral(value) and value in numbers:
             return None
-        return f"{name} must be one of {', '.join(names)}; got {value!r}"
+        scalar = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+        got = repr(value) if scalar else json_kind(value)
+        return f"{name} must be one of {', '.join(names)}; got {got}"
     if field.cpp_type in _INTEGER_RANGES:
         low, high = _INTEGER_RANGES[field.cpp_type]
         if not _integral(value):

@@ -5,6 +5,16 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+MIN_MAX_LENGTH = 8  # <s> query </s></s> document </s> with room for a few tokens of each
+
+
+def check_max_length(max_length: int, model_limit: int | None = None) -> None:
+    """--max-length's one rule: at least MIN_MAX_LENGTH and (once the model is known) at most
+    its limit; ValueError otherwise."""
+    if not MIN_MAX_LENGTH <= max_length <= (model_limit or max_length):
+        most = f" and at most the model's {model_limit}" if model_limit else ""
+        raise ValueError(f"--max-length must be at least {MIN_MAX_LENGTH}{most}, got {max_length}")
+
 
 class PairTooLongError(ValueError):
     """A pair longer than ``max_length`` where truncation was switched off."""
@@ -22,8 +32,7 @@ class PairTokenizer:
     (FlagEmbedding's reranker). The query is tokenized once per request."""
 
     def __init__(self, tokenizer_file: Path, max_length: int, bos_id: int, eos_id: int):
-        if max_length < 8:
-            raise ValueError(f"max_length must be >= 8, got {max_length}")
+        check_max_length(max_length)
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
