@@ -213,7 +213,9 @@ def openapi_document(model_names: tuple[str, ...] = (), max_documents: int = 100
     headers = {"X-Request-Id": {"required": True, "schema": {"type": "string"},
                                 "description": "the request's id (the one sent, or a new one)"},
                "X-Compute-Tokens": {"required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"},
-                                    "description": "tokens fed to the model (usage.prompt_tokens)"}}
+                                    "description": "tokens fed to the model (usage.prompt_tokens)"},
+               "X-Ignored-Fields": {"required": False, "schema": {"type": "string"},
+                                    "description": "the body's unknown fields, which were ignored (comma-separated)"}}
     for verb, path, method in http_bindings():
         _message_schema(method.input_type, schemas, constraints)
         _message_schema(method.output_type, schemas, constraints)
