@@ -90,8 +90,9 @@ def _describe(schema: dict, full_name: str) -> dict:
 
 
 def _field_schema(field: descriptor.FieldDescriptor, schemas: dict) -> dict:
-    if field.type == F.TYPE_ENUM:  # protobuf's JSON mapping: the value's name, or its number
-        item = {"anyOf": [{"enum": [v.name for v in field.enum_type.values]}, dict(_SCALARS[F.TYPE_INT32])]}
+    if field.type == F.TYPE_ENUM:  # protobuf's JSON mapping: the value's name, or its number (a known one)
+        values = field.enum_type.values
+        item = {"anyOf": [{"enum": [v.name for v in values]}, {"type": "integer", "enum": [v.number for v in values]}]}
     elif field.type == F.TYPE_MESSAGE:
         if field.message_type.full_name == "google.protobuf.Value":
             item = {"type": ["string", "object"]}  # a string, or an object such as {"text": ...}

@@ -30,7 +30,7 @@ import grpc
 from aiohttp import web
 from google.protobuf import descriptor, json_format, message_factory, struct_pb2
 
-from rerank_server.openapi import docs_page, openapi_document
+from rerank_server.openapi import GRPC_TIMEOUT_PATTERN, docs_page, openapi_document
 from rerank_server.schema import http_bindings, pb
 from rerank_server.service import ApiError, Deadline, Reason, RerankService
 
@@ -97,7 +97,8 @@ def tei_error_response(e: ApiError) -> web.Response:
 
 # ---------------------------------------------------------------- headers
 
-_GRPC_TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
+# the published pattern (1 to 8 digits, positive, a unit), for fullmatch: Python's $ would let a "\n" follow
+_GRPC_TIMEOUT = re.compile(GRPC_TIMEOUT_PATTERN.removeprefix("^").removesuffix("$"))
 _TIMEOUT_UNITS = {"H": (3600.0, "h"), "M": (60.0, "min"), "S": (1.0, "s"), "m": (1e-3, "ms"),
                   "u": (1e-6, "µs"), "n": (1e-9, "ns")}
 
@@ -107,13 +108,12 @@ def grpc_timeout(value: str | None) -> Deadline | None:
     1 to 8 digits and a unit, e.g. "500m"; anything else (0, 9 digits, another unit) is refused."""
     if value is None:
         return None
-    match = _GRPC_TIMEOUT.fullmatch(value)
-    if not match or int(match[1]) == 0:
+    if not _GRPC_TIMEOUT.fullmatch(value):
         raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
                        "Grpc-Timeout must be a positive integer of 1 to 8 digits and a unit: H (hours), M (minutes), "
                        f"S (seconds), m (milliseconds), u (microseconds) or n (nanoseconds), e.g. 500m; got {value!r}")
-    seconds, unit = _TIMEOUT_UNITS[match[2]]
-    return Deadline(int(match[1]) * seconds, f"{int(match[1])} {unit}")
+    seconds, unit = _TIMEOUT_UNITS[value[-1]]
+    return Deadline(int(value[:-1]) * seconds, f"{int(value[:-1])} {unit}")
 
 
 def _token_headers(tokens: int) -> dict[str, str]:
