@@ -51,7 +51,8 @@ def grpc_requests(server, code: str) -> float:
     """The server's own count of gRPC Rerank calls that ended with ``code`` (GET /metrics)."""
     text = requests.get(server.http_url + "/metrics", timeout=10).text
     for line in text.splitlines():
-        if line.startswith("rerank_requests_total{") and 'transport="grpc"' in line and f'code="{code}"' in line:
+        if line.startswith("rerank_requests_total{") and 'transport="grpc"' in line and f'code="{code}"' in line \
+                and 'route="Rerank"' in line:  # not the Score RPC's line (earlier tests make one)
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
