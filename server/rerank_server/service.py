@@ -33,7 +33,7 @@ from rerank_server.tokenization import PairTooLongError
 log = logging.getLogger(__name__)
 
 
-class Reason(enum.StrEnum):
+class Reason(str, enum.Enum):
     """Refusals that share a gRPC code but that HTTP dialects answer with statuses of their own
     (rerank_server.rest maps them)."""
 
