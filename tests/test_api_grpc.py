@@ -4,6 +4,7 @@ deadlines and message-size limits."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import grpc
 import pytest
@@ -11,7 +12,7 @@ import requests
 from google.protobuf import descriptor_pb2, json_format, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import DOCS, QUERY, SERVED_MODEL
+from helpers import DOCS, QUERY, ROOT, SERVED_MODEL
 
 from rerank_server.schema import pb, pb_grpc
 from rerank_server.tokenization import PairTokenizer
@@ -19,6 +20,13 @@ from rerank_server.tokenization import PairTokenizer
 pytestmark = pytest.mark.serving
 
 SERVICE = "rerank.v1.Rerank"
+
+
+def test_stubs_are_built_from_the_current_proto():
+    """An editable install whose .proto changed after the build would serve a stale schema."""
+    proto, stub = ROOT / "proto" / "rerank" / "v1" / "rerank.proto", Path(pb.__file__)
+    assert stub.stat().st_mtime >= proto.stat().st_mtime, \
+        f"{stub} is older than {proto}: rebuild the stubs with `make .venv/.installed` (or `pip install -e .`)"
 
 
 @pytest.fixture(scope="module")

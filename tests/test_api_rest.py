@@ -476,3 +476,116 @@ def test_grpc_timeout_header_gives_504_and_drops_the_work(live_server):
     assert r.status_code == 400 and "Grpc-Timeout" in r.json()["message"]
     r = requests.post(live_server.http_url + "/v1/rerank", json=body, headers={"Grpc-Timeout": "30S"}, timeout=30)
     assert r.status_code == 200 and len(r.json()["results"]) == len(DOCS) * 10
+
+
+# ---------------------------------------------------------------- field types, unknown fields
+
+JSON_SAMPLES = {"string": "x", "number": 3, "boolean": True, "null": None, "array": ["x"], "object": {"text": "x"}}
+IN_WORDS = {"string": "a string", "number": "a number", "boolean": "a boolean", "array": "an array",
+            "object": "an object"}
+# dialect -> (its routes, a good body, each field's JSON types, its required fields, its 4xx for a wrong type)
+DIALECTS = {
+    "rerank": (["/v1/rerank", "/rerank", "/v2/rerank"], GOOD, {
+        "model": {"string"}, "query": {"string"}, "documents": {"array"}, "top_n": {"number"},
+        "return_documents": {"boolean"}, "raw_scores": {"boolean"}, "rank_fields": {"array"},
+        "max_tokens_per_doc": {"number"}, "max_chunks_per_doc": {"number"}, "truncate": {"boolean"},
+        "truncation_direction": {"string", "number"}}, {"model", "query", "documents"}, 400),
+    "tei": (["/rerank"], {"query": QUERY, "texts": DOCS}, {
+        "query": {"string"}, "texts": {"array"}, "raw_scores": {"boolean"}, "return_text": {"boolean"},
+        "truncate": {"boolean"}, "truncation_direction": {"string"}, "top_n": {"number"}, "model": {"string"}},
+        {"query", "texts"}, 422),
+    "score": (["/score", "/v1/score"], {"text_1": QUERY, "text_2": DOCS}, {
+        "model": {"string"}, "text_1": {"string", "array"}, "text_2": {"string", "array"}, "raw_scores": {"boolean"},
+        "truncate": {"boolean"}}, {"text_1", "text_2"}, 400),
+}
+# what the protobuf parser says; no error message may carry it
+PARSER_WORDS = ["Failed to parse", "RerankRequest", "ScoreRequest", "TeiRerankRequest", "bytes-like", "Message type",
+                "ParseError", "Value out of range"]
+WRONG_TYPES = [(dialect, route, field, kind) for dialect, (routes, _, fields, _, _) in DIALECTS.items()
+               for route in routes for field, kinds in fields.items() for kind in JSON_SAMPLES if kind not in kinds]
+
+
+def error_message(r: requests.Response) -> str:
+    body = r.json()
+    return body["error"] if "error_type" in body else body["message"]
+
+
+@pytest.mark.parametrize("dialect, route, field, kind", WRONG_TYPES, ids=["-".join(c) for c in WRONG_TYPES])
+def test_each_wrong_json_type_names_the_field(live_server, dialect, route, field, kind):
+    """Every field with every JSON type it does not take: 400 (TEI: 422) naming the field and
+    what it got, in plain words. null is absent: a 4xx naming a required field, else a 200."""
+    _, good, _, required, status = DIALECTS[dialect]
+    r = post(live_server, {**good, field: JSON_SAMPLES[kind]}, route)
+    if kind == "null":
+        if field not in required:
+            assert r.status_code == 200, r.text
+            return
+        assert 400 <= r.status_code < 500 and field in error_message(r), r.text
+    else:
+        assert r.status_code == status, r.text
+        assert f"{field} must be " in error_message(r) and f"got {IN_WORDS[kind]}" in error_message(r), r.text
+    assert not [w for w in PARSER_WORDS if w in error_message(r)], r.text
+
+
+@pytest.mark.parametrize("body, words", [
+    ({**GOOD, "documents": "a"},
+     'documents must be an array of strings or of objects with a "text" field; got a string'),
+    ({**GOOD, "documents": ["a", 5]}, 'documents[1] must be a string or an object with a "text" field; got a number'),
+    ({**GOOD, "query": 5}, "query must be a string; got a number"),
+    ({**GOOD, "rank_fields": ["a", 1]}, "rank_fields[1] must be a string; got a number"),
+    ({**GOOD, "top_n": 2.5}, "top_n must be an integer; got 2.5"),
+    ({**GOOD, "top_n": 2 ** 40}, "top_n must be an integer from -2147483648 to 2147483647"),
+    ({**GOOD, "top_n": "2"}, "top_n must be an integer; got a string"),
+    ({**GOOD, "truncation_direction": True}, "truncation_direction must be one of"),
+    ({**GOOD, "query": "q\ud800"}, "query holds text that is not valid Unicode"),
+    ({**GOOD, "documents": [{"text": "a", "\udc00": 1}]}, "documents holds text that is not valid Unicode"),
+    ({**GOOD, "documents": [{"text": "a", "deep": json.loads("[" * 80 + "]" * 80)}]}, "documents nests"),
+    ({**GOOD, "topN": 2, "top_n": 3}, "top_n is given twice"),
+])
+def test_error_messages_in_plain_words(live_server, body, words):
+    r = post(live_server, body)
+    assert r.status_code == 400 and words in r.json()["message"], r.text
+
+
+def test_score_text_items_are_named(live_server):
+    r = post(live_server, {"text_1": QUERY, "text_2": ["a", 5]}, "/score")
+    assert r.status_code == 400, r.text
+    assert r.json()["message"] == "text_2 must be a string or an array of strings; got an array holding a number"
+
+
+def test_tei_texts_items_are_named(live_server):
+    r = post(live_server, {"query": QUERY, "texts": ["a", None]}, "/rerank")
+    assert r.status_code == 422 and r.json() == {"error": "texts[1] must be a string; got null",
+                                                 "error_type": "validation"}, r.text
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/v1/rerank", GOOD), ("/rerank", GOOD), ("/v2/rerank", GOOD),
+    ("/rerank", {"query": QUERY, "texts": DOCS}), ("/score", {"text_1": QUERY, "text_2": DOCS}),
+])
+def test_unknown_fields_are_accepted_and_named(live_server, route, body):
+    request_id = f"ignored-{route.strip('/').replace('/', '-')}-{len(body)}"
+    r = post(live_server, {**body, "topn": 2, "extra": {"a": 1}, "nothing": None}, route,
+             headers={"X-Request-Id": request_id})
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Ignored-Fields"] == "topn, extra, nothing"
+    ranked = r.json() if isinstance(r.json(), list) else r.json().get("results", r.json().get("data"))
+    assert len(ranked) == len(DOCS)  # topn is not top_n
+    assert "X-Ignored-Fields" not in post(live_server, body, route).headers
+    # camelCase names are protobuf's JSON mapping, not unknown
+    if route == "/v1/rerank":
+        r = post(live_server, {**body, "topN": 2, "returnDocuments": True}, route)
+        assert len(r.json()["results"]) == 2 and "document" in r.json()["results"][0]
+        assert "X-Ignored-Fields" not in r.headers
+
+    def warnings():
+        return [line for line in live_server.log().splitlines() if f"[{request_id}]" in line and "WARNING" in line]
+    deadline = time.monotonic() + 10
+    while not warnings() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(warnings()) == 1 and warnings()[0].endswith("ignored unknown fields: topn, extra, nothing"), warnings()
+
+
+def test_ignored_field_names_are_escaped(live_server):
+    r = post(live_server, {**GOOD, "x\ny": 1, "caf\u00e9": 2})
+    assert r.status_code == 200 and r.headers["X-Ignored-Fields"] == "x\\ny, caf\\xe9"

@@ -10,7 +10,7 @@ from google.protobuf import json_format
 
 from rerank_server.scheduler import Scheduler, launch_now
 from rerank_server.schema import pb
-from rerank_server.service import ApiError, RerankService
+from rerank_server.service import ApiError, Reason, RerankService
 from rerank_server.tokenization import PairTokenizer
 
 MAX_LENGTH = 64
@@ -114,7 +114,7 @@ def test_left_truncation_and_chunks_from_the_end(tokenizer):
     assert chunk_pairs[1][-11:-1] != doc[-10:]
     with pytest.raises(ApiError, match="--max-length") as e:
         rerank(tokenizer, {**body, "truncate": False})
-    assert e.value.http_status == 413 and e.value.reason == "too_long"
+    assert e.value.reason == Reason.TOO_LONG  # 413 over REST (rerank_server.rest.REASON_STATUS)
 
 
 @pytest.mark.parametrize("field, value", [("max_chunks_per_doc", 0), ("max_tokens_per_doc", -3)])

@@ -53,7 +53,8 @@ def grpc_requests(server, code: str) -> float:
     """The server's own count of gRPC Rerank calls that ended with ``code`` (GET /metrics)."""
     text = requests.get(server.http_url + "/metrics", timeout=10).text
     for line in text.splitlines():
-        if line.startswith("rerank_requests_total{") and 'transport="grpc"' in line and f'code="{code}"' in line:
+        if line.startswith("rerank_requests_total{") and 'transport="grpc"' in line and f'code="{code}"' in line \
+                and 'route="Rerank"' in line:  # not the Score RPC's line (earlier tests make one)
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
@@ -170,12 +171,27 @@ def test_typed_results(client):
     assert client.rerank(QUERY, DOCS, model="reranker").model == SERVED_MODEL
 
 
+def test_grpc_object_documents_are_as_the_docstring_says(live_server, client):
+    """What RerankResult's docstring and the README say gRPC returns: every number a float
+    (integers past 2**53 rounded), everything else unchanged; REST returns the JSON as sent."""
+    sent = {"text": "t", "id": 7, "big": 2**53 + 1, "score": 0.5, "ok": True, "none": None,
+            "tags": ["a", 1, {"n": 2}], "nested": {"deep": {"x": -3}}}
+    document = client.rerank(QUERY, [sent], return_documents=True).results[0].document
+    assert document == {"text": "t", "id": 7.0, "big": float(2**53), "score": 0.5, "ok": True, "none": None,
+                        "tags": ["a", 1.0, {"n": 2.0}], "nested": {"deep": {"x": -3.0}}}
+    assert all(type(v) is float for v in (document["id"], document["big"], document["tags"][1],
+                                          document["tags"][2]["n"], document["nested"]["deep"]["x"]))
+    assert document["big"] != sent["big"]  # rounded
+    over_rest = rest(live_server, [sent], return_documents=True)["results"][0]["document"]
+    assert over_rest == sent and type(over_rest["id"]) is int and over_rest["big"] == 2**53 + 1
+
+
 def test_documents_round_trip(live_server, client):
     response = client.rerank(QUERY, MIXED, return_documents=True)
     by_index = {r.index: r.document for r in response.results}
     assert by_index[0] == MIXED[0] and isinstance(by_index[0], str)
     # google.protobuf.Struct keeps JSON numbers as doubles: 2024 comes back as 2024.0 (== 2024)
-    assert by_index[1] == MIXED[1] and isinstance(by_index[1], dict)
+    assert by_index[1] == MIXED[1] and isinstance(by_index[1], dict) and isinstance(by_index[1]["year"], float)
     assert by_index == {r["index"]: r["document"] for r in rest(live_server, MIXED, return_documents=True)["results"]}
 
     async def call(c):

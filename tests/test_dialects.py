@@ -105,7 +105,7 @@ def test_tei_truncate_false_refuses_a_long_pair(server):
 
 
 @pytest.mark.parametrize("body, status, error_type, word", [
-    ({"query": QUERY, "texts": []}, 400, "empty", "documents"),
+    ({"query": QUERY, "texts": []}, 400, "empty", "texts"),
     ({"query": QUERY, "texts": ["a"] * 9}, 413, "validation", "limit is 8"),
     ({"query": QUERY, "texts": ["a"], "model": "nope"}, 404, "validation", "nope"),
     ({"query": "", "texts": ["a"]}, 422, "validation", "query"),
@@ -228,17 +228,30 @@ def test_405_carries_allow(server, path):
 
 def test_body_is_validated_before_the_deadline_counts(server):
     r = post(server, "/v1/rerank", {"model": SERVED_MODEL, "query": "", "documents": DOCS},
-             headers={"Grpc-Timeout": "0H"})
+             headers={"Grpc-Timeout": "1n"})
     assert r.status_code == 400 and "query" in r.json()["message"]
-    r = post(server, "/rerank", {"query": QUERY, "texts": []}, headers={"Grpc-Timeout": "0H"})
+    r = post(server, "/rerank", {"query": QUERY, "texts": []}, headers={"Grpc-Timeout": "1n"})
     assert r.status_code == 400 and r.json()["error_type"] == "empty"
 
 
-@pytest.mark.parametrize("header, said", [("1n", "1 ns"), ("0m", "0 ms"), ("0M", "0 min"), ("0S", "0 s")])
+@pytest.mark.parametrize("header, said", [("1n", "1 ns"), ("1u", "1 µs"), ("00000001n", "1 ns")])
 def test_deadline_errors_say_plain_units(server, header, said):
+    """A deadline that truly expires (1 ns) is 504 DEADLINE_EXCEEDED, its length in plain units."""
     body = {"model": SERVED_MODEL, "query": QUERY, "documents": DOCS}
     r = post(server, "/v1/rerank", body, headers={"Grpc-Timeout": header})
     assert r.status_code == 504 and r.json()["code"] == 4, r.text
     assert f"({said})" in r.json()["message"]
     r = post(server, "/score", {"text_1": QUERY, "text_2": DOCS}, headers={"Grpc-Timeout": header})
     assert r.status_code == 504 and f"({said})" in r.json()["message"]
+
+
+@pytest.mark.parametrize("header", ["0S", "0m", "0M", "00000000H", "123456789S", "5", "S", "5s", "5x", "-1S", "1.5S",
+                                    "+5S", "1 S", "0x5S"])
+@pytest.mark.parametrize("path", ["/v1/rerank", "/rerank", "/v2/rerank", "/score", "/v1/score"])
+def test_malformed_grpc_timeout_is_invalid_argument(server, header, path):
+    """gRPC's TimeoutValue: 1 to 8 digits, positive, a unit of H M S m u n; else 400 naming the header."""
+    body = {"text_1": QUERY, "text_2": DOCS} if "score" in path else {"model": SERVED_MODEL, "query": QUERY,
+                                                                      "documents": DOCS}
+    r = post(server, path, body, headers={"Grpc-Timeout": header})
+    assert r.status_code == 400 and r.json()["code"] == 3 and "Grpc-Timeout" in r.json()["message"], r.text
+    assert repr(header) in r.json()["message"]

@@ -3,12 +3,14 @@ for what schemathesis (tests/test_schemathesis.py) does not cover. Schema-valid 
 schema-violating JSON bodies, on every route, are schemathesis's; here:
 
 - valid requests under varied headers: Content-Type (JSON, JSON with parameters, ``+json``,
-  other types, none), X-Request-Id (printable, Latin-1, long), and each response checked
-  against its request (result count with top_n, documents echoed as sent, score range);
+  other types, none), X-Request-Id (printable, Latin-1, long), Grpc-Timeout (none, ample,
+  expired, malformed), and each response checked against its request (result count with
+  top_n, documents echoed as sent, score range);
 - raw bytes (invalid UTF-8, bad escapes, truncated JSON, deep nesting, an oversized body)
   under garbage Content-Types, methods and routes.
 
-Properties: never a 5xx and never a dropped connection; every 4xx is a JSON body with an
+Properties: never a 5xx (but the documented 504 for a Grpc-Timeout that truly expired, 1n)
+and never a dropped connection; every 4xx is a JSON body with an
 integer ``code`` and a non-empty ``message``; every valid request (with a JSON Content-Type
 or none) is a 200 whose body is well formed and consistent with the request; the server
 is still healthy at the end and exits 0 on SIGTERM.
@@ -84,6 +86,13 @@ request_ids = st.none() | st.text(st.characters(min_codepoint=0x21, max_codepoin
     min_codepoint=0xa1, max_codepoint=0xff), min_size=1, max_size=200)
 
 
+# (header, what it asks for): none, a deadline ample for any request here, one that always
+# expires (the documented 504 DEADLINE_EXCEEDED), and malformed ones (400 naming the header)
+grpc_timeouts = st.sampled_from([(None, "none")] * 6 + [("60S", "ample"), ("00000120S", "ample"), ("1n", "expired"),
+                                                        ("0S", "malformed"), ("123456789m", "malformed"),
+                                                        ("5x", "malformed"), ("-1S", "malformed")])
+
+
 def json_content_type(value: str | None) -> bool:
     if value is None:
         return True
@@ -131,8 +140,9 @@ def assert_well_formed(r: requests.Response, request: dict | None, route: str = 
             assert "document" not in x
 
 
-def send(server, data: bytes, content_type: str | None, request_id: str | None, route: str, method: str = "POST"):
-    headers = {}
+def send(server, data: bytes, content_type: str | None, request_id: str | None, route: str, method: str = "POST",
+         grpc_timeout: str | None = None):
+    headers = {} if grpc_timeout is None else {"Grpc-Timeout": grpc_timeout}
     if content_type is not None:
         headers["Content-Type"] = content_type
     if request_id is not None:
@@ -146,16 +156,23 @@ def send(server, data: bytes, content_type: str | None, request_id: str | None, 
 
 
 @FUZZ
-@given(request=valid_requests(), content_type=mostly_json, request_id=request_ids, route=st.sampled_from(ROUTES))
-def test_valid_requests(server, request, content_type, request_id, route):
-    r = send(server, json.dumps(request).encode(), content_type, request_id, route)
-    if json_content_type(content_type):
+@given(request=valid_requests(), content_type=mostly_json, request_id=request_ids, route=st.sampled_from(ROUTES),
+       timeout=grpc_timeouts)
+def test_valid_requests(server, request, content_type, request_id, route, timeout):
+    header, deadline = timeout
+    r = send(server, json.dumps(request).encode(), content_type, request_id, route, grpc_timeout=header)
+    if not json_content_type(content_type):
+        assert_error_body(r)
+    elif deadline == "expired":
+        assert r.status_code == 504 and r.json()["code"] == 4 and "Grpc-Timeout (1 ns)" in r.json()["message"], r.text
+    elif deadline == "malformed":
+        assert_error_body(r)
+        assert r.status_code == 400 and "Grpc-Timeout" in r.json()["message"], r.text
+    else:
         assert r.status_code == 200, (r.status_code, r.text)
         assert_well_formed(r, request, route)
         if request_id is not None and request_id.isascii() and len(request_id) <= 128:  # else replaced
             assert r.headers["X-Request-Id"] == request_id
-    else:
-        assert_error_body(r)
 
 
 @settings(FUZZ, max_examples=150)

@@ -2,12 +2,17 @@
 good and bad, validate against it, its routes are exactly the server's, and the limits the
 server enforces (served names, --max-documents, minimums, document shapes, Grpc-Timeout)
 are in it. (schemathesis, in test_schemathesis.py, checks the same far more widely.)"""
+import re
+
 import jsonschema
 import pytest
 import requests
 from helpers import SERVED_MODEL
 
 pytestmark = pytest.mark.serving
+
+from rerank_server.rest import grpc_timeout
+from rerank_server.service import ApiError
 
 MAX_DOCUMENTS = 50  # the live_server fixture's --max-documents
 
@@ -116,8 +121,25 @@ def test_limits_are_in_the_document(spec):
     assert "documents x max_chunks_per_doc" in request["description"]
     tei = spec["components"]["schemas"]["TeiRerankRequest"]["properties"]
     assert tei["texts"]["maxItems"] == MAX_DOCUMENTS and tei["model"]["anyOf"][0]["enum"] == [SERVED_MODEL, "reranker"]
+
+
+TIMEOUTS = ["1n", "1S", "00000001n", "99999999H", "10M", "500m", "7u", "0S", "00000000S", "0n", "123456789S",
+            "5", "S", "5x", "5s", "-1S", "1.5S", "+5S", "1 S", ""]
+
+
+def test_grpc_timeout_pattern_is_what_the_server_accepts(spec):
+    """gRPC's TimeoutValue: 1 to 8 digits, positive, a unit of H M S m u n."""
     timeout = next(p for p in spec["paths"]["/v1/rerank"]["post"]["parameters"] if p["name"] == "Grpc-Timeout")
-    assert timeout["schema"]["pattern"] == "^[0-9]{1,8}[HMSmun]$"
+    pattern = timeout["schema"]["pattern"]
+    for value in TIMEOUTS:
+        try:
+            grpc_timeout(value)
+            accepted = True
+        except ApiError as e:
+            accepted = False
+            assert "Grpc-Timeout" in e.message
+        assert bool(re.search(pattern, value)) == accepted, (value, accepted, pattern)
+        assert accepted == (value in TIMEOUTS[:7]), value
 
 
 def test_request_schema_requires_what_the_server_requires(spec, live_server):

@@ -16,6 +16,10 @@ from helpers import SERVED_MODEL, error_lines, free_port, start_server, wait_exi
 
 pytestmark = [pytest.mark.serving, pytest.mark.slow]
 
+from rerank_server.config import parse_args
+from rerank_server.engine import Engine
+from rerank_server.tokenization import PairTokenizer
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -232,8 +236,6 @@ def test_all_torch_work_runs_on_one_thread(tiny_checkpoint, monkeypatch):
     import aiohttp
 
     from rerank_server import __main__ as entry
-    from rerank_server.config import parse_args
-    from rerank_server.engine import Engine
 
     seen: dict[str, set[str]] = {"load": set(), "warm_up": set(), "launch": set()}
 
@@ -278,3 +280,16 @@ def test_all_torch_work_runs_on_one_thread(tiny_checkpoint, monkeypatch):
     threads = set().union(*seen.values())
     assert all(seen.values()), seen
     assert len(threads) == 1 and threading.main_thread().name not in threads, seen
+
+
+def test_max_length_has_one_rule(tiny_checkpoint, capsys):
+    """--max-length: at least 8 (checked with the flags) and at most the model's limit (checked
+    once the checkpoint is read); the tokenizer holds the same rule."""
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--max-length", "7"])
+    assert e.value.code == 2 and "--max-length must be at least 8, got 7" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--max-length must be at least 8, got 7"):
+        PairTokenizer(tiny_checkpoint / "tokenizer.json", 7, bos_id=0, eos_id=2)
+    with pytest.raises(ValueError, match="--max-length must be at least 8 and at most the model's 8192, got 8193"):
+        Engine.load_tokenizer(tiny_checkpoint, 8193)
+    assert Engine.load_tokenizer(tiny_checkpoint, 8).max_length == 8

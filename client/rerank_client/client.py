@@ -57,11 +57,17 @@ class RerankError(Exception):
 
 @dataclass(frozen=True)
 class RerankResult:
-    """One ranked document: its position in the request, its score, and (when asked) the document."""
+    """One ranked document: its position in the request, its score, and (when asked) the document.
+
+    ``document`` (with ``return_documents``): a string as sent. An object, over gRPC, is the
+    ``google.protobuf.Value`` the server received and returned, whose numbers are doubles: every
+    number comes back a ``float`` (``{"id": 7}`` as ``{"id": 7.0}``, equal but not an ``int``;
+    an integer beyond 2**53 rounded to the nearest double); strings, booleans, None, lists and
+    nesting come back unchanged. Over REST (``from_json``) it is the JSON as sent."""
 
     index: int
     relevance_score: float
-    document: str | dict[str, Any] | None = None  # with return_documents: as sent (numbers come back as floats)
+    document: str | dict[str, Any] | None = None
     chunk_index: int | None = None  # with max_chunks_per_doc: the best-scoring window
 
 
@@ -205,6 +211,8 @@ class RerankClient(_Base):
                rank_fields: Sequence[str] | None = None, max_tokens_per_doc: int | None = None,
                max_chunks_per_doc: int | None = None, timeout: float | None = None) -> RerankResponse:
         """Rank ``documents`` (strings or ``{"text": ...}`` dicts) by relevance to ``query``.
+        With ``return_documents``, object documents come back with every number a float
+        (gRPC carries them as ``google.protobuf.Value``: see :class:`RerankResult`).
         Raises :class:`RerankError`."""
         request = build_request(query, documents, model=model, top_n=top_n, return_documents=return_documents,
                                 raw_scores=raw_scores, rank_fields=rank_fields,

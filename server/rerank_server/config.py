@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from rerank_server.scheduler import MAX_BATCH_PAIRS
+from rerank_server.tokenization import check_max_length
 
 GPU_BATCH_TOKENS = 16384  # enough rows to fill an H100's GEMMs; larger adds memory, not speed
 CPU_BATCH_TOKENS = 4096  # a CPU's GEMMs are at full rate well below this
@@ -44,13 +45,18 @@ class ConfigError(ValueError):
     """A flag or RERANK_* value the server cannot use; the process exits 2 with this one line."""
 
 
+def env_name(flag: str) -> str:
+    """The variable that sets a flag: "max-length" -> "RERANK_MAX_LENGTH"."""
+    return "RERANK_" + flag.upper().replace("-", "_")
+
+
 def _env(flag: str, default):
-    return os.environ.get("RERANK_" + flag.upper().replace("-", "_"), default)
+    return os.environ.get(env_name(flag), default)
 
 
 def _env_number(flag: str, default, kind=int):
     """RERANK_<FLAG> as a number, or ``default``; a malformed value is a ConfigError naming it."""
-    name = "RERANK_" + flag.upper().replace("-", "_")
+    name = env_name(flag)
     value = os.environ.get(name)
     if value is None:
         return default
@@ -66,7 +72,7 @@ def _env_flag(flag: str) -> bool:
         return False
     if value in ("1", "true", "yes", "on"):
         return True
-    raise ConfigError(f"RERANK_{flag.upper().replace('-', '_')}={value!r} is not a boolean (true/false, 1/0)")
+    raise ConfigError(f"{env_name(flag)}={value!r} is not a boolean (true/false, 1/0)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -168,8 +174,11 @@ def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> Config:
     names = a.served_model_name
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
-    if a.max_length is not None and a.max_length < 8:
-        p.error(f"--max-length must be at least 8, got {a.max_length}")
+    if a.max_length is not None:
+        try:
+            check_max_length(a.max_length)  # the model's own limit is checked once it is loaded
+        except ValueError as e:
+            p.error(str(e))
     if a.max_length is not None and a.max_batch_tokens is not None and a.max_length > a.max_batch_tokens:
         p.error(f"--max-batch-tokens ({a.max_batch_tokens}) must be at least --max-length ({a.max_length})")
     for flag in ("max_batch_tokens", "max_queued_tokens", "max_documents", "max_request_bytes"):

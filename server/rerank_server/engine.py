@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate, chain
 from pathlib import Path
@@ -21,7 +20,8 @@ from rerank_kernels import select_ops
 from rerank_kernels.attention import QUERY_TIERS
 from rerank_kernels.tuning import tune_ops
 from rerank_server.model import FFN_ROWS, CrossEncoder, EncoderConfig, load_cross_encoder
-from rerank_server.tokenization import PairTokenizer, token_type_start
+from rerank_server.scheduler import Wait, launch_now
+from rerank_server.tokenization import PairTokenizer, check_max_length, token_type_start
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,8 @@ class Engine:
         does not release it), so a server does this before its listeners answer health."""
         config = EncoderConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
         limit = config.max_tokens
-        if max_length is not None and not 8 <= max_length <= limit:
-            raise ValueError(f"--max-length must be between 8 and the model's {limit}, got {max_length}")
+        if max_length is not None:
+            check_max_length(max_length, limit)
         tokenizer_file = model_dir / "tokenizer.json"
         if not tokenizer_file.exists():
             raise ModelNotFoundError(f"{model_dir} has no tokenizer.json (the fast tokenizer is required)")
@@ -158,7 +158,7 @@ class Engine:
         """Whether ``launch`` returns before the forward is computed (CUDA)."""
         return self.model.device.type == "cuda"
 
-    def launch(self, pairs: list[list[int]]) -> Callable[[], list[float]]:
+    def launch(self, pairs: list[list[int]]) -> Wait:
         """Token-id lists -> a wait for one logit each, as one unpadded batch.
 
         ``cu_seqlens`` is built on the host, so nothing waits on the device before or during
@@ -170,9 +170,8 @@ class Engine:
         cu_seqlens = torch.tensor([0, *accumulate(lengths)], dtype=torch.int32)
         types = token_type_ids(pairs, lengths) if self.model.config.uses_token_types else None
         device = self.model.device
-        if device.type == "cpu":
-            logits = self.model(ids, cu_seqlens, max(lengths), types).tolist()
-            return lambda: logits
+        if device.type == "cpu":  # computes now; the wait hands the logits over
+            return launch_now(lambda _: self.model(ids, cu_seqlens, max(lengths), types).tolist())(pairs)
         ids, cu_seqlens = ids.pin_memory().to(device, non_blocking=True), cu_seqlens.pin_memory().to(device, non_blocking=True)
         if types is not None:
             types = types.pin_memory().to(device, non_blocking=True)

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rerank_server.schema import SERVICE, pb, pb_grpc
-from rerank_server.service import ApiError, Call, RerankService, request_id_var
+from rerank_server.service import ApiError, RerankService
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +25,7 @@ class RerankServicer(pb_grpc.RerankServicer):
 
     async def _serve(self, name: str, method, request, context: grpc.aio.ServicerContext):
         metadata = dict(context.invocation_metadata() or ())
-        call = Call(request_id=metadata.get("x-request-id") or Call().request_id)
-        request_id_var.set(call.request_id)
+        call = self.service.begin(metadata.get("x-request-id"))
         code, error = grpc.StatusCode.CANCELLED, None  # stays CANCELLED if the caller goes away
         try:
             self.service.authenticate(metadata.get("authorization"))
@@ -40,11 +38,8 @@ class RerankServicer(pb_grpc.RerankServicer):
             code, error = grpc.StatusCode.INTERNAL, "internal error; see the server log"
         finally:
             context.set_trailing_metadata([("x-request-id", call.request_id)] + [
-                (f"x-{stage}-time", f"{seconds * 1000:.2f}") for stage, seconds in call.timings.items()])
-            self.service.metrics.requests.labels("grpc", name, code.name, "").inc()
-            elapsed = time.perf_counter() - call.started
-            self.service.metrics.request_seconds.labels("grpc").observe(elapsed)
-            log.info("gRPC %s %s in %.1f ms", name, code.name, elapsed * 1000)
+                (f"x-{stage}-time", milliseconds) for stage, milliseconds in call.stage_milliseconds().items()])
+            self.service.end(call, "grpc", name, code, f"gRPC {name} {code.name}")
         if error is not None:
             await context.abort(code, error)
         return response

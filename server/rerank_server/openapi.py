@@ -27,7 +27,9 @@ _SCALARS = {
     # protobuf's JSON mapping prints 64-bit integers as strings
     F.TYPE_INT64: {"type": "string", "format": "int64"}, F.TYPE_UINT64: {"type": "string", "format": "uint64"},
 }
-GRPC_TIMEOUT_PATTERN = "^[0-9]{1,8}[HMSmun]$"
+# gRPC's TimeoutValue: a positive integer of 1 to 8 digits (leading zeros allowed), then a unit;
+# written without lookahead, as one alternative per count of leading zeros
+GRPC_TIMEOUT_PATTERN = "^(" + "|".join(f"0{{{zeros}}}[1-9][0-9]{{0,{7 - zeros}}}" for zeros in range(8)) + ")[HMSmun]$"
 TEXT_DOCUMENT = {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}},
                  "description": 'an object with a string "text" (other fields are kept and echoed)'}
 STRINGS = {"type": "array", "items": {"type": "string"}, "minItems": 1}
@@ -88,8 +90,9 @@ def _describe(schema: dict, full_name: str) -> dict:
 
 
 def _field_schema(field: descriptor.FieldDescriptor, schemas: dict) -> dict:
-    if field.type == F.TYPE_ENUM:  # protobuf's JSON mapping: the value's name, or its number
-        item = {"anyOf": [{"enum": [v.name for v in field.enum_type.values]}, dict(_SCALARS[F.TYPE_INT32])]}
+    if field.type == F.TYPE_ENUM:  # protobuf's JSON mapping: the value's name, or its number (a known one)
+        values = field.enum_type.values
+        item = {"anyOf": [{"enum": [v.name for v in values]}, {"type": "integer", "enum": [v.number for v in values]}]}
     elif field.type == F.TYPE_MESSAGE:
         if field.message_type.full_name == "google.protobuf.Value":
             item = {"type": ["string", "object"]}  # a string, or an object such as {"text": ...}
@@ -211,7 +214,9 @@ def openapi_document(model_names: tuple[str, ...] = (), max_documents: int = 100
     headers = {"X-Request-Id": {"required": True, "schema": {"type": "string"},
                                 "description": "the request's id (the one sent, or a new one)"},
                "X-Compute-Tokens": {"required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"},
-                                    "description": "tokens fed to the model (usage.prompt_tokens)"}}
+                                    "description": "tokens fed to the model (usage.prompt_tokens)"},
+               "X-Ignored-Fields": {"required": False, "schema": {"type": "string"},
+                                    "description": "the body's unknown fields, which were ignored (comma-separated)"}}
     for verb, path, method in http_bindings():
         _message_schema(method.input_type, schemas, constraints)
         _message_schema(method.output_type, schemas, constraints)
@@ -229,9 +234,10 @@ def openapi_document(model_names: tuple[str, ...] = (), max_documents: int = 100
             "parameters": [
                 {"name": "Grpc-Timeout", "in": "header", "required": False,
                  "schema": {"type": "string", "pattern": GRPC_TIMEOUT_PATTERN},
-                 "description": "deadline, gRPC's format: up to 8 digits and a unit, H M S (hours, minutes, "
-                                "seconds), m u n (milli-, micro-, nanoseconds), e.g. 500m; counted once the body "
-                                "is validated; exceeded: 504 DEADLINE_EXCEEDED"},
+                 "description": "deadline, gRPC's format: a positive integer of 1 to 8 digits and a unit, H M S "
+                                "(hours, minutes, seconds), m u n (milli-, micro-, nanoseconds), e.g. 500m; anything "
+                                "else is a 400; counted once the body is validated; exceeded (as 1n always is): 504 "
+                                "DEADLINE_EXCEEDED"},
                 {"name": "X-Request-Id", "in": "header", "required": False, "schema": {"type": "string"},
                  "description": "echoed in the response header, its id and the log lines"},
             ],

@@ -2,7 +2,16 @@
 annotations; JSON is transcoded with protobuf's JSON mapping (proto field names); errors
 are ``{"code", "message", "details"}`` with the HTTP status mapped from the gRPC code.
 
-Two things are the shim's own, because JSON can say what a proto message cannot:
+The handlers are module-level functions over what ``build_app`` stores in the app (its
+``web.AppKey``s); ``record`` (the middleware) opens and closes every request through the
+service, as the gRPC servicer does. The HTTP and TEI statuses of the service's refusals are
+this module's: the service raises a gRPC code and, where a dialect needs it, a ``Reason``.
+
+What JSON can say and a proto message cannot is the shim's own:
+- fields are type-checked before transcoding, so that every error names the field in plain
+  words ("documents must be an array ...; got a string"), never in the protobuf parser's;
+- unknown fields are accepted (clients send extras) and named: ``X-Ignored-Fields`` and one
+  warning log line;
 - returned documents are echoed from the request's raw JSON (a google.protobuf.Value would
   turn the integer 7 into 7.0), and string documents become ``{"text": ...}`` where the
   dialect says so (/v2/rerank always; /v1/rerank and /rerank with --document-objects);
@@ -15,15 +24,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
+import re
 
 import grpc
 from aiohttp import web
 from google.protobuf import descriptor, json_format, message_factory, struct_pb2
 
-from rerank_server.openapi import docs_page, openapi_document
+from rerank_server.openapi import GRPC_TIMEOUT_PATTERN, docs_page, openapi_document
 from rerank_server.schema import http_bindings, pb
-from rerank_server.service import ApiError, Call, Deadline, RerankService, request_id_var
+from rerank_server.service import ApiError, Deadline, Reason, RerankService
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +44,37 @@ HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.INTERNAL: 500,
     grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.FAILED_PRECONDITION: 400,
 }
+# where HTTP says more than the code: a pair too long to score untruncated is a payload too large
+REASON_STATUS = {Reason.TOO_LONG: 413}
+# TEI's answer to each refusal: (HTTP status, error_type), as its router maps them.
+TEI_REASONS = {Reason.EMPTY: (400, "empty"), Reason.TOO_MANY: (413, "validation"),
+               Reason.TOO_LONG: (413, "validation")}
+TEI_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT: (422, "validation"), grpc.StatusCode.NOT_FOUND: (404, "validation"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "overloaded"), grpc.StatusCode.UNAVAILABLE: (503, "unhealthy"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "backend"), grpc.StatusCode.INTERNAL: (424, "backend"),
+}
 # aiohttp's own refusals, expressed as gRPC codes for the error body.
 _HTTP_TO_CODE = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED,
                  413: grpc.StatusCode.RESOURCE_EXHAUSTED}
+_STATUS_TO_CODE = {status: code for code, status in reversed(HTTP_STATUS.items())}
 # never behind the API key (/metrics: unless --metrics-auth)
-OPEN_PATHS = {"/health", "/metrics", "/openapi.json", "/docs"}
-PROBE_PATHS = OPEN_PATHS | {"/info"}
+OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs"})
+PROBE_PATHS = OPEN_PATHS | {"/info"}  # not requests: not counted, not logged
+
+# What build_app stores in the app, for the handlers.
+SERVICE = web.AppKey("service", RerankService)
+UNGUARDED = web.AppKey("unguarded", frozenset)  # paths without the API key
+OBJECT_PATHS = web.AppKey("object_paths", frozenset)  # routes answering string documents as {"text": ...}
+METHODS = web.AppKey("methods", dict)  # path -> the RPC's method descriptor
+SPEC = web.AppKey("spec", dict)
+DOCS_PAGE = web.AppKey("docs_page", str)
+# What a request carries from handler to middleware.
+CALL = "call"
+GRPC_CODE = "grpc_code"  # on a response: its gRPC status, for the metrics' `code` label
+IGNORED = "ignored_fields"  # on a request: the body's unknown fields
+
+SERVICE_CALLS = {"Rerank": RerankService.rerank, "Score": RerankService.score}
 
 
 def error_response(code: grpc.StatusCode, message: str, status: int | None = None) -> web.Response:
@@ -50,83 +84,177 @@ def error_response(code: grpc.StatusCode, message: str, status: int | None = Non
     return response
 
 
-GRPC_CODE = "grpc_code"  # the response's gRPC status, for the metrics' `code` label
-_STATUS_TO_CODE = {status: code for code, status in reversed(HTTP_STATUS.items())}
-
-
-_TIMEOUT_UNITS = {"H": (3600.0, "h"), "M": (60.0, "min"), "S": (1.0, "s"), "m": (1e-3, "ms"),
-                  "u": (1e-6, "µs"), "n": (1e-9, "ns")}
-
-
-def _grpc_timeout(value: str | None) -> Deadline | None:
-    """grpc-gateway's deadline header, gRPC's format: up to 8 digits and a unit (e.g. "500m")."""
-    if value is None:
-        return None
-    if not (2 <= len(value) <= 9 and value[:-1].isascii() and value[:-1].isdigit() and value[-1] in _TIMEOUT_UNITS):
-        raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
-                       "Grpc-Timeout must be up to 8 digits and a unit: H (hours), M (minutes), S (seconds), "
-                       f"m (milliseconds), u (microseconds) or n (nanoseconds), e.g. 500m; got {value!r}")
-    seconds, unit = _TIMEOUT_UNITS[value[-1]]
-    return Deadline(int(value[:-1]) * seconds, f"{int(value[:-1])} {unit}")
-
-
-# TEI's answer to each refusal: (HTTP status, error_type), as its router maps them.
-_TEI_REASONS = {"empty": (400, "empty"), "too_many": (413, "validation"), "too_long": (413, "validation")}
-_TEI_CODES = {
-    grpc.StatusCode.INVALID_ARGUMENT: (422, "validation"), grpc.StatusCode.NOT_FOUND: (404, "validation"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "overloaded"), grpc.StatusCode.UNAVAILABLE: (503, "unhealthy"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "backend"), grpc.StatusCode.INTERNAL: (424, "backend"),
-}
+def api_error_response(e: ApiError) -> web.Response:
+    return error_response(e.code, e.message, REASON_STATUS.get(e.reason))
 
 
 def tei_error_response(e: ApiError) -> web.Response:
-    status, error_type = _TEI_REASONS.get(e.reason) or _TEI_CODES.get(e.code, (500, "backend"))
+    status, error_type = TEI_REASONS.get(e.reason) or TEI_CODES.get(e.code, (500, "backend"))
     response = web.json_response({"error": e.message, "error_type": error_type}, status=status)
     response[GRPC_CODE] = e.code
     return response
 
 
-_INTEGER_TYPES = {descriptor.FieldDescriptor.CPPTYPE_INT32, descriptor.FieldDescriptor.CPPTYPE_UINT32,
-                  descriptor.FieldDescriptor.CPPTYPE_INT64, descriptor.FieldDescriptor.CPPTYPE_UINT64}
+# ---------------------------------------------------------------- headers
+
+# the published pattern (1 to 8 digits, positive, a unit), for fullmatch: Python's $ would let a "\n" follow
+_GRPC_TIMEOUT = re.compile(GRPC_TIMEOUT_PATTERN.removeprefix("^").removesuffix("$"))
+_TIMEOUT_UNITS = {"H": (3600.0, "h"), "M": (60.0, "min"), "S": (1.0, "s"), "m": (1e-3, "ms"),
+                  "u": (1e-6, "µs"), "n": (1e-9, "ns")}
+
+
+def grpc_timeout(value: str | None) -> Deadline | None:
+    """grpc-gateway's deadline header in gRPC's wire format (TimeoutValue): a positive integer of
+    1 to 8 digits and a unit, e.g. "500m"; anything else (0, 9 digits, another unit) is refused."""
+    if value is None:
+        return None
+    if not _GRPC_TIMEOUT.fullmatch(value):
+        raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
+                       "Grpc-Timeout must be a positive integer of 1 to 8 digits and a unit: H (hours), M (minutes), "
+                       f"S (seconds), m (milliseconds), u (microseconds) or n (nanoseconds), e.g. 500m; got {value!r}")
+    seconds, unit = _TIMEOUT_UNITS[value[-1]]
+    return Deadline(int(value[:-1]) * seconds, f"{int(value[:-1])} {unit}")
+
+
+def _token_headers(tokens: int) -> dict[str, str]:
+    return {"X-Compute-Tokens": str(tokens)}  # as TEI does; the timings are the X-*-Time headers
+
+
+def _ignored_header(names: list[str]) -> str:
+    """The unknown fields' names for X-Ignored-Fields: escaped to printable ASCII, bounded."""
+    return ", ".join(ascii(name)[1:-1] for name in names)[:1000]
+
+
+# ---------------------------------------------------------------- JSON -> proto
+
+F = descriptor.FieldDescriptor
+_INTEGER_RANGES = {F.CPPTYPE_INT32: (-2**31, 2**31 - 1), F.CPPTYPE_UINT32: (0, 2**32 - 1),
+                   F.CPPTYPE_INT64: (-2**63, 2**63 - 1), F.CPPTYPE_UINT64: (0, 2**64 - 1)}
+# What a google.protobuf.Value field may hold, in the words of its error message.
+_VALUE_SHAPES = {"documents": 'an array of strings or of objects with a "text" field',
+                 "text_1": "a string or an array of strings", "text_2": "a string or an array of strings"}
+MAX_NESTING = 64  # arrays and objects inside a field (protobuf's parser stops at 100)
+
+
+def json_kind(value) -> str:
+    """A JSON value's type in words: "a string", "a number", "an array", ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "an array", dict: "an object"}[type(value)]
 
 
 def _integral(value) -> bool:
     return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
 
 
+def _field_error(field: descriptor.FieldDescriptor, value) -> str | None:
+    """What is wrong with a (non-null) JSON value for ``field``, in plain words; None if nothing."""
+    name = field.name
+    if field.message_type is not None:  # google.protobuf.Value: its items are the service's to check
+        shape = _VALUE_SHAPES.get(name, "an array" if field.is_repeated else "a JSON value")
+        if field.is_repeated:
+            fits = isinstance(value, list)
+        else:  # text_1, text_2: the service checks the array's items
+            fits = isinstance(value, (str, list)) or name not in _VALUE_SHAPES
+        return None if fits else f"{name} must be {shape}; got {json_kind(value)}"
+    if field.is_repeated:  # repeated strings
+        if not isinstance(value, list):
+            return f"{name} must be an array of strings; got {json_kind(value)}"
+        wrong = next((i for i, item in enumerate(value) if not isinstance(item, str)), None)
+        return None if wrong is None else f"{name}[{wrong}] must be a string; got {json_kind(value[wrong])}"
+    if field.enum_type is not None:  # protobuf's JSON mapping: the value's name, or its number
+        names = [v.name for v in field.enum_type.values]
+        numbers = [v.number for v in field.enum_type.values]
+        if isinstance(value, str) and value in names or _integral(value) and value in numbers:
+            return None
+        scalar = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+        got = repr(value) if scalar else json_kind(value)
+        return f"{name} must be one of {', '.join(names)}; got {got}"
+    if field.cpp_type in _INTEGER_RANGES:
+        low, high = _INTEGER_RANGES[field.cpp_type]
+        if not _integral(value):
+            return f"{name} must be an integer; got {value!r}" if isinstance(value, float) else \
+                f"{name} must be an integer; got {json_kind(value)}"
+        return None if low <= value <= high else f"{name} must be an integer from {low} to {high}; got {value}"
+    if field.cpp_type == F.CPPTYPE_BOOL:
+        return None if isinstance(value, bool) else f"{name} must be true or false; got {json_kind(value)}"
+    if field.cpp_type == F.CPPTYPE_STRING:
+        return None if isinstance(value, str) else f"{name} must be a string; got {json_kind(value)}"
+    if field.cpp_type in (F.CPPTYPE_DOUBLE, F.CPPTYPE_FLOAT):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else f"{name} must be a number; got {json_kind(value)}"
+    return None
+
+
+def _text_error(name: str, value, depth: int = 0) -> str | None:
+    """Text protobuf cannot carry (a lone surrogate: no UTF-8), or nesting beyond MAX_NESTING,
+    anywhere in a field's value (object keys included)."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return f"{name} holds text that is not valid Unicode (a lone surrogate such as \\ud800)"
+        return None
+    if isinstance(value, (list, dict)):
+        if depth == MAX_NESTING:
+            return f"{name} nests arrays and objects more than {MAX_NESTING} levels deep"
+        items = [*value, *value.values()] if isinstance(value, dict) else value
+        return next((e for e in (_text_error(name, item, depth + 1) for item in items) if e), None)
+    return None
+
+
+def known_fields(message_class) -> dict[str, descriptor.FieldDescriptor]:
+    """JSON name -> field: protobuf's JSON mapping takes the proto name and the lowerCamelCase one."""
+    fields = message_class.DESCRIPTOR.fields
+    return {**{f.json_name: f for f in fields}, **{f.name: f for f in fields}}
+
+
 def parse_message(body: dict, message_class):
-    """protobuf's JSON mapping, read strictly: it would also take an integer written as a
-    string ("5"), an enum as any number (true, 2.5e-42), and it drops an unknown enum name
-    (ignore_unknown_fields): the OpenAPI document (and every client) calls these errors."""
-    for field in message_class.DESCRIPTOR.fields:
-        value = body.get(field.name)
-        if value is None or field.is_repeated:
+    """protobuf's JSON mapping of ``body`` (nulls already dropped: absent), each field checked
+    first, so that a wrong type is an ApiError naming the field in plain words; the parser
+    would also take an integer written as a string ("5") or a boolean as an enum. Unknown
+    fields are skipped (see ``unknown_fields``)."""
+    fields = known_fields(message_class)
+    message, seen = message_class(), set()
+    for key, value in body.items():
+        field = fields.get(key)
+        if field is None:
             continue
-        if field.cpp_type in _INTEGER_TYPES and not _integral(value):
-            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"{field.name} must be an integer, got {value!r}")
-        names = field.enum_type.values_by_name if field.enum_type else {}
-        if field.enum_type and not (value in names if isinstance(value, str) else _integral(value)):
+        if field.name in seen:
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"{field.name} must be one of {', '.join(v.name for v in field.enum_type.values)}, "
-                           f"got {value!r}")
-    try:
-        return json_format.ParseDict(body, message_class(), ignore_unknown_fields=True)
-    except json_format.ParseError as e:
-        raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+                           f"{field.name} is given twice (as {field.name} and {field.json_name})")
+        seen.add(field.name)
+        error = _field_error(field, value) or _text_error(field.name, value)
+        if error is None:
+            try:
+                message.MergeFrom(json_format.ParseDict({key: value}, message_class()))
+            except json_format.ParseError:  # what the checks above do not foresee; never the parser's text
+                error = f"{field.name} cannot be read as the type the API declares for it"
+        if error is not None:
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, error)
+    return message
+
+
+def unknown_fields(body: dict, message_class) -> list[str]:
+    fields = known_fields(message_class)
+    return [key for key in body if key not in fields]
 
 
 def is_tei_body(path: str, body: dict) -> bool:
     """TEI callers post ``texts`` (and never ``documents``) to /rerank."""
-    return path == "/rerank" and "texts" in body and "documents" not in body
+    return path == "/rerank" and "texts" in body and body.get("documents") is None
 
 
-def tei_to_rerank(body: dict, default_model: str) -> pb.RerankRequest:
-    """A TEI body -> the RerankRequest that the one validation and scoring path takes."""
-    tei = parse_message(body, pb.TeiRerankRequest)
+def tei_to_rerank(tei: pb.TeiRerankRequest, default_model: str) -> pb.RerankRequest:
+    """A TEI request -> the RerankRequest that the one validation and scoring path takes."""
     direction = tei.truncation_direction.lower() if tei.HasField("truncation_direction") else "right"
     if direction not in ("left", "right"):
         raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
-                       f"truncation_direction must be left or right (any case), got {tei.truncation_direction!r}")
+                       f"truncation_direction must be left or right (any case); got {tei.truncation_direction!r}")
     request = pb.RerankRequest(
         model=tei.model if tei.HasField("model") else default_model, query=tei.query,
         documents=[struct_pb2.Value(string_value=t) for t in tei.texts],
@@ -136,10 +264,6 @@ def tei_to_rerank(body: dict, default_model: str) -> pb.RerankRequest:
         if tei.HasField(name):
             setattr(request, name, getattr(tei, name))
     return request
-
-
-def _token_headers(tokens: int) -> dict[str, str]:
-    return {"X-Compute-Tokens": str(tokens)}  # as TEI does; the timings are the X-*-Time headers
 
 
 def echo_documents(reply: dict, sent: list, as_objects: bool) -> None:
@@ -177,120 +301,139 @@ def _json_body(raw: bytes) -> dict:
     return body
 
 
+def _read_message(request: web.Request, body: dict, message_class):
+    """``body`` (nulls are absent) as ``message_class``; its unknown fields noted for the middleware."""
+    ignored = unknown_fields(body, message_class)
+    if ignored:
+        request[IGNORED] = ignored
+        log.warning("ignored unknown fields: %s", _ignored_header(ignored))
+    return parse_message({k: v for k, v in body.items() if v is not None}, message_class)
+
+
+# ---------------------------------------------------------------- handlers
+
+@web.middleware
+async def record(request: web.Request, handler) -> web.StreamResponse:
+    """Every request's bookkeeping: its id, the API key, errors as the grpc-gateway body, the
+    timing headers, and (through the service, as on gRPC) its metrics and log line."""
+    service = request.app[SERVICE]
+    call = request[CALL] = service.begin(request.headers.get("X-Request-Id"))
+    try:
+        if request.path not in request.app[UNGUARDED]:
+            service.authenticate(request.headers.get("Authorization"))
+        response = await handler(request)
+    except ApiError as e:
+        response = api_error_response(e)
+    except web.HTTPRequestEntityTooLarge:
+        response = error_response(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"request body is larger than the limit of {request.client_max_size} bytes "
+                                  "(--max-request-bytes)", 413)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = _HTTP_TO_CODE.get(e.status, grpc.StatusCode.INVALID_ARGUMENT)
+        response = error_response(code, f"{request.method} {request.path}: {e.reason}", e.status)
+        if isinstance(e, web.HTTPMethodNotAllowed):
+            response.headers["Allow"] = ", ".join(sorted(e.allowed_methods))
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        response = error_response(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+    response.headers["X-Request-Id"] = call.request_id
+    for stage, milliseconds in call.stage_milliseconds().items():
+        response.headers[f"X-{stage.capitalize()}-Time"] = milliseconds
+    if IGNORED in request:
+        response.headers["X-Ignored-Fields"] = _ignored_header(request[IGNORED])
+    if service.draining:
+        response.force_close()  # keep-alive clients reconnect, to another replica
+    if request.path not in PROBE_PATHS:
+        resource = request.match_info.route.resource
+        code = response.get(GRPC_CODE) or (grpc.StatusCode.OK if response.status < 400 else
+                                           _STATUS_TO_CODE.get(response.status, grpc.StatusCode.UNKNOWN))
+        service.end(call, "http", resource.canonical if resource else "unmatched", code,
+                    f"{request.method} {request.path} {response.status}", response.status)
+    return response
+
+
+async def transcode(request: web.Request) -> web.Response:
+    """Any ``google.api.http`` binding: JSON -> the RPC's request -> the service -> JSON."""
+    if "Content-Type" in request.headers and not _is_json(request.content_type):
+        return error_response(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"Content-Type must be application/json, got {request.content_type!r}", 415)
+    path = request.match_info.route.resource.canonical
+    body = _json_body(await request.read())
+    if is_tei_body(path, body):
+        return await tei_rerank(request, body)
+    method = request.app[METHODS][path]
+    message = _read_message(request, body, message_factory.GetMessageClass(method.input_type))
+    service = request.app[SERVICE]
+    reply = await SERVICE_CALLS[method.name](service, message, request[CALL],
+                                             grpc_timeout(request.headers.get("Grpc-Timeout")))
+    answer = json_format.MessageToDict(reply, preserving_proto_field_name=True,
+                                       always_print_fields_with_no_presence=True)
+    if body.get("documents") is not None:
+        echo_documents(answer, body["documents"], path in request.app[OBJECT_PATHS])
+    return web.json_response(answer, headers=_token_headers(reply.usage.prompt_tokens))
+
+
+async def tei_rerank(request: web.Request, body: dict) -> web.Response:
+    """POST /rerank in text-embeddings-inference's dialect: its bare array, its errors."""
+    service = request.app[SERVICE]
+    try:
+        message = tei_to_rerank(_read_message(request, body, pb.TeiRerankRequest), service.model_id)
+        reply = await service.rerank(message, request[CALL], grpc_timeout(request.headers.get("Grpc-Timeout")),
+                                     documents_field="texts")
+    except ApiError as e:
+        return tei_error_response(e)
+    ranks = [{"index": r.index, "score": r.relevance_score} for r in reply.results]
+    if message.return_documents:
+        for rank in ranks:
+            rank["text"] = message.documents[rank["index"]].string_value
+    headers = _token_headers(reply.usage.prompt_tokens)
+    headers["X-Compute-Characters"] = str(len(message.query) * len(message.documents)
+                                          + sum(len(d.string_value) for d in message.documents))
+    return web.json_response(ranks, headers=headers)
+
+
+async def health(request: web.Request) -> web.Response:
+    if request.app[SERVICE].ready:
+        return web.json_response({"status": "SERVING"})
+    return web.json_response({"status": "NOT_SERVING"}, status=503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    service.metrics.queued_tokens.set(service.scheduler.queued_tokens if service.scheduler else 0)
+    return web.Response(body=service.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def info(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SERVICE].describe())
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SPEC])
+
+
+async def docs(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[DOCS_PAGE], content_type="text/html")
+
+
 def build_app(service: RerankService, max_request_bytes: int, metrics_auth: bool = False,
               document_objects: bool = False) -> web.Application:
     """``document_objects``: /v1/rerank and /rerank return string documents as {"text": ...}
     too (/v2/rerank always does)."""
-    open_paths = OPEN_PATHS - ({"/metrics"} if metrics_auth else set())
-
-    @web.middleware
-    async def middleware(request: web.Request, handler):
-        call = Call(request_id=request.headers.get("X-Request-Id") or Call().request_id)
-        request["call"] = call
-        request_id_var.set(call.request_id)
-        try:
-            if request.path not in open_paths:
-                service.authenticate(request.headers.get("Authorization"))
-            response = await handler(request)
-        except ApiError as e:
-            response = error_response(e.code, e.message, e.http_status)
-        except web.HTTPRequestEntityTooLarge:
-            response = error_response(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                      f"request body is larger than the limit of {request.client_max_size} bytes "
-                                      "(--max-request-bytes)", 413)
-        except web.HTTPException as e:
-            if e.status < 400:
-                raise
-            code = _HTTP_TO_CODE.get(e.status, grpc.StatusCode.INVALID_ARGUMENT)
-            response = error_response(code, f"{request.method} {request.path}: {e.reason}", e.status)
-            if isinstance(e, web.HTTPMethodNotAllowed):
-                response.headers["Allow"] = ", ".join(sorted(e.allowed_methods))
-        except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            response = error_response(grpc.StatusCode.INTERNAL, "internal error; see the server log")
-        response.headers["X-Request-Id"] = call.request_id
-        for stage, seconds in call.timings.items():
-            response.headers[f"X-{stage.capitalize()}-Time"] = f"{seconds * 1000:.2f}"  # milliseconds
-        if service.draining:
-            response.force_close()  # keep-alive clients reconnect, to another replica
-        if request.path not in PROBE_PATHS:  # health, metrics, docs and info probes are no requests
-            route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-            code = response.get(GRPC_CODE) or (grpc.StatusCode.OK if response.status < 400 else
-                                               _STATUS_TO_CODE.get(response.status, grpc.StatusCode.UNKNOWN))
-            service.metrics.requests.labels("http", route, code.name, str(response.status)).inc()
-            elapsed = time.perf_counter() - call.started
-            service.metrics.request_seconds.labels("http").observe(elapsed)
-            log.info("%s %s %d in %.1f ms", request.method, request.path, response.status, elapsed * 1000)
-        return response
-
-    app = web.Application(client_max_size=max_request_bytes, middlewares=[middleware])
-    handlers = {"Rerank": service.rerank, "Score": service.score}
-    object_paths = {"/v2/rerank"} | ({"/v1/rerank", "/rerank"} if document_objects else set())
-
-    def route(method_descriptor, path: str):
-        call_service = handlers[method_descriptor.name]
-        request_class = message_factory.GetMessageClass(method_descriptor.input_type)
-
-        async def handle(request: web.Request) -> web.Response:
-            if "Content-Type" in request.headers and not _is_json(request.content_type):
-                raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"Content-Type must be application/json, got {request.content_type!r}", 415)
-            body = {k: v for k, v in _json_body(await request.read()).items() if v is not None}  # null: absent
-            if is_tei_body(path, body):
-                return await handle_tei(request, body)
-            message = parse_message(body, request_class)
-            deadline = _grpc_timeout(request.headers.get("Grpc-Timeout"))
-            reply = json_format.MessageToDict(
-                await call_service(message, request["call"], deadline),
-                preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-            if "documents" in body:
-                echo_documents(reply, body["documents"], path in object_paths)
-            return web.json_response(reply, headers=_token_headers(reply["usage"]["prompt_tokens"]))
-        return handle
-
-    async def handle_tei(request: web.Request, body: dict) -> web.Response:
-        try:
-            message = tei_to_rerank(body, service.model_id)
-            reply = await service.rerank(message, request["call"], _grpc_timeout(request.headers.get("Grpc-Timeout")))
-        except ApiError as e:
-            return tei_error_response(e)
-        ranks = [{"index": r.index, "score": r.relevance_score} for r in reply.results]
-        if message.return_documents:
-            for rank in ranks:
-                rank["text"] = message.documents[rank["index"]].string_value
-        headers = _token_headers(reply.usage.prompt_tokens)
-        headers["X-Compute-Characters"] = str(len(message.query) * len(message.documents)
-                                              + sum(len(d.string_value) for d in message.documents))
-        return web.json_response(ranks, headers=headers)
-
+    app = web.Application(client_max_size=max_request_bytes, middlewares=[record])
+    app[SERVICE] = service
+    app[UNGUARDED] = OPEN_PATHS - ({"/metrics"} if metrics_auth else set())
+    app[OBJECT_PATHS] = frozenset({"/v2/rerank"} | ({"/v1/rerank", "/rerank"} if document_objects else set()))
+    app[METHODS] = {}
     for verb, path, method in http_bindings():
-        app.router.add_route(verb, path, route(method, path))
-
-    async def health(_: web.Request) -> web.Response:
-        if service.ready:
-            return web.json_response({"status": "SERVING"})
-        return web.json_response({"status": "NOT_SERVING"}, status=503)
-
-    async def metrics(_: web.Request) -> web.Response:
-        service.metrics.queued_tokens.set(service.scheduler.queued_tokens if service.scheduler else 0)
-        return web.Response(body=service.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
-
-    async def show_info(_: web.Request) -> web.Response:
-        return web.json_response(service.describe())
-
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/info", show_info)
+        app[METHODS][path] = method
+        app.router.add_route(verb, path, transcode)
     names = (service.model_id, *sorted(service.served_names - {service.model_id}))
-    spec = openapi_document(names, service.max_documents)
-    page = docs_page(spec)
-
-    async def openapi(_: web.Request) -> web.Response:
-        return web.json_response(spec)
-
-    async def docs(_: web.Request) -> web.Response:
-        return web.Response(text=page, content_type="text/html")
-
-    app.router.add_get("/openapi.json", openapi)
-    app.router.add_get("/docs", docs)
+    app[SPEC] = openapi_document(names, service.max_documents)
+    app[DOCS_PAGE] = docs_page(app[SPEC])
+    for path, handler in (("/health", health), ("/metrics", metrics), ("/info", info), ("/openapi.json", openapi),
+                          ("/docs", docs)):
+        app.router.add_get(path, handler)
     return app

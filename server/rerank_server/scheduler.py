@@ -29,6 +29,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from rerank_kernels.attention import FLASH_MAX_BATCH
+
 log = logging.getLogger(__name__)
 
 
@@ -40,9 +42,9 @@ class ShuttingDownError(RuntimeError):
     """The server is shutting down: the request was cut off (or arrived after the cut-off)."""
 
 
-# FlashAttention's varlen kernels put the batch on CUDA grid axis y (at most 65,535):
-# no batch holds more pairs, whatever --max-batch-tokens allows.
-MAX_BATCH_PAIRS = 65535
+# No batch holds more pairs than FlashAttention's varlen kernels take (the batch is on CUDA
+# grid axis y), whatever --max-batch-tokens allows.
+MAX_BATCH_PAIRS = FLASH_MAX_BATCH
 
 Pairs = list[list[int]]
 Wait = Callable[[], list[float]]  # blocks until the batch's logits are on the host
@@ -50,7 +52,8 @@ Launch = Callable[[Pairs], Wait]  # starts a forward
 
 
 def launch_now(forward: Callable[[Pairs], list[float]]) -> Launch:
-    """A blocking forward as a launch: it computes at once, its wait returns the result."""
+    """A blocking forward as a launch: it computes at once, its wait returns the result (the
+    engine's on the CPU; tests' fakes)."""
     def launch(pairs: Pairs) -> Wait:
         logits = forward(pairs)
         return lambda: logits

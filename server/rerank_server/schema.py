@@ -4,7 +4,8 @@ annotations."""
 from __future__ import annotations
 
 from importlib import resources
-from pathlib import Path
+
+from google.api import annotations_pb2
 
 try:
     from rerank_server._proto import rerank_pb2 as pb
@@ -14,21 +15,9 @@ except ImportError as e:  # a source tree used without building the package
         f"the gRPC stubs rerank_server._proto are missing ({e}): install the package, e.g. "
         "`pip install -e .` in the repository (the build runs protoc), or `make test`") from None
 
-from google.api import annotations_pb2  # noqa: E402
+__all__ = ["SERVICE", "descriptor_set", "http_bindings", "pb", "pb_grpc"]
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Rerank"]
-# The proto beside the sources, in a repository checkout (not in an installed wheel).
-SOURCE_PROTO = Path(__file__).resolve().parent.parent / "proto" / "rerank" / "v1" / "rerank.proto"
-
-
-def _check_fresh() -> None:
-    """An editable install whose .proto changed after the build would serve a stale schema."""
-    stub = Path(pb.__file__)
-    if SOURCE_PROTO.exists() and stub.stat().st_mtime < SOURCE_PROTO.stat().st_mtime:
-        raise ImportError(f"{stub} is older than {SOURCE_PROTO}: rebuild with `pip install -e .` (or `make test`)")
-
-
-_check_fresh()
 
 
 def descriptor_set() -> bytes:

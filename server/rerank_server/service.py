@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import enum
 import functools
 import hmac
 import json
+import logging
 import math
 import re
 import time
@@ -28,19 +30,25 @@ from rerank_server.scheduler import QueueFullError, Scheduler, ShuttingDownError
 from rerank_server.schema import pb
 from rerank_server.tokenization import EncodedPair, PairTooLongError, token_type_start
 
+log = logging.getLogger(__name__)
+
+
+class Reason(str, enum.Enum):
+    """Refusals that share a gRPC code but that HTTP dialects answer with statuses of their own
+    (rerank_server.rest maps them)."""
+
+    EMPTY = "empty"  # no documents
+    TOO_MANY = "too_many"  # over --max-documents
+    TOO_LONG = "too_long"  # a pair over --max-length with truncation off
+
 
 class ApiError(Exception):
-    """A request the service refuses: a gRPC status code and a sentence naming the field.
-    ``reason`` names the refusals that other dialects answer with statuses of their own
-    ("empty": no documents, "too_many": over --max-documents, "too_long": a pair over
-    --max-length with truncation off)."""
+    """A request the service refuses, transport-neutral: a gRPC status code, a sentence naming
+    the field, and where a dialect needs it, the ``Reason``."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, http_status: int | None = None,
-                 reason: str | None = None):
+    def __init__(self, code: grpc.StatusCode, message: str, reason: Reason | None = None):
         super().__init__(message)
-        self.code, self.message = code, message
-        self.http_status = http_status  # only where HTTP is more precise than the code's mapping
-        self.reason = reason
+        self.code, self.message, self.reason = code, message, reason
 
 
 @dataclass(frozen=True)
@@ -69,8 +77,16 @@ def document_text(doc: struct_pb2.Value, index: int, rank_fields: list[str]) -> 
         if text is not None and text.WhichOneof("kind") == "string_value":
             return text.string_value
         raise invalid(f'documents[{index}] is an object without a string field "text" (or name rank_fields)')
-    raise invalid(f'documents[{index}] must be a string or an object {{"text": string}}, '
-                  f"got {kind.removesuffix('_value') if kind else 'nothing'}")
+    raise invalid(f'documents[{index}] must be a string or an object with a "text" field; got {value_kind(doc)}')
+
+
+_KINDS = {"string_value": "a string", "number_value": "a number", "bool_value": "a boolean",
+          "null_value": "null", "list_value": "an array", "struct_value": "an object", None: "nothing"}
+
+
+def value_kind(value: struct_pb2.Value) -> str:
+    """What a google.protobuf.Value holds, in JSON's words ("a string", "an array", ...)."""
+    return _KINDS[value.WhichOneof("kind")]
 
 
 def _plain(value: struct_pb2.Value) -> str:
@@ -88,7 +104,8 @@ _REQUEST_ID = re.compile(r"[!-~]{1,128}")
 
 @dataclass
 class Call:
-    """One request's identity and per-stage timings (seconds), filled as it travels."""
+    """One request's identity and per-stage timings (seconds), filled as it travels. Each
+    transport opens it with ``RerankService.begin`` and closes it with ``RerankService.end``."""
 
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started: float = field(default_factory=time.perf_counter)
@@ -99,6 +116,10 @@ class Call:
         # only, bounded; anything else (e.g. Latin-1 bytes in the header) gets a fresh id.
         if not _REQUEST_ID.fullmatch(self.request_id or ""):
             self.request_id = uuid.uuid4().hex
+
+    def stage_milliseconds(self) -> dict[str, str]:
+        """Stage -> its time in milliseconds as text, for response headers / trailing metadata."""
+        return {stage: f"{seconds * 1000:.2f}" for stage, seconds in self.timings.items()}
 
 
 def sigmoid(x: float) -> float:
@@ -171,12 +192,29 @@ class RerankService:
                         max_queued_tokens=self.scheduler.max_queued_tokens)
         return info
 
+    def begin(self, request_id: str | None) -> Call:
+        """A request arrives, on either transport: its id (the client's where usable, else a
+        new one), set for the log lines of all it runs."""
+        call = Call(request_id=request_id or "")
+        request_id_var.set(call.request_id)
+        return call
+
+    def end(self, call: Call, transport: str, route: str, code: grpc.StatusCode, outcome: str,
+            http_status: int | None = None) -> None:
+        """A request answered, on either transport: its count and latency in the metrics, and
+        one log line, ``outcome`` (e.g. "POST /v1/rerank 200") and the time taken."""
+        elapsed = time.perf_counter() - call.started
+        self.metrics.requests.labels(transport, route, code.name, str(http_status or "")).inc()
+        self.metrics.request_seconds.labels(transport).observe(elapsed)
+        log.info("%s in %.1f ms", outcome, elapsed * 1000)
+
     def authenticate(self, authorization: str | None) -> None:
         """``authorization`` is the HTTP header / gRPC metadata value, "Bearer <key>"."""
         if not self._api_keys:
             return
         if not authorization:
-            raise ApiError(grpc.StatusCode.UNAUTHENTICATED, "authorization is required: send 'Authorization: Bearer <key>'")
+            raise ApiError(grpc.StatusCode.UNAUTHENTICATED,
+                           "authorization is required: send 'Authorization: Bearer <key>'")
         scheme, _, key = authorization.partition(" ")
         # compare against every key, in constant time, whatever matches first
         matched = [hmac.compare_digest(key.strip().encode(), k) for k in self._api_keys]
@@ -191,20 +229,21 @@ class RerankService:
     def _check_count(self, field_name: str, n: int) -> None:
         if n == 0:
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"{field_name} is required and must hold at least one document", reason="empty")
+                           f"{field_name} is required and must hold at least one document", Reason.EMPTY)
         if n > self.max_documents:
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"{field_name} has {n} entries; the limit is {self.max_documents} (--max-documents)",
-                           reason="too_many")
+                           Reason.TOO_MANY)
 
-    def validate(self, request: pb.RerankRequest) -> list[str]:
-        """-> the documents' texts; raises ApiError naming the offending field."""
+    def validate(self, request: pb.RerankRequest, documents_field: str = "documents") -> list[str]:
+        """-> the documents' texts; raises ApiError naming the offending field (``documents_field``:
+        what the caller's dialect calls the documents, e.g. TEI's "texts")."""
         if not request.model:
             raise invalid("model is required: name the served model, e.g. " + repr(self.model_id))
         self.check_model(request.model)
         if not request.query:
             raise invalid("query is required and must be a non-empty string")
-        self._check_count("documents", len(request.documents))
+        self._check_count(documents_field, len(request.documents))
         if request.HasField("top_n") and request.top_n < 1:
             raise invalid(f"top_n must be an integer >= 1, got {request.top_n}")
         if request.HasField("max_tokens_per_doc") and request.max_tokens_per_doc < 1:
@@ -229,7 +268,7 @@ class RerankService:
             raise invalid(f"text_1 must be one string or as many as text_2 ({len(second)}), got {len(first)}")
         if not first or not all(first):
             raise invalid("text_1 must hold non-empty strings")
-        return list(zip(first * len(second) if len(first) == 1 else first, second))
+        return list(zip(first * len(second) if len(first) == 1 else first, second, strict=True))
 
     def _require_ready(self) -> None:
         if not self.ready:
@@ -242,15 +281,15 @@ class RerankService:
         try:
             return await asyncio.wait_for(work, deadline.seconds)
         except asyncio.TimeoutError:  # the scoring task was cancelled: its queued pairs are dropped
-            raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                           f"deadline exceeded: the request took longer than its Grpc-Timeout ({deadline.text})") from None
+            raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded: the request took longer than "
+                           f"its Grpc-Timeout ({deadline.text})") from None
 
     @counted_in_flight
     async def rerank(self, request: pb.RerankRequest, call: Call | None = None,
-                     deadline: Deadline | None = None) -> pb.RerankResponse:
+                     deadline: Deadline | None = None, documents_field: str = "documents") -> pb.RerankResponse:
         call = call or Call()
         created = int(time.time())
-        texts = self.validate(request)
+        texts = self.validate(request, documents_field)
         self._require_ready()
         chunks = request.max_chunks_per_doc if request.HasField("max_chunks_per_doc") else 1
         logits, best_chunk, tokens = await self._within(self._score_groups(
@@ -290,7 +329,7 @@ class RerankService:
             [(first, [pairs[i][1] for i in members]) for first, members in groups.items()], call,
             truncate=not request.HasField("truncate") or request.truncate), deadline)
         by_pair = [0.0] * len(pairs)
-        for logit, i in zip(logits, (i for members in groups.values() for i in members)):
+        for logit, i in zip(logits, (i for members in groups.values() for i in members), strict=True):
             by_pair[i] = logit
         response = pb.ScoreResponse(id=f"score-{call.request_id}", object="list", created=created,
                                     model=self.model_id, usage=pb.Usage(prompt_tokens=tokens, total_tokens=tokens))
@@ -309,11 +348,11 @@ class RerankService:
         pairs, owner, n_documents = [], [], 0
         for query, documents in groups:
             try:
-                group_pairs, group_owner = await loop.run_in_executor(
-                    self._tokenize_pool, lambda: self.engine.tokenizer.encode_chunked(
-                        query, documents, max_doc_tokens, chunks, keep_end=keep_end, truncate=truncate))
+                group_pairs, group_owner = await loop.run_in_executor(self._tokenize_pool, functools.partial(
+                    self.engine.tokenizer.encode_chunked, query, documents, max_doc_tokens, chunks,
+                    keep_end=keep_end, truncate=truncate))
             except PairTooLongError as e:
-                raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(e), http_status=413, reason="too_long") from None
+                raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(e), Reason.TOO_LONG) from None
             pairs += group_pairs
             owner += [n_documents + o for o in group_owner]
             n_documents += len(documents)
@@ -335,7 +374,7 @@ class RerankService:
             raise ApiError(grpc.StatusCode.INTERNAL, str(e)) from None
         logits, best_chunk = [-math.inf] * n_documents, [0] * n_documents
         chunk = 0
-        for i, (doc, logit) in enumerate(zip(owner, window_logits)):
+        for i, (doc, logit) in enumerate(zip(owner, window_logits, strict=True)):
             chunk = chunk + 1 if i and owner[i - 1] == doc else 0
             if logit > logits[doc]:
                 logits[doc], best_chunk[doc] = logit, chunk
@@ -352,6 +391,9 @@ def _texts(value: struct_pb2.Value, name: str) -> list[str]:
     kind = value.WhichOneof("kind")
     if kind == "string_value":
         return [value.string_value]
-    if kind == "list_value" and all(v.WhichOneof("kind") == "string_value" for v in value.list_value.values):
-        return [v.string_value for v in value.list_value.values]
-    raise invalid(f"{name} must be a string or a list of strings")
+    if kind == "list_value":
+        wrong = next((v for v in value.list_value.values if v.WhichOneof("kind") != "string_value"), None)
+        if wrong is None:
+            return [v.string_value for v in value.list_value.values]
+        raise invalid(f"{name} must be a string or an array of strings; got an array holding {value_kind(wrong)}")
+    raise invalid(f"{name} must be a string or an array of strings; got {value_kind(value)}")

@@ -23,6 +23,15 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 log = logging.getLogger(__name__)
 
 TRUNCATIONS = ("only_second", "longest_first")
+MIN_MAX_LENGTH = 8  # <s> query </s></s> document </s> with room for a few tokens of each
+
+
+def check_max_length(max_length: int, model_limit: int | None = None) -> None:
+    """--max-length's one rule: at least MIN_MAX_LENGTH and (once the model is known) at most
+    its limit; ValueError otherwise."""
+    if not MIN_MAX_LENGTH <= max_length <= (model_limit or max_length):
+        most = f" and at most the model's {model_limit}" if model_limit else ""
+        raise ValueError(f"--max-length must be at least {MIN_MAX_LENGTH}{most}, got {max_length}")
 
 # Characters of these categories are their own grapheme cluster next to one another (UAX #29),
 # except for the few listed in _JOINERS. Marks (Mn, Mc, Me), format and control characters (Cf,
@@ -397,8 +406,7 @@ class PairTokenizer:
     Every text is tokenized only as far as its tokens are used (``BoundedTokenizer``)."""
 
     def __init__(self, tokenizer_file: Path, max_length: int, *, truncation: str = "only_second"):
-        if max_length < 8:
-            raise ValueError(f"max_length must be >= 8, got {max_length}")
+        check_max_length(max_length)
         if truncation not in TRUNCATIONS:
             raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
