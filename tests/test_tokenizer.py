@@ -66,5 +66,5 @@ def test_long_query_is_capped_at_three_quarters(tiny_checkpoint, hf_tokenizer):
 def test_tiny_max_length_still_leaves_room(tiny_checkpoint):
     [pair] = pair_tokenizer(tiny_checkpoint, 8).encode_pairs("x " * 100, ["y " * 100])
     assert len(pair) == 8 and pair[0] == 0 and pair[-1] == 2
-    with pytest.raises(ValueError, match="max_length"):
+    with pytest.raises(ValueError, match="--max-length must be at least 8"):
         pair_tokenizer(tiny_checkpoint, 7)
