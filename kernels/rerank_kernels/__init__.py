@@ -3,13 +3,13 @@ before the model is built: PyTorch references on the CPU with each GEMM's librar
 measurement (rerank_kernels.linear), fused Triton kernels and FlashAttention varlen on CUDA
 with their load-time measurements (rerank_kernels.tuning)."""
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
+from rerank_kernels import tuning
 from rerank_kernels._triton import HAS_TRITON
 from rerank_kernels.attention import (
     ATTENTION_BACKENDS,
@@ -23,7 +23,6 @@ from rerank_kernels.gelu import bias_gelu_inplace, bias_gelu_torch, bias_gelu_tr
 from rerank_kernels.layernorm import add_layernorm_inplace, add_layernorm_torch, add_layernorm_triton
 from rerank_kernels.linear import FFN_UP, PlainLinear, choose_cpu_gemms, gemm_shapes
 from rerank_kernels.linear_gelu import linear_gelu_unfused
-from rerank_kernels.tuning import tune_ops
 
 __all__ = ["ATTENTION_BACKENDS", "DTYPES", "ModelShapes", "Ops", "TORCH_OPS", "UnsupportedDtypeError",
            "available_attention_backends", "resolve_dtype", "select_ops", "triton_ops"]
@@ -146,9 +145,5 @@ def select_ops(device: torch.device | str, attention: str | None = None, *, dtyp
     ops = triton_ops(attn, name)
     if shapes is None:
         return ops
-    started, g = time.perf_counter(), torch.Generator(device=device).manual_seed(0)
-    up_weight = torch.randn(shapes.intermediate, shapes.hidden, device=device, generator=g).mul_(0.02).to(dtype)
-    up_bias = torch.randn(shapes.intermediate, device=device, generator=g).to(dtype)
-    ops = tune_ops(ops, up_weight, up_bias, heads=shapes.heads, max_rows=shapes.ffn_rows, timer=timer)
-    log.info("CUDA kernels measured in %.1fs", time.perf_counter() - started)
-    return ops
+    return tuning.measure_cuda_ops(ops, shapes.hidden, shapes.intermediate, shapes.heads, dtype, device,
+                                   max_rows=shapes.ffn_rows, timer=timer)
