@@ -104,7 +104,7 @@ from benchmarks.workloads import (
 )
 from rerank_kernels import ATTENTION_BACKENDS, Ops, available_attention_backends, select_ops
 from rerank_server.checkpoint import write_random_checkpoint
-from rerank_server.engine import tune_for_device
+from rerank_server.engine import model_shapes
 from rerank_server.model import CrossEncoder, EncoderConfig, load_cross_encoder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -206,8 +206,8 @@ def ours_backends(ours: CrossEncoder, all_attention: bool, device: torch.device,
             # torch-sdpa on CUDA is the reference (one SDPA call and a host sync per sequence)
             if name != ours.ops.attention_backend and not (device.type == "cuda" and name == "torch-sdpa"):
                 variant = copy.copy(ours)
-                variant.ops = select_ops(device, name, dtype=dtype)
-                tune_for_device(variant)  # as the server would load it with --attention NAME
+                # as the server would choose with --attention NAME (the GEMMs stay ours', packed at load)
+                variant.ops = select_ops(device, name, dtype=dtype, shapes=model_shapes(ours.config))
                 backends.append(Backend(f"ours:{name}", "ours", variant, name, nbytes))
     return backends
 
@@ -577,10 +577,9 @@ def verdict(ok: bool) -> str:
 
 
 def load_ours(checkpoint: Path, ops: Ops, device: torch.device, dtype: torch.dtype) -> CrossEncoder:
-    """Our model as the server loads it: on CUDA with the kernels the load-time measurement picks."""
+    """Our model as the server loads it, with ``ops`` from select_ops at the model's shapes."""
     t0 = time.perf_counter()
     ours = load_cross_encoder(checkpoint, ops, device, dtype)
-    tune_for_device(ours)
     sync(device)
     print(f"loaded ours in {time.perf_counter() - t0:.1f} s (attention: {ours.ops.attention_backend}; available: "
           f"{', '.join(available_attention_backends(device, dtype))})", flush=True)
@@ -668,7 +667,8 @@ def main(argv: list[str] | None = None) -> None:
     # 2. GEMM rate at the model's shapes.
     gemm_before = measure_gemm(config, args, dtype, device)
     # 3. Ours, and its memory for one large batch while no other model is loaded.
-    ours = load_ours(checkpoint, ops, device, dtype)
+    ours = load_ours(checkpoint, select_ops(device, args.attention, dtype=dtype, shapes=model_shapes(config)),
+                     device, dtype)
     probe = memory_probe(ours, args.memory_tokens, args.seed, device) if args.memory_tokens else None
     if probe is not None:
         print_memory_probe(probe)

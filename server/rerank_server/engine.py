@@ -82,6 +82,11 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def model_shapes(config: EncoderConfig) -> ModelShapes:
+    """What ``select_ops`` measures kernels at for this model."""
+    return ModelShapes(config.hidden_size, config.intermediate_size, config.num_heads, FFN_ROWS)
+
+
 def describe_choices(choices: dict) -> str:
     """Ops.choices in one line: op (kind or tier chosen, ...); ..."""
     parts = []
@@ -124,8 +129,7 @@ class Engine:
         torch_dtype = resolve_dtype(dev, dtype)
         tokenizer = tokenizer or cls.load_tokenizer(model_dir, max_length)  # checks max_length before the weights
         c = EncoderConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
-        ops = select_ops(dev, attention, dtype=torch_dtype, cpu_gemm=cpu_gemm,
-                         shapes=ModelShapes(c.hidden_size, c.intermediate_size, c.num_heads, FFN_ROWS))
+        ops = select_ops(dev, attention, dtype=torch_dtype, shapes=model_shapes(c), cpu_gemm=cpu_gemm)
         encoder = load_cross_encoder(model_dir, ops, dev, torch_dtype)
         log.info("loaded %s from %s: %d layers, hidden %d, %.0fM parameters, %s on %s, attention %s, "
                  "max length %d, in %.1fs; kernels: %s", model, model_dir, c.num_layers, c.hidden_size,

@@ -156,6 +156,7 @@ class CrossEncoder:
         self.head_out_weight, self.head_out_bias = empty32(1, H), empty32(1)
         self.head_dense = self.head_out = None  # packed by pack_gemms
         self.num_parameters = sum(t.numel() for _, t in self.named_weights())
+        self.weight_bytes = sum(t.numel() * t.element_size() for _, t in self.named_weights())
 
     def pack_gemms(self) -> None:
         """Builds every GEMM from its loaded weight through ``ops.pack`` and drops the plain
