@@ -336,3 +336,18 @@ def test_tune_ops_measures_both_at_the_model_shapes(monkeypatch):
     assert list(ops.choices) == [tuning.FFN_UP, tuning.ATTENTION]
     assert list(ops.choices[tuning.ATTENTION]) == ["block_m=16", "block_m=64", "block_m=128"]
     assert set(seen_head_dims) == {16}
+
+
+def test_measure_cuda_ops_uses_random_weights_of_the_model_shapes():
+    """What select_ops runs on CUDA, here on CPU tensors with a stand-in fused kernel: the
+    up-projection is measured on an (intermediate, hidden) weight made for the purpose."""
+    seen = []
+
+    def fused(x, weight, bias):
+        seen.append((tuple(x.shape), tuple(weight.shape), weight.dtype))
+        return linear_gelu_torch(x, weight, bias)
+    ops = tuning.measure_cuda_ops(replace(TORCH_OPS, attention_backend="flash-attn"), HIDDEN, INTERMEDIATE, 2,
+                                  torch.float32, torch.device("cpu"), max_rows=100, timer=lambda fn: (fn(), 1.0)[1],
+                                  fused=fused)
+    assert list(ops.choices) == [tuning.FFN_UP] and list(ops.choices[tuning.FFN_UP]) == ["rows<=64", "rows>64"]
+    assert {s[1:] for s in seen} == {((INTERMEDIATE, HIDDEN), torch.float32)} and (100, HIDDEN) in {s[0] for s in seen}

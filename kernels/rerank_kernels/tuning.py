@@ -245,12 +245,13 @@ def tune_ops(ops, up_weight: torch.Tensor, up_bias: torch.Tensor, *, heads: int,
 
 
 def measure_cuda_ops(ops, hidden: int, intermediate: int, heads: int, dtype: torch.dtype, device: torch.device, *,
-                     max_rows: int, timer: Timer | None = None):
+                     max_rows: int, timer: Timer | None = None, fused: Callable = linear_gelu_triton):
     """``tune_ops`` on random weights of a model's shapes (before the model exists; called by
-    ``select_ops``): an up-projection (intermediate, hidden) scaled as trained weights are."""
+    ``select_ops``): an up-projection (intermediate, hidden) scaled as trained weights are.
+    ``fused``: the kernel measured (a stand-in in tests)."""
     started, g = time.perf_counter(), torch.Generator(device=device).manual_seed(0)
     up_weight = torch.randn(intermediate, hidden, device=device, generator=g).mul_(0.02).to(dtype)
     up_bias = torch.randn(intermediate, device=device, generator=g).to(dtype)
-    ops = tune_ops(ops, up_weight, up_bias, heads=heads, max_rows=max_rows, timer=timer)
+    ops = tune_ops(ops, up_weight, up_bias, heads=heads, max_rows=max_rows, timer=timer, fused=fused)
     log.info("CUDA kernels measured in %.1fs", time.perf_counter() - started)
     return ops
