@@ -195,6 +195,7 @@ def choose_cpu_gemms(shapes: list[GemmShape], dtype: torch.dtype, bias_gelu: Cal
                 problem = accuracy_problem(linear(x), expected, kind_dtype) or invariance_problem(linear, x)
             except Exception as e:  # a private op that fails on this CPU must not stop the server
                 problem = f"{e.__class__.__name__}: {e}"
+                log.warning("%s GEMM: candidate %s failed at load: %s", shape.kind, name, problem)
             if problem is None:
                 timings[name] = timer(lambda linear=linear, x=x: linear(x))
             else:
@@ -217,7 +218,8 @@ def choose_cpu_gemms(shapes: list[GemmShape], dtype: torch.dtype, bias_gelu: Cal
     seconds = time.perf_counter() - started
     log.info("CPU GEMMs measured in %.2fs (%s, %d threads): %s", seconds, str(dtype).removeprefix("torch."),
              torch.get_num_threads(), "; ".join(
-                 f"{kind} {r['chosen']} (" + ", ".join(f"{n} {gf:.0f} GFLOP/s" for n, gf in r["gflops"].items()) + ")"
+                 f"{kind} {r['chosen']} (" + ", ".join([*(f"{n} {gf:.0f} GFLOP/s" for n, gf in r["gflops"].items()),
+                                                         *(f"{n} refused" for n in r.get("not_chosen", {}))]) + ")"
                  for kind, r in report.items()))
     return packers, {"measured_in_s": round(seconds, 3), "threads": torch.get_num_threads(), "rows_timed": rows,
                      "by_kind": report}
