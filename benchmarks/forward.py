@@ -647,7 +647,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        ops = select_ops(device, args.attention, dtype=dtype)
+        select_ops(device, args.attention, dtype=dtype)  # checks --attention before any loading
     except ValueError as e:
         sys.exit(f"--attention: {e}")
     started = time.perf_counter()
