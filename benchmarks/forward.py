@@ -116,7 +116,7 @@ from benchmarks.workloads import (
     useful_flops,
 )
 from rerank_kernels import ATTENTION_BACKENDS, Ops, available_attention_backends, select_ops
-from rerank_server.engine import tune_for_device
+from rerank_server.engine import model_shapes
 from rerank_server.model import CrossEncoder, EncoderConfig, load_cross_encoder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -198,8 +198,8 @@ def ours_backends(ours: CrossEncoder, all_attention: bool, device: torch.device,
             # torch-sdpa on CUDA is the reference (one SDPA call and a host sync per sequence)
             if name != ours.ops.attention_backend and not (device.type == "cuda" and name == "torch-sdpa"):
                 variant = copy.copy(ours)
-                variant.ops = select_ops(device, name, dtype=dtype)
-                tune_for_device(variant)  # as the server would load it with --attention NAME
+                # as the server would choose with --attention NAME (the GEMMs stay ours', packed at load)
+                variant.ops = select_ops(device, name, dtype=dtype, shapes=model_shapes(ours.config))
                 backends.append(Backend(f"ours:{name}", "ours", variant, name, nbytes, short))
     return backends
 
@@ -469,10 +469,9 @@ def native_bf16() -> bool:
 
 
 def load_ours(checkpoint: Path, ops: Ops, device: torch.device, dtype: torch.dtype) -> CrossEncoder:
-    """Our model as the server loads it: on CUDA with the kernels the load-time measurement picks."""
+    """Our model as the server loads it, with ``ops`` from select_ops at the model's shapes."""
     t0 = time.perf_counter()
     ours = load_cross_encoder(checkpoint, ops, device, dtype)
-    tune_for_device(ours)
     sync(device)
     print(f"loaded ours ({dtype}) in {time.perf_counter() - t0:.1f} s (attention: {ours.ops.attention_backend}; "
           f"available: {', '.join(available_attention_backends(device, dtype))})", flush=True)
@@ -545,7 +544,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        ops = {d: select_ops(device, args.attention, dtype=d) for d in dtypes}
+        for d in dtypes:  # checks --attention before any loading
+            select_ops(device, args.attention, dtype=d)
     except ValueError as e:
         sys.exit(f"--attention: {e}")
     started = time.perf_counter()
@@ -569,7 +569,8 @@ def main(argv: list[str] | None = None) -> None:
     # 3. Ours (once per dtype), and its memory for one large batch while no other model is loaded.
     backends, probe = [], None
     for i, dtype in enumerate(dtypes):
-        ours = load_ours(checkpoint, ops[dtype], device, dtype)
+        ours = load_ours(checkpoint, select_ops(device, args.attention, dtype=dtype,
+                                                shapes=model_shapes(config)), device, dtype)
         if i == 0 and args.memory_tokens:
             probe = memory_probe(ours, args.memory_tokens, args.seed, device)
             print_memory_probe(probe)

@@ -24,7 +24,7 @@ TARGET_MEMORY_HEADROOM = 2 * GiB  # CUDA: peak allocated for --memory-tokens <= 
 
 
 def ours_weight_bytes(model: CrossEncoder) -> int:
-    return sum(t.numel() * t.element_size() for _, t in model.named_weights())
+    return model.weight_bytes
 
 
 def memory_probe(model: CrossEncoder, tokens: int, seed: int, device: torch.device) -> dict:

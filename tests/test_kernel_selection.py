@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rerank_kernels import TORCH_OPS, Ops, attention, tuning
+from rerank_kernels.linear import FFN_UP
 from rerank_kernels.linear_gelu import linear_gelu_torch
 
 HIDDEN, INTERMEDIATE = 32, 48
@@ -175,11 +176,29 @@ def test_other_choices_are_kept():
     assert list(ops.choices) == ["attention", tuning.FFN_UP]
 
 
-def test_cpu_ops_choose_nothing():
-    """The CPU runs no measurement: its op set reports no choices and computes the reference."""
-    assert TORCH_OPS.choices == {} and TORCH_OPS.measured_linear_gelu is None
+def test_cpu_ops_without_shapes_measure_nothing():
+    """Without the model's shapes the CPU set measures nothing: no choices, F.linear, the reference."""
+    assert TORCH_OPS.choices == {} and TORCH_OPS.measured_linear_gelu is None and TORCH_OPS.gemms == {}
     x, (weight, bias) = torch.randn(5, HIDDEN), weights()
-    assert torch.allclose(TORCH_OPS.linear_gelu(x, weight, bias), linear_gelu_torch(x, weight, bias), atol=1e-6)
+    assert torch.allclose(TORCH_OPS.pack(FFN_UP, weight, bias)(x), linear_gelu_torch(x, weight, bias), atol=1e-6)
+
+
+def test_select_ops_measures_cuda_kernels_at_the_model_shapes(monkeypatch):
+    """On CUDA (faked), select_ops runs the load-time measurements itself, before any model
+    exists, at the shapes it is given; nothing is measured without shapes."""
+    import rerank_kernels
+    calls = []
+
+    def measure(ops, hidden, intermediate, heads, dtype, device, *, max_rows, timer):
+        calls.append((hidden, intermediate, heads, dtype, device.type, max_rows))
+        return replace(ops, choices={"measured": {}})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(tuning, "measure_cuda_ops", measure)
+    assert rerank_kernels.select_ops("cuda", "triton").choices == {} and calls == []
+    ops = rerank_kernels.select_ops("cuda", "triton", dtype=torch.bfloat16,
+                                    shapes=rerank_kernels.ModelShapes(64, 256, 4, ffn_rows=512))
+    assert calls == [(64, 256, 4, torch.bfloat16, "cuda", 512)] and ops.choices == {"measured": {}}
 
 
 def test_info_shows_the_choices(tmp_path):
@@ -315,3 +334,18 @@ def test_tune_ops_measures_both_at_the_model_shapes(monkeypatch):
     assert list(ops.choices) == [tuning.FFN_UP, tuning.ATTENTION]
     assert list(ops.choices[tuning.ATTENTION]) == ["block_m=16", "block_m=64", "block_m=128"]
     assert set(seen_head_dims) == {16}
+
+
+def test_measure_cuda_ops_uses_random_weights_of_the_model_shapes():
+    """What select_ops runs on CUDA, here on CPU tensors with a stand-in fused kernel: the
+    up-projection is measured on an (intermediate, hidden) weight made for the purpose."""
+    seen = []
+
+    def fused(x, weight, bias):
+        seen.append((tuple(x.shape), tuple(weight.shape), weight.dtype))
+        return linear_gelu_torch(x, weight, bias)
+    ops = tuning.measure_cuda_ops(replace(TORCH_OPS, attention_backend="flash-attn"), HIDDEN, INTERMEDIATE, 2,
+                                  torch.float32, torch.device("cpu"), max_rows=100, timer=lambda fn: (fn(), 1.0)[1],
+                                  fused=fused)
+    assert list(ops.choices) == [tuning.FFN_UP] and list(ops.choices[tuning.FFN_UP]) == ["rows<=64", "rows>64"]
+    assert {s[1:] for s in seen} == {((INTERMEDIATE, HIDDEN), torch.float32)} and (100, HIDDEN) in {s[0] for s in seen}

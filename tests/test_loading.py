@@ -31,10 +31,12 @@ def test_weights_land_where_transformers_puts_them(tiny_checkpoint):
     model = load_cross_encoder(tiny_checkpoint, TORCH_OPS, CPU, torch.float32)
     sd = load_file(tiny_checkpoint / "model.safetensors")
     H = model.config.hidden_size
-    layer = model.layers[1]
-    assert torch.equal(layer.qkv_weight[H:2 * H], sd["roberta.encoder.layer.1.attention.self.key.weight"])
-    assert torch.equal(layer.qkv_bias[2 * H:], sd["roberta.encoder.layer.1.attention.self.value.bias"])
-    assert torch.equal(model.head_out_weight, sd["classifier.out_proj.weight"])
+    first, last = model.layers  # the last layer's queries (first tokens only) are packed apart from K/V
+    assert torch.equal(first.qkv.weight[H:2 * H], sd["roberta.encoder.layer.0.attention.self.key.weight"])
+    assert torch.equal(last.first_token_query.weight, sd["roberta.encoder.layer.1.attention.self.query.weight"])
+    assert torch.equal(last.qkv.weight[:H], sd["roberta.encoder.layer.1.attention.self.key.weight"])
+    assert torch.equal(last.qkv.bias[H:], sd["roberta.encoder.layer.1.attention.self.value.bias"])
+    assert torch.equal(model.head_out.weight, sd["classifier.out_proj.weight"])
     assert model.config.position_offset == 2 and model.config.max_tokens == 8192
 
 

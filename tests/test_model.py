@@ -28,14 +28,14 @@ def batch():
 def test_head_runs_in_fp32_for_an_fp16_model(checkpoint):
     """fp16 encoder, fp32 head: the logits are not rounded to fp16 steps (~0.008 above 8)."""
     model = load_cross_encoder(checkpoint, TORCH_OPS, torch.device("cpu"), torch.float16)
-    assert model.layers[0].qkv_weight.dtype == torch.float16
-    assert {t.dtype for t in (model.head_dense_weight, model.head_dense_bias, model.head_out_weight,
-                              model.head_out_bias)} == {torch.float32}
+    assert model.layers[0].qkv.weight.dtype == torch.float16
+    dense, out = model.head_dense, model.head_out
+    assert {t.dtype for t in (dense.weight, dense.bias, out.weight, out.bias)} == {torch.float32}
     rows = (torch.randn(6, model.config.hidden_size) * 3).half()
-    model.head_out_weight.mul_(40)  # logits far above 8 in magnitude
+    out.weight.mul_(40)  # logits far above 8 in magnitude
     got = model.head(rows)
-    want = torch.tanh(rows.double() @ model.head_dense_weight.double().T + model.head_dense_bias.double())
-    want = (want @ model.head_out_weight.double().T + model.head_out_bias.double()).squeeze(-1)
+    want = torch.tanh(rows.double() @ dense.weight.double().T + dense.bias.double())
+    want = (want @ out.weight.double().T + out.bias.double()).squeeze(-1)
     assert got.dtype == torch.float32
     assert want.abs().max() > 8
     assert (got.double() - want).abs().max() < 1e-4  # fp16 output would be off by up to ~0.03 here
@@ -43,7 +43,6 @@ def test_head_runs_in_fp32_for_an_fp16_model(checkpoint):
 
 def test_fused_qkv_is_freed_before_the_ffn(checkpoint):
     """The Q/K/V views must not keep the (tokens, 3 * hidden) QKV alive through the FFN."""
-    model = load_cross_encoder(checkpoint, TORCH_OPS, torch.device("cpu"), torch.float32)
     fused: list[weakref.ref] = []
     alive_in_ffn: list[bool] = []
 
@@ -54,7 +53,8 @@ def test_fused_qkv_is_freed_before_the_ffn(checkpoint):
     def bias_gelu(x, bias):
         alive_in_ffn.append(fused[-1]() is not None)
         return TORCH_OPS.bias_gelu(x, bias)
-    model.ops = replace(TORCH_OPS, varlen_attention=attention, bias_gelu=bias_gelu)
+    ops = replace(TORCH_OPS, varlen_attention=attention, bias_gelu=bias_gelu)
+    model = load_cross_encoder(checkpoint, ops, torch.device("cpu"), torch.float32)
     logits = model(*batch())
     assert logits.shape == (4,) and logits.isfinite().all()
     assert len(alive_in_ffn) == model.config.num_layers

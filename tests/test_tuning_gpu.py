@@ -7,8 +7,9 @@ import pytest
 import torch
 from tensor_checks import assert_close
 
-from rerank_kernels import select_ops, tuning
+from rerank_kernels import ModelShapes, select_ops, tuning
 from rerank_kernels.attention import varlen_attention_torch
+from rerank_kernels.linear import FFN_UP
 from rerank_kernels.linear_gelu import linear_gelu_torch, linear_gelu_triton
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
@@ -17,6 +18,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow,
 
 CUDA = torch.device("cuda")
 HIDDEN, INTERMEDIATE, HEADS = 1024, 4096, 16  # bge-reranker-v2-m3
+SHAPES_M3 = ModelShapes(HIDDEN, INTERMEDIATE, HEADS, ffn_rows=4096)
 TOL = {torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 2e-2), torch.float32: (1e-4, 1e-4)}
 
 
@@ -47,10 +49,11 @@ def test_linear_gelu_reads_row_slices():
 
 
 def test_measurements_with_the_real_timer():
-    """What Engine.load runs, with the Triton attention backend so that both measurements run:
-    every tier reports both paths' timings, and the chosen ops compute the right answer."""
+    """What Engine.load runs (select_ops with the model's shapes), with the Triton attention
+    backend so that both measurements run: every tier reports both paths' timings, and the
+    chosen ops compute the right answer on the model's weights (not the measurement's)."""
     weight, bias = up_projection(torch.float16)
-    ops = tuning.tune_ops(select_ops(CUDA, "triton"), weight, bias, heads=HEADS, max_rows=4096)
+    ops = select_ops(CUDA, "triton", dtype=torch.float16, shapes=SHAPES_M3)
     ffn, attention = ops.choices[tuning.FFN_UP], ops.choices[tuning.ATTENTION]
     assert list(ffn) == ["rows<=64", "rows<=512", "rows>512"]
     for tier in ffn.values():
@@ -61,7 +64,7 @@ def test_measurements_with_the_real_timer():
         assert "default" in tier["timings_ms"] and len(tier["timings_ms"]) > 1, tier
     for rows in (1, 64, 65, 4096):
         x = torch.randn(rows, HIDDEN, device=CUDA, dtype=torch.float16)
-        assert_close(ops.linear_gelu(x, weight, bias), linear_gelu_torch(x, weight, bias), *TOL[torch.float16],
+        assert_close(ops.pack(FFN_UP, weight, bias)(x), linear_gelu_torch(x, weight, bias), *TOL[torch.float16],
                      what=f"chosen FFN op, {rows} rows")
     for args in tuning.attention_workloads(HEADS, HIDDEN // HEADS, torch.float16, CUDA, tokens=2048).values():
         q, k, v, *rest = args
@@ -70,6 +73,15 @@ def test_measurements_with_the_real_timer():
 
 
 def test_other_attention_backends_are_not_measured():
-    weight, bias = up_projection(torch.float16)
-    ops = select_ops(CUDA, "torch-sdpa")
-    assert tuning.ATTENTION not in tuning.tune_ops(ops, weight, bias, heads=HEADS, max_rows=4096).choices
+    ops = select_ops(CUDA, "torch-sdpa", dtype=torch.float16, shapes=SHAPES_M3)
+    assert tuning.ATTENTION not in ops.choices and FFN_UP in ops.choices
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_other_dtypes_measure_and_run(dtype):
+    """--dtype bfloat16 / float32 on CUDA: the measurements run in that dtype and the chosen
+    up-projection is right."""
+    weight, bias = up_projection(dtype)
+    ops = select_ops(CUDA, "triton", dtype=dtype, shapes=SHAPES_M3)
+    x = torch.randn(300, HIDDEN, device=CUDA).to(dtype)
+    assert_close(ops.pack(FFN_UP, weight, bias)(x), linear_gelu_torch(x, weight, bias), *TOL[dtype], what=str(dtype))

@@ -1,11 +1,15 @@
-"""The ops the model calls, chosen once per device: PyTorch references on the CPU,
-fused Triton kernels and FlashAttention varlen on CUDA."""
+"""The ops the model calls, chosen once per (device, dtype, model shapes) by ``select_ops``
+before the model is built: PyTorch references on the CPU with each GEMM's library chosen by
+measurement (rerank_kernels.linear), fused Triton kernels and FlashAttention varlen on CUDA
+with their load-time measurements (rerank_kernels.tuning)."""
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 
+from rerank_kernels import tuning
 from rerank_kernels._triton import HAS_TRITON
 from rerank_kernels.attention import (
     ATTENTION_BACKENDS,
@@ -17,9 +21,11 @@ from rerank_kernels.attention import (
 from rerank_kernels.embeddings import embed_layernorm_torch, embed_layernorm_triton
 from rerank_kernels.gelu import bias_gelu_inplace, bias_gelu_torch, bias_gelu_triton
 from rerank_kernels.layernorm import add_layernorm_inplace, add_layernorm_torch, add_layernorm_triton
+from rerank_kernels.linear import FFN_UP, PlainLinear, choose_cpu_gemms, gemm_shapes
 from rerank_kernels.linear_gelu import linear_gelu_unfused
 
-__all__ = ["ATTENTION_BACKENDS", "Ops", "TORCH_OPS", "available_attention_backends", "select_ops", "triton_ops"]
+__all__ = ["ATTENTION_BACKENDS", "DTYPES", "ModelShapes", "Ops", "TORCH_OPS", "UnsupportedDtypeError",
+           "available_attention_backends", "resolve_dtype", "select_ops", "triton_ops"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,8 @@ class Ops:
     measured_linear_gelu: Callable | None = None
     # What load-time measurements chose, with their timings, by op (shown by /info).
     choices: dict = field(default_factory=dict, compare=False)
+    # GEMM kind (rerank_kernels.linear) -> packer(weight, bias) -> linear(x), where measured (CPU).
+    gemms: dict = field(default_factory=dict, compare=False)
 
     def linear_gelu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """x (rows, in), weight (out, in), bias (out,) -> gelu_erf(x @ weight^T + bias) (rows, out):
@@ -43,6 +51,23 @@ class Ops:
         if self.measured_linear_gelu is not None:
             return self.measured_linear_gelu(x, weight, bias)
         return linear_gelu_unfused(x, weight, bias, self.bias_gelu)
+
+    def pack(self, kind: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Callable:
+        """The GEMM for one weight (out, in) and bias (out,) of ``kind`` (rerank_kernels.linear):
+        ``linear(x (rows, in)) -> (rows, out)``, which may hold the weight in its own layout."""
+        if kind in self.gemms:
+            return self.gemms[kind](weight, bias)
+        return PlainLinear(weight, bias, self.linear_gelu if kind == FFN_UP else F.linear)
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """What the kernel choice depends on in a model: its sizes, and the FFN's row slice."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    ffn_rows: int = 4096
 
 
 # The CPU path: the references, with the two glue ops writing into their (fresh) input.
@@ -61,17 +86,64 @@ def triton_ops(attention: Callable = varlen_attention_triton, attention_backend:
     return Ops(embed_layernorm_triton, add_layernorm_triton, bias_gelu_triton, attention, attention_backend)
 
 
-def select_ops(device: torch.device | str, attention: str | None = None, *, dtype: torch.dtype | None = None) -> Ops:
-    """The single place that picks kernels for a device.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UnsupportedDtypeError(ValueError):
+    """A --dtype the device cannot run (natively): the server exits 2 with this one line."""
+
+
+def native_bf16_missing() -> str | None:
+    """None when this CPU computes bfloat16 natively (AVX512_BF16 or AMX), else what it lacks.
+    (torch.backends.mkldnn's own bf16 check is true on any AVX-512 CPU, where oneDNN emulates it.)"""
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return None
+    return "this CPU has neither AVX512_BF16 nor AMX, so bfloat16 would be emulated (slower than float32)"
+
+
+def resolve_dtype(device: torch.device | str, name: str = "auto") -> torch.dtype:
+    """--dtype for a device: auto is float16 on CUDA, float32 on the CPU; CUDA takes float16,
+    bfloat16 and float32; the CPU float32, and bfloat16 where it is native (else
+    UnsupportedDtypeError naming what is missing)."""
+    device = torch.device(device)
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UnsupportedDtypeError(f"--dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
+    if device.type == "cpu" and name == "float16":
+        raise UnsupportedDtypeError("--dtype float16 is not supported on the CPU (no native float16 GEMMs); "
+                                    "use float32, or bfloat16 on a CPU with AVX512_BF16 or AMX")
+    if device.type == "cpu" and name == "bfloat16" and native_bf16_missing():
+        raise UnsupportedDtypeError(f"--dtype bfloat16: {native_bf16_missing()}; use --dtype float32")
+    return DTYPES[name]
+
+
+def select_ops(device: torch.device | str, attention: str | None = None, *, dtype: torch.dtype | None = None,
+               shapes: ModelShapes | None = None, cpu_gemm: str = "auto", timer: Callable | None = None) -> Ops:
+    """The single place that picks kernels, before the model is built.
 
     ``attention`` forces a backend by name (see ``ATTENTION_BACKENDS``); an unknown or
-    unusable one raises ValueError. ``dtype`` (default: fp16 on CUDA) rules out the
-    FlashAttention backends for fp32 models. On CUDA the glue ops are Triton kernels."""
+    unusable one raises ValueError. ``dtype`` (default: fp16 on CUDA, fp32 on the CPU) rules
+    out the FlashAttention backends for fp32 models. With the model's ``shapes``, what has a
+    choice is measured on random weights of those shapes: on the CPU each GEMM kind's library
+    (``cpu_gemm``: auto, or pinned to onednn / torch), on CUDA the FFN's fused up-projection
+    and the Triton attention's launch configurations. ``timer``: a stand-in for the measuring
+    clock (tests). Without ``shapes`` nothing is measured: F.linear and the default kernels."""
     device = torch.device(device)
+    dtype = dtype or resolve_dtype(device)
     name, attn = select_attention(device, attention, dtype)
     if device.type != "cuda":
-        return TORCH_OPS
+        if shapes is None:
+            return TORCH_OPS
+        gemms, report = choose_cpu_gemms(gemm_shapes(shapes.hidden, shapes.intermediate), dtype,
+                                         TORCH_OPS.bias_gelu, pinned=cpu_gemm,
+                                         **({"timer": timer} if timer else {}))
+        return replace(TORCH_OPS, gemms=gemms, choices={"cpu_gemm": report})
     if not HAS_TRITON:
         log.warning("triton is not installed: CUDA runs the PyTorch reference LayerNorm/GELU/embedding ops")
         return Ops(embed_layernorm_torch, add_layernorm_torch, bias_gelu_torch, attn, name)
-    return triton_ops(attn, name)
+    ops = triton_ops(attn, name)
+    if shapes is None:
+        return ops
+    return tuning.measure_cuda_ops(ops, shapes.hidden, shapes.intermediate, shapes.heads, dtype, device,
+                                   max_rows=shapes.ffn_rows, timer=timer)

@@ -1,4 +1,5 @@
-"""Kernels chosen by measurement, at load, on the GPU that serves and at the model's shapes.
+"""CUDA kernels chosen by measurement, at load (by ``select_ops``), on the GPU that serves and
+at the model's shapes (random weights of them: the model is built after the choice).
 
 Whether a fused Triton kernel beats cuBLAS plus a separate pass depends on the GPU, the
 shapes and the library versions, so nothing here assumes it: each candidate is run once
@@ -241,3 +242,16 @@ def tune_ops(ops, up_weight: torch.Tensor, up_bias: torch.Tensor, *, heads: int,
     ops = choose_ffn_up(ops, up_weight, up_bias, max_rows=max_rows, timer=timer, fused=fused)
     return choose_attention_configs(ops, heads, up_weight.shape[1] // heads, up_weight.dtype, up_weight.device,
                                     timer=timer, kernel=attention_kernel)
+
+
+def measure_cuda_ops(ops, hidden: int, intermediate: int, heads: int, dtype: torch.dtype, device: torch.device, *,
+                     max_rows: int, timer: Timer | None = None, fused: Callable = linear_gelu_triton):
+    """``tune_ops`` on random weights of a model's shapes (before the model exists; called by
+    ``select_ops``): an up-projection (intermediate, hidden) scaled as trained weights are.
+    ``fused``: the kernel measured (a stand-in in tests)."""
+    started, g = time.perf_counter(), torch.Generator(device=device).manual_seed(0)
+    up_weight = torch.randn(intermediate, hidden, device=device, generator=g).mul_(0.02).to(dtype)
+    up_bias = torch.randn(intermediate, device=device, generator=g).to(dtype)
+    ops = tune_ops(ops, up_weight, up_bias, heads=heads, max_rows=max_rows, timer=timer, fused=fused)
+    log.info("CUDA kernels measured in %.1fs", time.perf_counter() - started)
+    return ops

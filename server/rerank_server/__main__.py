@@ -17,8 +17,9 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 
+from rerank_kernels import resolve_dtype
 from rerank_server.config import Config, default_max_batch_tokens, parse_args
-from rerank_server.engine import Engine, ModelNotFoundError, could_be_hub_id, resolve_model_dir
+from rerank_server.engine import Engine, ModelNotFoundError, could_be_hub_id, resolve_device, resolve_model_dir
 from rerank_server.grpc_server import build_grpc_server, set_serving
 from rerank_server.rest import build_app
 from rerank_server.scheduler import Scheduler
@@ -54,6 +55,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     tokenizer = None
     local_dir = Path(config.model).expanduser()
     try:
+        resolve_dtype(resolve_device(config.device), config.dtype)  # e.g. bfloat16 on a CPU without it: exit 2
         if local_dir.is_dir() or not could_be_hub_id(config.model):
             # Parsed before the listeners start: tokenizers holds the GIL for about a second while
             # it parses tokenizer.json, which would leave health probes unanswered meanwhile. (A hub
@@ -112,8 +114,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
 
     async def load() -> None:
-        engine = await loop.run_in_executor(
-            device_thread, lambda: Engine.load(config.model, config.device, config.max_length, config.attention, tokenizer))
+        engine = await loop.run_in_executor(device_thread, lambda: Engine.load(
+            config.model, config.device, config.max_length, config.attention, tokenizer, config.dtype, config.cpu_gemm))
         await loop.run_in_executor(device_thread, engine.warm_up)
         max_batch_tokens = config.max_batch_tokens or default_max_batch_tokens(engine.asynchronous, config.max_length or 0)
         scheduler = Scheduler(engine.launch, max_batch_tokens, config.max_queued_tokens,

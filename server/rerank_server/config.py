@@ -39,6 +39,8 @@ class Config:
     tls_cert: str | None
     tls_key: str | None
     document_objects: bool = False  # /v1/rerank and /rerank answer documents as {"text": ...} too
+    dtype: str = "auto"  # auto: float16 on CUDA, float32 on the CPU
+    cpu_gemm: str = "auto"  # auto: measured at load per GEMM kind; onednn / torch: pinned
 
 
 class ConfigError(ValueError):
@@ -127,6 +129,14 @@ def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> Config:
              "bge-reranker-v2-m3, 512 for BERT cross-encoders)")
     add("--device", choices=("auto", "cpu", "cuda"), default=_env("device", "auto"),
         help="auto: CUDA when available, else the CPU")
+    add("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=_env("dtype", "auto"),
+        help="weights and activations: auto is float16 on CUDA, float32 on the CPU; bfloat16 on the CPU only "
+             "where it is native (AVX512_BF16 or AMX); float16 only on CUDA. Embedding and LayerNorm statistics, "
+             "softmax and the classification head stay float32")
+    add("--cpu-gemm", choices=("auto", "onednn", "torch"), default=_env("cpu-gemm", "auto"),
+        help="CPU GEMM library: auto measures F.linear and oneDNN (weights reordered once) per weight kind at "
+             "load and keeps the faster batch-invariant one; onednn or torch pins it, so that replicas and "
+             "restarts agree")
     add("--attention", default=_env("attention", None),
         help="force an attention backend (flash-attn, torch-varlen, triton, torch-sdpa) (default: the best available)")
     add("--max-batch-tokens", type=int, default=_env_number("max-batch-tokens", None),
@@ -193,5 +203,5 @@ def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> Config:
         max_documents=a.max_documents, max_request_bytes=a.max_request_bytes,
         shutdown_grace=a.shutdown_grace, log_level=a.log_level, log_json=a.log_json,
         api_keys=api_keys, metrics_auth=a.metrics_auth, tls_cert=a.tls_cert, tls_key=a.tls_key,
-        document_objects=a.document_objects,
+        document_objects=a.document_objects, dtype=a.dtype, cpu_gemm=a.cpu_gemm,
     )

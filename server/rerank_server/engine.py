@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rerank_kernels import select_ops
+from rerank_kernels import ModelShapes, resolve_dtype, select_ops
 from rerank_kernels.attention import QUERY_TIERS
-from rerank_kernels.tuning import tune_ops
 from rerank_server.model import FFN_ROWS, CrossEncoder, EncoderConfig, load_cross_encoder
 from rerank_server.scheduler import Wait, launch_now
 from rerank_server.tokenization import PairTokenizer, check_max_length, token_type_start
@@ -90,14 +89,25 @@ def resolve_model_dir(model: str) -> Path:
         raise ModelNotFoundError(f"--model {model!r}: {where}, and not a valid hub id ({e})") from None
 
 
-def tune_for_device(model: CrossEncoder) -> None:
-    """On CUDA, gives ``model`` the faster kernels measured on this GPU at its shapes
-    (rerank_kernels.tuning: the FFN up-projection, the Triton attention's configurations);
-    the CPU keeps its ops. The forward benchmark calls this too, to time what the server runs."""
-    if model.device.type == "cuda":
-        first = model.layers[0]
-        model.ops = tune_ops(model.ops, first.up_weight, first.up_bias, heads=model.config.num_heads,
-                             max_rows=FFN_ROWS)
+def resolve_device(device: str = "auto") -> torch.device:
+    """--device: auto is CUDA when available, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def model_shapes(config: EncoderConfig) -> ModelShapes:
+    """What ``select_ops`` measures kernels at for this model."""
+    return ModelShapes(config.hidden_size, config.intermediate_size, config.num_heads, FFN_ROWS)
+
+
+def describe_choices(choices: dict) -> str:
+    """Ops.choices in one line: op (kind or tier chosen, ...); ..."""
+    parts = []
+    for op, report in choices.items():
+        entries = report.get("by_kind", report)
+        parts.append(f"{op}: " + ", ".join(f"{key} {entry['chosen']}" for key, entry in entries.items()))
+    return "; ".join(parts) or "nothing measured"
 
 
 def token_type_ids(pairs: list[list[int]], lengths: list[int]) -> torch.Tensor:
@@ -130,23 +140,23 @@ class Engine:
 
     @classmethod
     def load(cls, model: str, device: str = "auto", max_length: int | None = None,
-             attention: str | None = None, tokenizer: PairTokenizer | None = None) -> Engine:
-        """``tokenizer``: one already loaded by ``load_tokenizer`` from the same directory."""
+             attention: str | None = None, tokenizer: PairTokenizer | None = None, dtype: str = "auto",
+             cpu_gemm: str = "auto") -> Engine:
+        """``tokenizer``: one already loaded by ``load_tokenizer`` from the same directory.
+        ``dtype``: --dtype (rerank_kernels.resolve_dtype); ``cpu_gemm``: --cpu-gemm. The ops are
+        chosen (and measured) for the model's shapes before the model is built."""
         started = time.perf_counter()
         model_dir = resolve_model_dir(model)
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if device == "auto" else device))
-        dtype = torch.float16 if dev.type == "cuda" else torch.float32
-        ops = select_ops(dev, attention)
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dev, dtype)
         tokenizer = tokenizer or cls.load_tokenizer(model_dir, max_length)  # checks max_length before the weights
-        encoder = load_cross_encoder(model_dir, ops, dev, dtype)
-        tune_for_device(encoder)
-        c = encoder.config
-        n_params = sum(t.numel() for _, t in encoder.named_weights())
+        c = EncoderConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+        ops = select_ops(dev, attention, dtype=torch_dtype, shapes=model_shapes(c), cpu_gemm=cpu_gemm)
+        encoder = load_cross_encoder(model_dir, ops, dev, torch_dtype)
         log.info("loaded %s from %s: %d layers, hidden %d, %.0fM parameters, %s on %s, attention %s, "
-                 "max length %d, in %.1fs", model, model_dir, c.num_layers, c.hidden_size, n_params / 1e6,
-                 str(dtype).removeprefix("torch."), dev, ops.attention_backend, tokenizer.max_length,
-                 time.perf_counter() - started)
+                 "max length %d, in %.1fs; kernels: %s", model, model_dir, c.num_layers, c.hidden_size,
+                 encoder.num_parameters / 1e6, str(torch_dtype).removeprefix("torch."), dev, ops.attention_backend,
+                 tokenizer.max_length, time.perf_counter() - started, describe_choices(ops.choices))
         return cls(encoder, tokenizer, model_dir)
 
     @property

@@ -4,8 +4,9 @@ Every pair's tokens are concatenated into one ``(total_tokens, hidden)`` tensor
 described by ``cu_seqlens`` (batch + 1,) int32 and ``max_seqlen``: no padding, so
 no FLOP is spent on it, and every GEMM sees all pairs' tokens in its M dimension.
 The memory-bound glue and attention are called through ``rerank_kernels.Ops`` (PyTorch on
-the CPU, Triton/FlashAttention on CUDA); the GEMMs are ``F.linear``, but for the FFN's
-up-projection, ``ops.linear_gelu`` (on CUDA a fused Triton kernel where it measured faster).
+the CPU, Triton/FlashAttention on CUDA); each GEMM is built once from its weight by
+``ops.pack`` after loading (on the CPU oneDNN with the weight reordered, where it measured
+faster) and called as ``linear(x)``; the FFN's up-projection includes bias and GELU.
 The families differ only in their ``EncoderConfig`` (positions, token types, LayerNorm eps,
 how pairs are truncated) and in checkpoint names, remapped onto one set (``destination``).
 """
@@ -16,13 +17,23 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from rerank_kernels import Ops
+from rerank_kernels.linear import (
+    ATTENTION_OUT,
+    FFN_DOWN,
+    FFN_UP,
+    FIRST_TOKEN_QUERY,
+    HEAD_DENSE,
+    HEAD_OUT,
+    KEY_VALUE,
+    QKV,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,20 +145,27 @@ class EncoderConfig:
 
 @dataclass
 class Layer:
-    """One post-norm encoder block; Q, K and V are fused into one (3 * hidden, hidden) GEMM."""
+    """One post-norm encoder block; Q, K and V are fused into one (3 * hidden, hidden) GEMM.
+    The GEMMs' weights are read into the ``*_weight``/``*_bias`` tensors, then packed into
+    ``qkv``, ``out``, ``up`` and ``down`` (see ``CrossEncoder.pack_gemms``) and dropped."""
 
-    qkv_weight: torch.Tensor
-    qkv_bias: torch.Tensor
-    out_weight: torch.Tensor
-    out_bias: torch.Tensor
+    qkv_weight: torch.Tensor | None
+    qkv_bias: torch.Tensor | None
+    out_weight: torch.Tensor | None
+    out_bias: torch.Tensor | None
     attn_norm_weight: torch.Tensor
     attn_norm_bias: torch.Tensor
-    up_weight: torch.Tensor
-    up_bias: torch.Tensor
-    down_weight: torch.Tensor
-    down_bias: torch.Tensor
+    up_weight: torch.Tensor | None
+    up_bias: torch.Tensor | None
+    down_weight: torch.Tensor | None
+    down_bias: torch.Tensor | None
     ffn_norm_weight: torch.Tensor
     ffn_norm_bias: torch.Tensor
+    qkv: Callable | None = None  # (rows, hidden) -> (rows, 3 * hidden); the last layer's: keys, values only
+    first_token_query: Callable | None = None  # the last layer's queries, for first tokens only
+    out: Callable | None = None
+    up: Callable | None = None  # bias and exact GELU included
+    down: Callable | None = None
 
 
 class CrossEncoder:
@@ -176,6 +194,29 @@ class CrossEncoder:
 
         self.head_dense_weight, self.head_dense_bias = empty32(H, H), empty32(H)
         self.head_out_weight, self.head_out_bias = empty32(1, H), empty32(1)
+        self.head_dense = self.head_out = None  # packed by pack_gemms
+        self.num_parameters = sum(t.numel() for _, t in self.named_weights())
+        self.weight_bytes = sum(t.numel() * t.element_size() for _, t in self.named_weights())
+
+    def pack_gemms(self) -> None:
+        """Builds every GEMM from its loaded weight through ``ops.pack`` and drops the plain
+        weight, layer by layer, so that memory peaks at the weights plus one layer's packed copy.
+        The last layer's Q and K/V are packed apart (a packed weight cannot be sliced)."""
+        H, pack = self.config.hidden_size, self.ops.pack
+        for i, p in enumerate(self.layers):
+            if i == len(self.layers) - 1:
+                p.first_token_query = pack(FIRST_TOKEN_QUERY, p.qkv_weight[:H], p.qkv_bias[:H])
+                p.qkv = pack(KEY_VALUE, p.qkv_weight[H:], p.qkv_bias[H:])
+            else:
+                p.qkv = pack(QKV, p.qkv_weight, p.qkv_bias)
+            p.out = pack(ATTENTION_OUT, p.out_weight, p.out_bias)
+            p.up = pack(FFN_UP, p.up_weight, p.up_bias)
+            p.down = pack(FFN_DOWN, p.down_weight, p.down_bias)
+            p.qkv_weight = p.qkv_bias = p.out_weight = p.out_bias = None
+            p.up_weight = p.up_bias = p.down_weight = p.down_bias = None
+        self.head_dense = pack(HEAD_DENSE, self.head_dense_weight, self.head_dense_bias)
+        self.head_out = pack(HEAD_OUT, self.head_out_weight, self.head_out_bias)
+        self.head_dense_weight = self.head_dense_bias = self.head_out_weight = self.head_out_bias = None
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
@@ -200,8 +241,7 @@ class CrossEncoder:
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, hidden) first-token rows in the model's dtype -> (batch,) fp32 logits:
         dense -> tanh -> out_proj (BERT: pooler -> classifier), all in fp32."""
-        h = torch.tanh(F.linear(x.float(), self.head_dense_weight, self.head_dense_bias))
-        return F.linear(h, self.head_out_weight, self.head_out_bias).squeeze(-1)
+        return self.head_out(torch.tanh(self.head_dense(x.float()))).squeeze(-1)
 
     def _block(self, p: Layer, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                first_token_only: bool = False) -> torch.Tensor:
@@ -212,40 +252,40 @@ class CrossEncoder:
         if first_token_only:
             rows = cu_seqlens[:-1].long()
             residual = x[rows]
-            q = F.linear(residual, p.qkv_weight[:H], p.qkv_bias[:H]).view(-1, heads, dim)
-            fused = F.linear(x, p.qkv_weight[H:], p.qkv_bias[H:]).view(total, 2, heads, dim)
+            q = p.first_token_query(residual).view(-1, heads, dim)
+            fused = p.qkv(x).view(total, 2, heads, dim)
             k, v = fused[:, 0], fused[:, 1]
             cu_q = torch.arange(rows.shape[0] + 1, device=x.device, dtype=torch.int32)
             max_q = 1
         else:
             residual = x
-            fused = F.linear(x, p.qkv_weight, p.qkv_bias).view(total, 3, heads, dim)
+            fused = p.qkv(x).view(total, 3, heads, dim)
             q, k, v = fused[:, 0], fused[:, 1], fused[:, 2]
             cu_q, max_q = cu_seqlens, max_seqlen
         attn = ops.varlen_attention(q, k, v, cu_q, cu_seqlens, max_q, max_seqlen, 1.0 / math.sqrt(dim))
         # The views keep the fused (total, 3 * hidden) QKV alive: drop them before the FFN
         # (~400 MB at 64k tokens in fp16).
         del q, k, v, fused
-        attn = F.linear(attn.reshape(-1, H), p.out_weight, p.out_bias)
+        attn = p.out(attn.reshape(-1, H))
         x = ops.add_layernorm(attn, residual, p.attn_norm_weight, p.attn_norm_bias, c.layer_norm_eps)
         # The FFN in row slices: its (rows, intermediate) activation is the forward's largest
         # tensor; slices of FFN_ROWS keep it bounded while the GEMMs stay large enough. Each
         # slice's LayerNorm is written over the rows it read (no second buffer, no copy).
         for start in range(0, x.shape[0], FFN_ROWS):
             rows = x[start:start + FFN_ROWS]
-            up = ops.linear_gelu(rows, p.up_weight, p.up_bias)
-            down = F.linear(up, p.down_weight, p.down_bias)
+            down = p.down(p.up(rows))
             ops.add_layernorm(down, rows, p.ffn_norm_weight, p.ffn_norm_bias, c.layer_norm_eps, out=rows)
         return x
 
     def named_weights(self):
-        """(name, tensor) for every weight, in a stable order."""
+        """(name, tensor) for every plain weight (those of the GEMMs until ``pack_gemms``), in a stable order."""
         for name, value in vars(self).items():
             if isinstance(value, torch.Tensor):
                 yield name, value
         for i, layer in enumerate(self.layers):
             for name, value in vars(layer).items():
-                yield f"layers.{i}.{name}", value
+                if isinstance(value, torch.Tensor):
+                    yield f"layers.{i}.{name}", value
 
     def destination(self, name: str) -> torch.Tensor | None:
         """The slice of our weights that the Hugging Face tensor ``name`` fills (None: unused)."""
@@ -291,7 +331,8 @@ def load_cross_encoder(model_dir: Path, ops: Ops, device: torch.device, dtype: t
     Each tensor is read from the file straight into its destination slice (through one
     per-tensor staging buffer when the dtype or device differs), so peak memory is the
     weights plus the largest single tensor: no second copy of the model, no mmap of the
-    whole file (which would keep its pages resident beside the weights)."""
+    whole file (which would keep its pages resident beside the weights). Then each GEMM's
+    weight is packed by ``ops`` (``select_ops`` for this device, dtype and shapes)."""
     config = EncoderConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -328,6 +369,8 @@ def load_cross_encoder(model_dir: Path, ops: Ops, device: torch.device, dtype: t
     missing = [name for name, t in model.named_weights() if filled.get(id(t), 0) != t.numel()]
     if missing:
         raise UnsupportedModelError(f"checkpoint in {model_dir} lacks tensors for: {', '.join(missing[:8])}")
+    del dest, staging  # the last tensor read: pack_gemms may free it
+    model.pack_gemms()
     log.info("read %.2f GB of %s weights from %s (%s) into %s on %s in %.1fs", read_bytes / 1e9,
              "/".join(sorted(source_dtypes)), model_dir, ", ".join(f.name for f in files),
              str(dtype).removeprefix("torch."), device, time.perf_counter() - started)

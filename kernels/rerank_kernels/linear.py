@@ -1,0 +1,225 @@
+"""The model's GEMMs: ``F.linear`` (the reference) and, on the CPU, oneDNN with the weight
+reordered once, chosen per weight kind by measurement at load (``choose_cpu_gemms``).
+
+A GEMM is built once from its weight by a *packer*, ``packer(weight (out, in), bias (out,))``,
+and then called as ``linear(x (rows, in)) -> (rows, out)``; the model never sees how the
+weight is stored (oneDNN's reordered weights are opaque: no slicing, no ``F.linear`` on them).
+
+Batch invariance comes first: a pair's score must not depend on what shares its batch, so a
+candidate whose rows change with the number of rows M (MKL's sgemm at small M on AMD CPUs;
+oneDNN fp32 at M=1 for K >= 1280, which ``OneDnnLinear`` avoids by padding to two rows) is
+not chosen however fast it is. The check runs at load on random weights of the model's shapes.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rerank_kernels.linear_gelu import linear_gelu_unfused
+
+log = logging.getLogger(__name__)
+
+# Weight kinds: each gets one GEMM choice, whatever the batch's row count.
+QKV = "qkv"  # (3 * hidden, hidden), every layer but the last
+FIRST_TOKEN_QUERY = "first_token_query"  # (hidden, hidden): the last layer's queries, first tokens only
+KEY_VALUE = "key_value"  # (2 * hidden, hidden): the last layer's keys and values
+ATTENTION_OUT = "attention_out"  # (hidden, hidden)
+FFN_UP = "ffn_up_gelu"  # (intermediate, hidden), bias and exact GELU fused
+FFN_DOWN = "ffn_down"  # (hidden, intermediate)
+HEAD_DENSE = "head_dense"  # (hidden, hidden), fp32
+HEAD_OUT = "head_out"  # (1, hidden), fp32
+
+TORCH, ONEDNN = "torch", "onednn"
+CPU_GEMM_CHOICES = ("auto", ONEDNN, TORCH)  # --cpu-gemm
+TIE_MARGIN = 0.03  # oneDNN must be this much faster to replace the reference
+MKLDNN = torch.ops.mkldnn  # a module attribute, so that a test can take the private ops away
+
+
+@dataclass(frozen=True)
+class GemmShape:
+    kind: str
+    out_features: int
+    in_features: int
+    gelu: bool = False  # the output is gelu_erf(x @ weight^T + bias)
+    fp32: bool = False  # computed in fp32 whatever the model's dtype (the head)
+
+
+def gemm_shapes(hidden: int, intermediate: int) -> list[GemmShape]:
+    """Every GEMM kind of the XLM-R forward at a model's sizes."""
+    return [GemmShape(QKV, 3 * hidden, hidden), GemmShape(FIRST_TOKEN_QUERY, hidden, hidden),
+            GemmShape(KEY_VALUE, 2 * hidden, hidden), GemmShape(ATTENTION_OUT, hidden, hidden),
+            GemmShape(FFN_UP, intermediate, hidden, gelu=True), GemmShape(FFN_DOWN, hidden, intermediate),
+            GemmShape(HEAD_DENSE, hidden, hidden, fp32=True), GemmShape(HEAD_OUT, 1, hidden, fp32=True)]
+
+
+class PlainLinear:
+    """The weight as loaded, computed by ``fn(x, weight, bias)``: ``F.linear``, or a linear
+    followed by bias + GELU (e.g. ``Ops.linear_gelu``)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fn: Callable = F.linear):
+        self.weight, self.bias, self.fn = weight, bias, fn
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, self.weight, self.bias)
+
+    def __repr__(self) -> str:
+        return f"PlainLinear({tuple(self.weight.shape)}, {getattr(self.fn, '__name__', self.fn)})"
+
+
+def onednn_missing() -> str | None:
+    """None when torch has the oneDNN linear ops used here (private: torch 2.x CPU builds), else why not."""
+    if not torch.backends.mkldnn.is_available():
+        return "torch was built without oneDNN (mkldnn)"
+    missing = [op for op in ("_reorder_linear_weight", "_linear_pointwise") if not hasattr(MKLDNN, op)]
+    return f"torch {torch.__version__} lacks torch.ops.mkldnn.{' and '.join(missing)}" if missing else None
+
+
+class OneDnnLinear:
+    """The weight reordered once into oneDNN's blocked layout (the plain one can then be
+    freed); bias and the exact erf GELU run inside the GEMM (``attr="gelu", algorithm="none"``)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False):
+        self.out_features = weight.shape[0]
+        self.weight = MKLDNN._reorder_linear_weight(weight.contiguous(), None)
+        self.bias = None if bias is None else bias.contiguous()
+        self.attr, self.algorithm = ("gelu", "none") if gelu else ("none", "")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            # A single row takes another kernel than M >= 2 (its result differs for K >= 1280 in
+            # fp32): two rows keep it equal to the same row in any batch.
+            return self(x.expand(2, -1))[:1]
+        return MKLDNN._linear_pointwise(x.contiguous(), self.weight, self.bias, self.attr, [], self.algorithm)
+
+    def __repr__(self) -> str:
+        return f"OneDnnLinear({self.out_features}, {self.attr})"
+
+
+def torch_packer(shape: GemmShape, bias_gelu: Callable) -> Callable:
+    """The reference packer: ``F.linear``, then ``bias_gelu`` for the FFN's up-projection."""
+    if shape.gelu:
+        linear_gelu = functools.partial(linear_gelu_unfused, bias_gelu=bias_gelu)
+        return lambda weight, bias: PlainLinear(weight, bias, linear_gelu)
+    return PlainLinear
+
+
+def onednn_packer(shape: GemmShape) -> Callable:
+    return (lambda weight, bias: OneDnnLinear(weight, bias, gelu=True)) if shape.gelu else OneDnnLinear
+
+
+def cpu_timer(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Median milliseconds per call after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e3
+
+
+# (first row, rows) slices compared with the same rows of one larger call: single rows at 32
+# places (one row alone is the commonest trap, and whether a row differs depends on its data),
+# every count up to 16 at three places (a kernel's choice can change at any small M), and a few
+# larger odd counts. About four full calls in all.
+INVARIANCE_SLICES = (*((start, 1) for start in range(0, 256, 8)),
+                     *((start, rows) for rows in range(2, 17) for start in (0, 37, 101)),
+                     (0, 23), (0, 40), (3, 60), (100, 33), (1, 255))
+
+
+def invariance_problem(linear: Callable, x: torch.Tensor) -> str | None:
+    """None when every row of ``linear(x[a:a+m])`` is bitwise equal to that row of ``linear(x)``
+    (x (rows, in), rows >= 256), else which slice differed."""
+    full = linear(x)
+    for start, rows in INVARIANCE_SLICES:
+        if not torch.equal(linear(x[start:start + rows]), full[start:start + rows]):
+            return f"rows {start}..{start + rows - 1} computed alone differ from the same rows of {x.shape[0]}"
+    return None
+
+
+def accuracy_problem(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """None when ``got`` matches the float64 ``expected`` to the rounding of ``dtype``."""
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    diff = (got.double() - expected).abs()
+    if not torch.isfinite(got).all() or (diff > tolerance * (1 + expected.abs())).any():
+        return f"max abs diff {diff.max().item():.3g} from a float64 reference"
+    return None
+
+
+def _candidates(shape: GemmShape, bias_gelu: Callable) -> dict[str, Callable]:
+    return {TORCH: torch_packer(shape, bias_gelu), ONEDNN: onednn_packer(shape)}
+
+
+def choose_cpu_gemms(shapes: list[GemmShape], dtype: torch.dtype, bias_gelu: Callable, *, pinned: str = "auto",
+                     rows: int = 256, timer: Callable[[Callable[[], object]], float] = cpu_timer,
+                     ) -> tuple[dict[str, Callable], dict]:
+    """-> (kind -> packer, report): per weight kind the faster of ``F.linear`` and oneDNN among
+    those that are correct and batch-invariant, timed at ``rows`` rows on random weights of the
+    kind's shape in ``dtype`` (fp32 for the head). ``pinned`` (--cpu-gemm) skips the measurement:
+    "torch" or "onednn" for every kind (ValueError where torch lacks oneDNN's ops)."""
+    if pinned not in CPU_GEMM_CHOICES:
+        raise ValueError(f"--cpu-gemm must be one of {', '.join(CPU_GEMM_CHOICES)}, got {pinned!r}")
+    started, missing = time.perf_counter(), onednn_missing()
+    if pinned == ONEDNN and missing:
+        raise ValueError(f"--cpu-gemm onednn: {missing}; use --cpu-gemm torch or auto")
+    if pinned != "auto" or missing:
+        chosen = TORCH if missing else pinned
+        why = f"pinned by --cpu-gemm {pinned}" if pinned != "auto" else f"oneDNN unavailable: {missing}"
+        if missing:
+            log.warning("CPU GEMMs: F.linear everywhere (%s); scores may depend on the batch", why)
+        else:
+            log.info("CPU GEMMs: %s everywhere, %s (not measured)", chosen, why)
+        return ({s.kind: _candidates(s, bias_gelu)[chosen] for s in shapes},
+                {"reason": why, "by_kind": {s.kind: {"chosen": chosen} for s in shapes}})
+    g = torch.Generator().manual_seed(0)
+    packers, report = {}, {}
+    for shape in shapes:
+        kind_dtype = torch.float32 if shape.fp32 else dtype
+        # unit-scale activations (they come out of a LayerNorm) and weights scaled as trained ones
+        weight = (torch.randn(shape.out_features, shape.in_features, generator=g) * 0.02).to(kind_dtype)
+        bias = torch.randn(shape.out_features, generator=g).to(kind_dtype)
+        x = torch.randn(rows, shape.in_features, generator=g).to(kind_dtype)
+        expected = F.linear(x.double(), weight.double(), bias.double())
+        expected = F.gelu(expected) if shape.gelu else expected
+        timings, failed = {}, {}
+        for name, packer in _candidates(shape, bias_gelu).items():
+            try:
+                linear = packer(weight, bias)
+                problem = accuracy_problem(linear(x), expected, kind_dtype) or invariance_problem(linear, x)
+            except Exception as e:  # a private op that fails on this CPU must not stop the server
+                problem = f"{e.__class__.__name__}: {e}"
+                log.warning("%s GEMM: candidate %s failed at load: %s", shape.kind, name, problem)
+            if problem is None:
+                timings[name] = timer(lambda linear=linear, x=x: linear(x))
+            else:
+                failed[name] = problem
+        if ONEDNN in timings and (TORCH not in timings or timings[ONEDNN] < timings[TORCH] * (1 - TIE_MARGIN)):
+            chosen = ONEDNN
+        else:
+            chosen = TORCH
+        if not timings:
+            log.warning("%s GEMM: no candidate is batch-invariant (%s); F.linear is used and scores may depend "
+                        "on the batch", shape.kind, "; ".join(f"{n}: {p}" for n, p in failed.items()))
+        packers[shape.kind] = _candidates(shape, bias_gelu)[chosen]
+        gflops = {n: 2 * rows * shape.in_features * shape.out_features / ms / 1e6 for n, ms in timings.items()}
+        report[shape.kind] = {"chosen": chosen, "timings_ms": {n: round(ms, 3) for n, ms in timings.items()},
+                              "gflops": {n: round(v, 1) for n, v in gflops.items()},
+                              "shape": f"{shape.in_features} -> {shape.out_features} "
+                                       f"{str(kind_dtype).removeprefix('torch.')}"}
+        if failed:
+            report[shape.kind]["not_chosen"] = failed
+    seconds = time.perf_counter() - started
+    log.info("CPU GEMMs measured in %.2fs (%s, %d threads): %s", seconds, str(dtype).removeprefix("torch."),
+             torch.get_num_threads(), "; ".join(
+                 f"{kind} {r['chosen']} (" + ", ".join([*(f"{n} {gf:.0f} GFLOP/s" for n, gf in r["gflops"].items()),
+                                                         *(f"{n} refused" for n in r.get("not_chosen", {}))]) + ")"
+                 for kind, r in report.items()))
+    return packers, {"measured_in_s": round(seconds, 3), "threads": torch.get_num_threads(), "rows_timed": rows,
+                     "by_kind": report}
