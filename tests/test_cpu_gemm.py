@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
+from helpers import ROOT
 
 import rerank_kernels
 from rerank_kernels import TORCH_OPS, ModelShapes, UnsupportedDtypeError, linear, resolve_dtype, select_ops

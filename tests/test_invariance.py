@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import SERVED_MODEL, start_server
+from helpers import SERVED_MODEL, start_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
