@@ -108,12 +108,13 @@ def test_config_reads_bert_differences(bert_tiny, tmp_path):
 def test_pooler_and_classifier_land_in_the_head(bert_tiny):
     model = load_cross_encoder(bert_tiny, TORCH_OPS, CPU, torch.float32)
     sd = load_file(bert_tiny / "model.safetensors")
-    assert torch.equal(model.head_dense_weight, sd["bert.pooler.dense.weight"])
-    assert torch.equal(model.head_out_weight, sd["classifier.weight"])
-    assert torch.equal(model.head_out_bias, sd["classifier.bias"])
+    # TORCH_OPS packs each GEMM as a PlainLinear holding the weight as loaded
+    assert torch.equal(model.head_dense.weight, sd["bert.pooler.dense.weight"])
+    assert torch.equal(model.head_out.weight, sd["classifier.weight"])
+    assert torch.equal(model.head_out.bias, sd["classifier.bias"])
     assert torch.equal(model.token_type_embeddings, sd["bert.embeddings.token_type_embeddings.weight"])
     H = model.config.hidden_size
-    assert torch.equal(model.layers[1].qkv_weight[2 * H:], sd["bert.encoder.layer.1.attention.self.value.weight"])
+    assert torch.equal(model.layers[0].qkv.weight[2 * H:], sd["bert.encoder.layer.0.attention.self.value.weight"])
 
 
 def test_bert_checkpoint_without_pooler_is_refused(bert_tiny, tmp_path):
@@ -289,6 +290,26 @@ def test_truncation_is_sentence_transformers_longest_first(bert_tiny, max_length
     [pair] = ours.encode_pairs(long_query, ["short"])
     if max_length < 120:  # the long query's length
         assert pair.type_start == max_length - 2 > max_length * 3 // 4 and len(pair) == max_length
+
+
+@pytest.mark.parametrize("max_length", [20, 21])
+def test_bounded_longest_first_gives_the_odd_token_as_whole_texts_do(bert_tiny, max_length):
+    """Both texts longer than half the room: the longer one gets the room's odd token, so the
+    bounded cut must count the document past the room (a longer document than query, and the
+    reverse, each beyond the room), up to compare_tokens; beyond that both count as equal."""
+    hf_tok = AutoTokenizer.from_pretrained(bert_tiny)
+    ours = Engine.load_tokenizer(bert_tiny, max_length)
+    word = "bamboo "
+    for q_words, d_words in [(30, 31), (31, 30), (30, 400), (400, 30), (12, 13), (13, 12), (10, 2000)]:
+        query, document = word * q_words, word * d_words
+        [pair] = ours.encode_pairs(query, [document])
+        enc = hf_tok(query, document, truncation="longest_first", max_length=max_length)
+        assert list(pair) == enc["input_ids"], (q_words, d_words)
+    # the documented exception: both beyond compare_tokens count as equal (the document gets the odd token)
+    beyond = ours.compare_tokens + 50
+    [pair] = ours.encode_pairs(word * (beyond + 1), [word * beyond])
+    room = max_length - 3
+    assert pair.type_start - 2 == room // 2
 
 
 def test_chunks_carry_their_types(bert_tiny):

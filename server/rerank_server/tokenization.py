@@ -23,6 +23,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 log = logging.getLogger(__name__)
 
 TRUNCATIONS = ("only_second", "longest_first")
+# longest_first: a query and a document both longer than this many max lengths count as equally
+# long (the one place the bounded cut may differ from whole-text tokenization: which of the two
+# gets the room's odd token)
+COMPARE_LENGTHS_PER_MAX_LENGTH = 4
 MIN_MAX_LENGTH = 8  # <s> query </s></s> document </s> with room for a few tokens of each
 
 
@@ -426,6 +430,9 @@ class PairTokenizer:
         room = max_length - self.template.num_special
         # the most query tokens a pair can hold
         self.max_query_tokens = min(max_length * 3 // 4, room) if truncation == "only_second" else room
+        # longest_first gives the room's odd token to the longer text once both exceed half of it:
+        # texts are counted this far to tell which is longer (beyond it, they count as equal)
+        self.compare_tokens = COMPARE_LENGTHS_PER_MAX_LENGTH * max_length
 
     def encode_pairs(self, query: str, documents: list[str], max_doc_tokens: int | None = None) -> list[EncodedPair]:
         """-> one token-id list per document, each at most ``max_length`` long; documents are
@@ -454,7 +461,8 @@ class PairTokenizer:
         (one token further with ``truncate=False``, to tell that it is too long)."""
         room = self.max_length - self.template.num_special
         if truncate:
-            q = self.bounded.head(query, self.max_query_tokens)
+            q = self.bounded.head(query, self.max_query_tokens if self.truncation == "only_second"
+                                  else self.compare_tokens)
         else:
             q = self.bounded.head(query, room + 1)
             if len(q) > room:
@@ -465,6 +473,10 @@ class PairTokenizer:
         if max_doc_tokens is not None:
             widest = min(widest, max_doc_tokens)
         span = widest + (max_chunks - 1) * max(1, widest - widest // 8) + (0 if truncate else 1)
+        if truncate and self.truncation == "longest_first":
+            # how longest_first splits the room depends on the document's length up to the room
+            # while the query takes at most half of it; beyond that, on which text is longer
+            span = max(span, room if len(q) <= room // 2 else self.compare_tokens)
         cut = self.bounded.tail if keep_end else self.bounded.head
         pairs, owner = [], []
         for index, document in enumerate(documents):
