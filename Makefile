@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make serve [MODEL=dir-or-hub-id] [ARGS="--http-port 8000 ..."]   starts the service
-#   make test                                                          runs the tests
+#   make test                                                          lints (make lint), then runs the tests
 #   make test-fast                                                     the edit loop: -m "not slow"
 # Both create .venv: torch first (TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU
 # build on a machine without a local torch wheel), then this project editable with its test
@@ -17,7 +17,7 @@ ARGS ?=
 BUILD_INPUTS := pyproject.toml constraints.txt client/pyproject.toml CMakeLists.txt client/CMakeLists.txt \
 	cmake/ProtoStubs.cmake cmake/relative_imports.cmake proto/rerank/v1/rerank.proto
 
-.PHONY: serve test test-fast checkpoint bench clean
+.PHONY: serve lint test test-fast checkpoint bench clean
 
 $(VENV)/.installed: $(BUILD_INPUTS)
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,11 @@ $(VENV)/.installed: $(BUILD_INPUTS)
 serve: $(VENV)/.installed
 	$(VENV)/bin/rerank-server --model "$(MODEL)" $(ARGS)
 
-test: $(VENV)/.installed
+# ruff, configured in pyproject.toml ([tool.ruff]); `make test` (and so CI) runs it first
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+test: $(VENV)/.installed lint
 	$(PY) -m pytest $(ARGS)
 
 # the edit loop: everything but the tests marked slow (markers: pyproject.toml)

@@ -125,7 +125,7 @@ def make_workload(checkpoint: Path, n_requests: int, seed: int, max_length: int 
     tokenizer = Engine.load_tokenizer(checkpoint, max_length)  # the checkpoint's template and limit
     rng = random.Random(seed)
     queries, documents, pairs = [], [], []
-    for i in range(n_requests):
+    for _ in range(n_requests):
         query = sentence(rng, rng.randint(4, 14))
         docs = [" ".join(sentence(rng, rng.randint(6, 30)) for _ in range(rng.randint(1, 3)))
                 for _ in range(rng.randint(20, 100))]
@@ -221,7 +221,7 @@ class Transport:
             self.session = session
             self.url = server.url + "/v1/rerank"
             self.bodies = [json.dumps({"model": MODEL_NAME, "query": q, "documents": d}).encode()
-                           for q, d in zip(workload.queries, workload.documents)]
+                           for q, d in zip(workload.queries, workload.documents, strict=True)]
         else:
             import grpc
 
@@ -229,7 +229,7 @@ class Transport:
             self.call = self.channel.unary_unary(RERANK_METHOD)  # bytes in, bytes out
             self.bodies = [pb.RerankRequest(model=MODEL_NAME, query=q, documents=[
                 struct_pb2.Value(string_value=x) for x in d]).SerializeToString()
-                for q, d in zip(workload.queries, workload.documents)]
+                for q, d in zip(workload.queries, workload.documents, strict=True)]
 
     async def send(self, i: int) -> bool:
         body = self.bodies[i % len(self.bodies)]
@@ -465,8 +465,9 @@ class RawForward:
 
 def print_raw(raw: dict) -> None:
     foreign = raw["foreign_cpus_best_pass"]
-    print(f"  {raw['tokens_per_s']:9.0f} tok/s best of {raw['passes']} passes (median {raw['median_tokens_per_s']:.0f}; "
-          f"{raw['forwards_per_pass']} forwards of {raw['mean_tokens_per_forward']:.0f} tokens a pass), {raw['device']} "
+    print(f"  {raw['tokens_per_s']:9.0f} tok/s best of {raw['passes']} passes "
+          f"(median {raw['median_tokens_per_s']:.0f}; {raw['forwards_per_pass']} forwards "
+          f"of {raw['mean_tokens_per_forward']:.0f} tokens a pass), {raw['device']} "
           f"{raw['dtype']}, attention {raw['attention_backend']}, {raw['threads']} threads"
           f"{'' if foreign is None else f', foreign {foreign:.2f} CPUs'}", flush=True)
 
@@ -558,7 +559,8 @@ async def serve_and_measure(args, checkpoint: Path, workload: Workload, batching
                     lat = run["latency_s"]
                     run["p99_over_p50"] = lat["p99"] / lat["p50"] if lat["p50"] else None
                     ideal = ideal_fifo_latencies(rec.sent, workload, raw_rate, args.max_batch_tokens)
-                    run["ideal_fifo"] = {q: percentile(ideal, v) for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))}
+                    run["ideal_fifo"] = {q: percentile(ideal, v)
+                                         for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))}
                     run["ideal_fifo"]["p99_over_p50"] = run["ideal_fifo"]["p99"] / run["ideal_fifo"]["p50"]
                     runs.append(run)
                     print_run(run)
@@ -635,7 +637,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     workload = make_workload(checkpoint, args.requests, args.seed, args.max_length)
     docs = [len(d) for d in workload.documents]
-    print(f"workload: {len(workload)} requests, {min(docs)}-{max(docs)} documents each (mean {statistics.fmean(docs):.0f}), "
+    print(f"workload: {len(workload)} requests, {min(docs)}-{max(docs)} documents each "
+          f"(mean {statistics.fmean(docs):.0f}), "
           f"{statistics.fmean(workload.tokens):.0f} tokens per request on average, "
           f"{statistics.fmean(len(p) for ps in workload.pairs for p in ps):.1f} per pair; checkpoint {checkpoint}",
           flush=True)
@@ -666,7 +669,8 @@ def main(argv: list[str] | None = None) -> None:
     print("summary:")
     for kind in args.transports:
         on = next((r for r in runs if r["transport"] == kind and r["batching"] and r.get("concurrency") == top), None)
-        off = next((r for r in runs if r["transport"] == kind and not r["batching"] and r.get("concurrency") == top), None)
+        off = next((r for r in runs if r["transport"] == kind and not r["batching"] and r.get("concurrency") == top),
+                   None)
         entry = {}
         if on:
             entry["fraction_of_raw_at_top_concurrency"] = on["fraction_of_raw_forward"]
@@ -707,18 +711,20 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "load",
         "date": date,
         "timestamp": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": {"description": describe, "logical_cpus": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total},
+        "device": {"description": describe, "logical_cpus": os.cpu_count(),
+                   "memory_bytes": psutil.virtual_memory().total},
         "git": git_commit(),
         "python": sys.version.split()[0],
         "quick": args.quick,
-        "model": {"checkpoint": str(checkpoint.relative_to(REPO)) if checkpoint.is_relative_to(REPO) else str(checkpoint),
+        "model": {"checkpoint": str(checkpoint.relative_to(REPO) if checkpoint.is_relative_to(REPO) else checkpoint),
                   "layers": config["num_hidden_layers"], "hidden": config["hidden_size"]},
         "settings": {"duration_s": args.duration, "open_loop_requests": args.open_loop_requests,
                      "concurrency": args.concurrency, "transports": args.transports,
                      "max_batch_tokens": args.max_batch_tokens, "max_length": args.max_length, "seed": args.seed,
                      "server_threads": args.server_threads},
         "workload": {"requests": len(workload), "documents_min": min(docs), "documents_max": max(docs),
-                     "documents_mean": statistics.fmean(docs), "tokens_per_request_mean": statistics.fmean(workload.tokens),
+                     "documents_mean": statistics.fmean(docs),
+                     "tokens_per_request_mean": statistics.fmean(workload.tokens),
                      "tokens_per_pair_mean": statistics.fmean(len(p) for ps in workload.pairs for p in ps)},
         "raw_forward": raw,
         "raw_forward_runs": raw_runs,

@@ -110,7 +110,8 @@ class MachineLoad:
         self.wall = time.perf_counter() - self.w0
         t1, m1 = os.times(), self.machine_busy_s()
         self.ours_cpus = (t1.user + t1.system - self.t0.user - self.t0.system) / self.wall
-        self.foreign_cpus = None if m1 is None or self.m0 is None else max((m1 - self.m0) / self.wall - self.ours_cpus, 0.0)
+        self.foreign_cpus = (None if m1 is None or self.m0 is None
+                             else max((m1 - self.m0) / self.wall - self.ours_cpus, 0.0))
 
     @property
     def contended(self) -> bool:
@@ -187,8 +188,8 @@ def gemm_rate(c: EncoderConfig, m: int, dtype: torch.dtype, device: torch.device
     """One GEMM candidate (default ``F.linear`` with bias, as the model calls it; see
     benchmarks.gemm) at the model's GEMM shapes with ``m`` rows. The aggregate is one encoder
     layer's mix: total FLOPs / total median time. On CUDA each timed run makes ``CUDA_GEMM_CALLS`` calls."""
-    H, I = c.hidden_size, c.intermediate_size
-    shapes = [("qkv", H, 3 * H), ("attn_out", H, H), ("ffn_up", H, I), ("ffn_down", I, H)]
+    H, FF = c.hidden_size, c.intermediate_size
+    shapes = [("qkv", H, 3 * H), ("attn_out", H, H), ("ffn_up", H, FF), ("ffn_down", FF, H)]
     calls = CUDA_GEMM_CALLS if device.type == "cuda" else 1
     g = torch.Generator(device="cpu").manual_seed(1)
     per_shape, flops_sum, time_sum, loads = {}, 0.0, 0.0, []
@@ -220,8 +221,8 @@ def gemm_rate(c: EncoderConfig, m: int, dtype: torch.dtype, device: torch.device
 
 def best_layer_mix(c: EncoderConfig, *measurements: dict) -> float:
     """One layer's GEMM mix timed at each shape's best rate over the measurements."""
-    H, I = c.hidden_size, c.intermediate_size
-    flops = {"qkv": 3 * H * H, "attn_out": H * H, "ffn_up": H * I, "ffn_down": I * H}
+    H, FF = c.hidden_size, c.intermediate_size
+    flops = {"qkv": 3 * H * H, "attn_out": H * H, "ffn_up": H * FF, "ffn_down": FF * H}
     time_sum = 0.0
     for name, f in flops.items():
         best = max(v for m in measurements for k, v in m["per_shape_flops_per_s"].items() if k.startswith(name + " "))

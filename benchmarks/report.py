@@ -25,7 +25,8 @@ def provenance(path: Path, d: dict) -> str:
     extra = f", {device['logical_cpus']} cores" if "logical_cpus" in device else ""
     dirty = " (+ uncommitted changes)" if d["git"].get("tree_differs_from_commit") else ""
     return (f"`{path.relative_to(ROOT)}`: {name}{extra}, {d['date']}, commit "
-            f"`{(d['git'].get('commit') or 'unknown')[:10]}`{dirty}" + (f", torch {d['torch']}" if 'torch' in d else ""))
+            f"`{(d['git'].get('commit') or 'unknown')[:10]}`{dirty}"
+            + (f", torch {d['torch']}" if 'torch' in d else ""))
 
 
 def forward_section(path: Path, d: dict) -> str:
@@ -73,7 +74,8 @@ def forward_section(path: Path, d: dict) -> str:
     rss = d.get("rss")
     if rss and rss.get("peak_rss_bytes"):
         lines.append(f"Peak resident memory of our model alone (load + forward, {rss['workload']}): "
-                     f"{rss['peak_rss_bytes'] / 2**30:.2f} GiB = {rss['peak_rss_bytes'] / d['model']['weight_bytes']:.2f}x "
+                     f"{rss['peak_rss_bytes'] / 2**30:.2f} GiB = "
+                     f"{rss['peak_rss_bytes'] / d['model']['weight_bytes']:.2f}x "
                      f"the weight bytes.")
     targets = d.get("targets")
     if targets and per_dtype:
@@ -103,11 +105,13 @@ def load_section(path: Path, d: dict) -> str:
              f"{d['workload']['tokens_per_request_mean']:.0f} tokens on average. Raw forward in the same run: "
              f"{raw['tokens_per_s']:,.0f} tokens/s (best pass at its start or end; median "
              f"{raw['median_tokens_per_s']:,.0f}).{neighbours_note(d)}", "",
-             "| transport | batching | clients | requests/s | tokens/s | p50 ms | p95 ms | p99 ms | share of raw forward |",
+             "| transport | batching | clients | requests/s | tokens/s | p50 ms | p95 ms | p99 ms "
+             "| share of raw forward |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in d["runs"]:
         lat = r["latency_s"]
-        lines.append(f"| {r['transport']} | {'on' if r['batching'] else 'off'} | {r['mode']} | {r['requests_per_s']:.1f} "
+        lines.append(f"| {r['transport']} | {'on' if r['batching'] else 'off'} | {r['mode']} "
+                     f"| {r['requests_per_s']:.1f} "
                      f"| {r['tokens_per_s']:,.0f} | {lat['p50'] * 1e3:.0f} | {lat['p95'] * 1e3:.0f} "
                      f"| {lat['p99'] * 1e3:.0f} | {r.get('fraction_of_raw_forward', float('nan')):.0%} |")
     for r in d["runs"]:

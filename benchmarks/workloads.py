@@ -147,11 +147,11 @@ def useful_flops(c: EncoderConfig, lengths: list[int]) -> float:
 def ours_executed_flops(c: EncoderConfig, lengths: list[int]) -> float:
     """What our forward really runs: L-1 full layers; the last computes K and V for every
     token but Q, attention, output projection and FFN for each first token only; plus the head."""
-    H, I, L = c.hidden_size, c.intermediate_size, c.num_layers
+    H, FF, L = c.hidden_size, c.intermediate_size, c.num_layers
     T, B, S2 = sum(lengths), len(lengths), sum(n * n for n in lengths)
-    full_layer = 4 * H * H + 2 * H * I
+    full_layer = 4 * H * H + 2 * H * FF
     return (2 * (L - 1) * full_layer * T + 4 * (L - 1) * H * S2
-            + 2 * (2 * H * H) * T + 2 * (2 * H * H + 2 * H * I) * B + 4 * H * T
+            + 2 * (2 * H * H) * T + 2 * (2 * H * H + 2 * H * FF) * B + 4 * H * T
             + 2 * (H * H + H) * B)
 
 

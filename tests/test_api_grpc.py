@@ -138,7 +138,7 @@ def test_rest_and_grpc_agree(live_server, stub, fields):
     reply = json_format.MessageToDict(call(stub, documents=docs, **fields), preserving_proto_field_name=True,
                                       always_print_fields_with_no_presence=True)
     assert [r["index"] for r in reply["results"]] == [r["index"] for r in rest["results"]]
-    for g, h in zip(reply["results"], rest["results"]):
+    for g, h in zip(reply["results"], rest["results"], strict=True):
         assert g["relevance_score"] == pytest.approx(h["relevance_score"], abs=1e-6)
         assert g.get("document") == h.get("document")
     assert reply["usage"] == rest["usage"]

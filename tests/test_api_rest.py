@@ -59,7 +59,7 @@ def scores_by_index(data: dict) -> dict[int, float]:
 
 
 def assert_sorted(results: list[dict]) -> None:
-    for a, b in zip(results, results[1:]):
+    for a, b in zip(results, results[1:], strict=False):  # neighbours
         assert a["relevance_score"] >= b["relevance_score"], results
         if a["relevance_score"] == b["relevance_score"]:
             assert a["index"] < b["index"], f"tie not broken by lower index first: {results}"
@@ -111,7 +111,7 @@ def test_response_shape_and_json_types(live_server, tokenizer, route):
 def test_routes_identical(live_server):
     a, b = rerank(live_server, "/v1/rerank"), rerank(live_server, "/rerank")
     assert [r["index"] for r in a["results"]] == [r["index"] for r in b["results"]]
-    for x, y in zip(a["results"], b["results"]):
+    for x, y in zip(a["results"], b["results"], strict=True):
         assert x["relevance_score"] == pytest.approx(y["relevance_score"], abs=1e-6)
     assert a["usage"] == b["usage"]
 
@@ -269,7 +269,7 @@ def test_usage_counts_every_pair(live_server, tokenizer):
     data = rerank(live_server, documents=docs)
     per_doc = [len(p) for p in tokenizer.encode_pairs(QUERY, docs)]
     assert data["usage"]["prompt_tokens"] == sum(per_doc)
-    for d, n in zip(docs, per_doc):
+    for d, n in zip(docs, per_doc, strict=True):
         assert rerank(live_server, documents=[d])["usage"]["prompt_tokens"] == n
 
 
@@ -423,8 +423,8 @@ def test_bad_raw_body(live_server, route, name, data, ctype, status, code, word)
 
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity", "1e400"])
 def test_non_json_numbers_are_a_400(live_server, constant):
-    data = ('{"model": "reranker", "query": "q", "documents": [{"text": "a", "x": %s}], "return_documents": true}'
-            % constant)
+    data = ('{"model": "reranker", "query": "q", "documents": [{"text": "a", "x": ' + constant
+            + '}], "return_documents": true}')
     r = requests.post(live_server.http_url + "/v1/rerank", data=data, headers={"Content-Type": "application/json"},
                       timeout=60)
     assert 400 <= r.status_code < 500, r.text

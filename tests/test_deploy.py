@@ -449,7 +449,8 @@ def test_dockerfile_conventions(path):
     volumes = [rest for w, rest in final if w == "VOLUME"]
     assert volumes and dockerfile_env(path).get("HF_HOME") in json.loads(volumes[-1])
     runs = " ".join(rest for w, rest in ins if w == "RUN")
-    assert re.search(r"pip install (--no-deps )?\. \./client", runs), "the image builds both wheels (their builds run protoc)"
+    assert re.search(r"pip install (--no-deps )?\. \./client", runs), \
+        "the image builds both wheels (their builds run protoc)"
     assert re.search(r"torch==\$\{TORCH_VERSION\}|torch==2\.1[0-4]", runs), "torch is pinned within pyproject's range"
     args = dict(re.match(r"(\w+)=?(.*)", rest).groups() for w, rest in ins if w == "ARG")
     if "TORCH_VERSION" in args:
@@ -492,7 +493,8 @@ def test_dockerfiles_copy_every_package():
         copied = {src.rstrip("/").removeprefix("./") for word, rest in dockerfile_instructions(df)
                   if word == "COPY" and "--from=" not in rest for src in shlex.split(rest)[:-1]}
         assert needed <= copied, f"{df.name} does not copy {sorted(needed - copied)}"
-        assert {"pyproject.toml", "README.md", "proto", "CMakeLists.txt", "cmake"} <= copied, f"{df.name} misses build inputs"
+        assert {"pyproject.toml", "README.md", "proto", "CMakeLists.txt", "cmake"} <= copied, \
+            f"{df.name} misses build inputs"
 
 
 def hadolint_binary() -> str | None:

@@ -179,7 +179,7 @@ def test_score_pairwise_and_broadcast(server):
     queries = [QUERY, "What is the weather?", QUERY]
     docs = DOCS[:3]
     pairwise = post(server, "/score", {"text_1": queries, "text_2": docs}).json()["data"]
-    for i, (q, d) in enumerate(zip(queries, docs)):
+    for i, (q, d) in enumerate(zip(queries, docs, strict=True)):
         alone = post(server, "/score", {"text_1": q, "text_2": d}).json()["data"]
         assert alone == [{"index": 0, "object": "score", "score": pairwise[i]["score"]}]
     broadcast = post(server, "/score", {"text_1": [QUERY], "text_2": docs}).json()["data"]

@@ -69,9 +69,11 @@ raw_bodies = st.one_of(
     st.binary(max_size=200),
     st.builds(lambda body, cut: json.dumps(body).encode()[:cut], valid_requests(), st.integers(0, 200)),
     st.builds(lambda body, junk: json.dumps(body).encode().replace(b'"query": "', b'"query": "' + junk, 1),
-              valid_requests(), st.sampled_from([b"\xff", b"\xc3\x28", b"\\ud800", b"\\x41", b"\\", b"\x00", b"\xed\xa0\x80"])),
+              valid_requests(),
+              st.sampled_from([b"\xff", b"\xc3\x28", b"\\ud800", b"\\x41", b"\\", b"\x00", b"\xed\xa0\x80"])),
     st.sampled_from([b"", b"null", b"[]", b"NaN", b'{"top_n": NaN}', b'{"top_n": 1e999}', b"[" * 5000 + b"]" * 5000,
-                     b'{"model": "' + SERVED_MODEL.encode() + b'", "query": "q", "documents": ["' + b"x" * MAX_REQUEST_BYTES + b'"]}']),
+                     b'{"model": "' + SERVED_MODEL.encode() + b'", "query": "q", "documents": ["'
+                     + b"x" * MAX_REQUEST_BYTES + b'"]}']),
 )
 
 JSON_TYPES = [None, "application/json", "application/json; charset=utf-8", "application/vnd.api+json",
@@ -79,8 +81,8 @@ JSON_TYPES = [None, "application/json", "application/json; charset=utf-8", "appl
 OTHER_TYPES = ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "",
                "application/json; charset=latin-1", "*/*", "application/jsonx", "json"]
 mostly_json = st.sampled_from(JSON_TYPES * 4 + OTHER_TYPES)
-content_types = st.sampled_from(JSON_TYPES + OTHER_TYPES) | st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e),
-                                                                   max_size=30)
+content_types = (st.sampled_from(JSON_TYPES + OTHER_TYPES)
+                 | st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e), max_size=30))
 # visible ASCII and Latin-1 letters (RFC 9110 obs-text): what an HTTP header may carry
 request_ids = st.none() | st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e) | st.characters(
     min_codepoint=0xa1, max_codepoint=0xff), min_size=1, max_size=200)
@@ -119,7 +121,7 @@ def assert_well_formed(r: requests.Response, request: dict | None, route: str = 
     results = data["results"]
     indices = [x["index"] for x in results]
     assert len(set(indices)) == len(indices)
-    for a, b in zip(results, results[1:]):
+    for a, b in zip(results, results[1:], strict=False):  # neighbours
         assert (a["relevance_score"], -a["index"]) >= (b["relevance_score"], -b["index"]), results
     for x in results:
         assert isinstance(x["index"], int) and isinstance(x["relevance_score"], float)

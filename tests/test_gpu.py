@@ -220,7 +220,8 @@ def test_fp16_model_matches_transformers(backend, checkpoint, hf_models):
     tie = 2 * hf16_err
     swapped = [(i, j) for i, j in itertools.permutations(range(len(seqs)), 2)
                if want[i] - want[j] > tie and not got[i] > got[j]]
-    assert not swapped, f"{backend}: order differs from HF fp32 for pairs {swapped}: ours {got.tolist()}, HF {want.tolist()}"
+    assert not swapped, \
+        f"{backend}: order differs from HF fp32 for pairs {swapped}: ours {got.tolist()}, HF {want.tolist()}"
 
 
 @pytest.mark.parametrize("backend", [b for b in ATTENTION_BACKENDS if b != "torch-sdpa"])
@@ -316,6 +317,7 @@ def test_no_compile_after_warm_up(backend, checkpoint, tmp_path):
     result = subprocess.run([sys.executable, "-c", _NO_COMPILE_CHILD, str(checkpoint), backend],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-5000:]
-    found = json.loads(next(l for l in result.stdout.splitlines() if l.startswith("RESULT ")).removeprefix("RESULT "))
+    found = json.loads(next(line for line in result.stdout.splitlines()
+                            if line.startswith("RESULT ")).removeprefix("RESULT "))
     assert found["warm_up_files"] > 0, "warm-up compiled nothing into the cache: the check means nothing"
     assert not found["new_files"], f"{backend}: compiled after warm-up: {found['new_files']}"

@@ -130,7 +130,8 @@ for dtype in DTYPES:
     kv = torch.randn(int(cu_k[-1]), 2, 2, 64).to(dtype)
     CASES[f"attention-{_dtype_name(dtype)}-first-token-queries"] = Case(
         "attention", "varlen_attention_triton",
-        (torch.randn(5, 2, 64).to(dtype), kv[:, 0], kv[:, 1], torch.arange(6, dtype=torch.int32), cu_k, 1, max_k, 0.125),
+        (torch.randn(5, 2, 64).to(dtype), kv[:, 0], kv[:, 1], torch.arange(6, dtype=torch.int32), cu_k, 1, max_k,
+         0.125),
         _attention_reference, ATTENTION_TOL[dtype])
 
 # cu_seqlens_q and cu_seqlens_k are independent, an empty query range included.
@@ -152,7 +153,8 @@ CASES["add_layernorm-float32-strided-residual"] = Case(
     (torch.randn(7, 48), torch.randn(7, 96)[:, 8:56], torch.randn(48), torch.randn(48), 1e-5),
     layernorm.add_layernorm_torch, GLUE_TOL[torch.float32])
 CASES["add_layernorm-empty"] = Case(
-    "layernorm", "add_layernorm_triton", (torch.empty(0, 48), torch.empty(0, 48), torch.ones(48), torch.zeros(48), 1e-5),
+    "layernorm", "add_layernorm_triton",
+    (torch.empty(0, 48), torch.empty(0, 48), torch.ones(48), torch.zeros(48), 1e-5),
     layernorm.add_layernorm_torch)
 CASES["bias_gelu-empty"] = Case("gelu", "bias_gelu_triton", (torch.empty(0, 48), torch.zeros(48)), gelu.bias_gelu_torch)
 
@@ -253,8 +255,10 @@ def test_kernels_compile_for_cuda():
     cases = [(e._embed_layernorm_kernel, {"BLOCK_H": 1024, "HAS_TYPE_IDS": True}, 4),
              (n._add_layernorm_kernel, {"BLOCK_H": 1024}, 4),
              (g._bias_gelu_kernel, {"BLOCK": 1024}, 4),
-             (a._varlen_attention_kernel, {"HEADS": 16, "HEAD_DIM": 64, "BLOCK_M": 16, "BLOCK_N": 64, "IEEE": False}, 4),
-             (a._varlen_attention_kernel, {"HEADS": 16, "HEAD_DIM": 64, "BLOCK_M": 128, "BLOCK_N": 64, "IEEE": False}, 8)]
+             (a._varlen_attention_kernel,
+              {"HEADS": 16, "HEAD_DIM": 64, "BLOCK_M": 16, "BLOCK_N": 64, "IEEE": False}, 4),
+             (a._varlen_attention_kernel,
+              {"HEADS": 16, "HEAD_DIM": 64, "BLOCK_M": 128, "BLOCK_N": 64, "IEEE": False}, 8)]
     for capability, dtype in ((80, "bf16"), (90, "fp16")):
         for kernel, constexprs, num_warps in cases:
             if not isinstance(kernel, triton.runtime.JITFunction):
@@ -383,7 +387,8 @@ def test_whole_model_with_the_cuda_ops_in_the_interpreter(tmp_path):
     run_interpreted(_MODEL_WORKER, checkpoint, tmp_path / "out.pt")
     ours = torch.load(tmp_path / "out.pt")
 
-    hf = transformers.XLMRobertaForSequenceClassification.from_pretrained(checkpoint, attn_implementation="eager").eval()
+    hf = transformers.XLMRobertaForSequenceClassification.from_pretrained(
+        checkpoint, attn_implementation="eager").eval()
     with torch.inference_mode():
         def hf_logits(model):  # one unpadded call per sequence: no masking in the reference
             return torch.stack([model(input_ids=s[None]).logits[0, 0].float() for s in seqs])
@@ -411,7 +416,8 @@ def test_attention_grid_stays_within_cuda_limits():
         block_m = attention.attention_block_m(max_q, head_dim)
         grid = attention.attention_grid(max_q, batch, heads, block_m)
         assert grid == (batch * heads, -(-max_q // block_m))
-        assert all(1 <= n <= limit for n, limit in zip(grid, CUDA_GRID_LIMITS)), grid
+        # not strict: the grid is 2-D, the limits name three axes
+        assert all(1 <= n <= limit for n, limit in zip(grid, CUDA_GRID_LIMITS, strict=False)), grid
     assert [attention.attention_block_m(n, 64) for n in (1, 16, 17, 64, 65, 8192)] == [16, 16, 64, 64, 128, 128]
     assert [attention.attention_block_m(n, 128) for n in (1, 16, 17, 8192)] == [16, 16, 64, 64]
     # the largest batch: MAX_BATCH_PAIRS one-token pairs at 8192 tokens each is not formable,

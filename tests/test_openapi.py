@@ -9,10 +9,10 @@ import pytest
 import requests
 from helpers import SERVED_MODEL
 
-pytestmark = pytest.mark.serving
-
 from rerank_server.rest import grpc_timeout
 from rerank_server.service import ApiError
+
+pytestmark = pytest.mark.serving
 
 MAX_DOCUMENTS = 50  # the live_server fixture's --max-documents
 

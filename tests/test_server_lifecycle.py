@@ -14,11 +14,11 @@ import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import SERVED_MODEL, error_lines, free_port, start_server, wait_exit
 
-pytestmark = [pytest.mark.serving, pytest.mark.slow]
-
 from rerank_server.config import parse_args
 from rerank_server.engine import Engine
 from rerank_server.tokenization import PairTokenizer
+
+pytestmark = [pytest.mark.serving, pytest.mark.slow]
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -78,7 +78,7 @@ def delta(after: dict, before: dict, key: str) -> float:
 def wait_ready(*servers: LiveServer, url: str | None = None, verify=None, timeout: float = 180) -> None:
     """Waits for /health 200 on every server (started with wait=False)."""
     for server in servers:
-        def healthy():
+        def healthy(server=server):
             if server.process.poll() is not None:
                 raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
             try:
@@ -102,7 +102,7 @@ def assert_same_answer(got: dict, alone: dict, tol: float = 1e-5) -> None:
         assert math.isclose(a[i], b[i], rel_tol=0, abs_tol=tol), (i, a[i], b[i])
     order_a = [r["index"] for r in got["results"]]
     order_b = [r["index"] for r in alone["results"]]
-    for x, y in zip(order_a, order_b):
+    for x, y in zip(order_a, order_b, strict=True):
         assert x == y or abs(b[x] - b[y]) <= tol, (order_a, order_b)
     assert got["usage"] == alone["usage"]
 
@@ -166,7 +166,7 @@ class TestBatching:
             assert big.result().status_code == 200
         after = scrape(main_server)
 
-        for reply, reference in zip(replies, alone):
+        for reply, reference in zip(replies, alone, strict=True):
             assert reply.status_code == 200, reply.text
             assert_same_answer(reply.json(), reference)
         pairs = sum(len(p["documents"]) for p in payloads)
@@ -203,7 +203,8 @@ class TestBatching:
                          b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(raw), raw))
             poll(lambda: queued_mod() == sizes[0] + sizes[1], what="the REST call to be queued")
             deadline = client.Rerank.future(grpc_request(*doomed[2]), timeout=1.0)
-            poll(lambda: deadline.done() or queued_mod() == sum(sizes), what="the gRPC call with a deadline to be queued")
+            poll(lambda: deadline.done() or queued_mod() == sum(sizes),
+                 what="the gRPC call with a deadline to be queued")
             assert queued_mod() == sum(sizes), "the deadline passed before the call was queued"
 
             cancelled.cancel()
@@ -267,7 +268,7 @@ class TestSplitAndNoBatching:
         payloads = [body(sentence(rng, 5), documents(rng, rng.randint(1, 7))) for _ in range(12)]
         with ThreadPoolExecutor(len(payloads)) as pool:
             got = list(pool.map(lambda p: post(small, p), payloads))
-        for r, p in zip(got, payloads):
+        for r, p in zip(got, payloads, strict=True):
             assert r.status_code == 200, r.text
             assert_same_answer(r.json(), rerank_ok(reference, p))
 
@@ -465,7 +466,8 @@ class TestAuth:
                 assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
                 assert e.value.details()
             for key in good_keys:
-                assert len(client.Rerank(request, metadata=(("authorization", f"Bearer {key}"),), timeout=60).results) == 3
+                reply = client.Rerank(request, metadata=(("authorization", f"Bearer {key}"),), timeout=60)
+                assert len(reply.results) == 3
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -484,13 +486,13 @@ class TestAuth:
         assert scrape(server, bearer(ENV_KEYS[1]))["rerank_tokens_total"] > 0
 
     def test_keys_never_logged(self, auth_servers):
-        for server, key in zip(auth_servers, (KEY2, ENV_KEYS[0])):
+        for server, key in zip(auth_servers, (KEY2, ENV_KEYS[0]), strict=True):
             assert post(server, PAYLOAD, bearer(key + "-wrong")).status_code == 401
             rerank_ok(server, PAYLOAD, bearer(key))
             channel, client = stub(server)
             with channel:
                 client.Rerank(grpc_request("q", ["d"]), metadata=(("authorization", f"Bearer {key}"),), timeout=60)
-            def logged():
+            def logged(server=server):
                 text = server.log()
                 return "/v1/rerank 200" in text and "gRPC Rerank OK" in text and text
             log = poll(logged, timeout=30, what="the requests to be logged")
@@ -519,7 +521,8 @@ class TestObservability:
         def logged(request_id):
             return [e for e in map(json.loads, main_server.log().splitlines()) if e["request_id"] == request_id]
         for request_id in (generated, mine, "client-req-0043"):
-            entries = poll(lambda: logged(request_id), timeout=30, what=f"a log line for {request_id}")
+            entries = poll(lambda request_id=request_id: logged(request_id), timeout=30,
+                           what=f"a log line for {request_id}")
             assert any("/v1/rerank" in e["message"] for e in entries), entries
 
     @pytest.mark.parametrize("bad_id", ["caf\xe9", "x" * 300, "two words"])
@@ -550,7 +553,8 @@ class TestObservability:
             assert dict(call.trailing_metadata())["x-request-id"] == "grpc-req-7"
             assert response.id == "rerank-grpc-req-7"
             with pytest.raises(grpc.RpcError) as e:  # errors carry it too
-                client.Rerank(pb.RerankRequest(model=SERVED_MODEL, query="q"), metadata=(("x-request-id", "grpc-req-8"),))
+                client.Rerank(pb.RerankRequest(model=SERVED_MODEL, query="q"),
+                              metadata=(("x-request-id", "grpc-req-8"),))
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert dict(e.value.trailing_metadata())["x-request-id"] == "grpc-req-8"
         entries = [json.loads(line) for line in main_server.log().splitlines()]

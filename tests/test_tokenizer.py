@@ -42,7 +42,7 @@ def test_pairs_match_transformers_only_second(tiny_checkpoint, hf_tokenizer, max
     docs = ["", "Kunstmatige intelligentie simuleert menselijke intelligentie. " * 30, "短い文書", PANDA_D,
             "L'intelligence artificielle simule l'intelligence humaine.", "  spaces   around\tand\n inside  "]
     ours = pair_tokenizer(tiny_checkpoint, max_length).encode_pairs(query, docs)
-    for doc, got in zip(docs, ours):
+    for doc, got in zip(docs, ours, strict=True):
         if doc == "":  # transformers drops an empty text_pair; FlagEmbedding keeps the pair form
             q = hf_tokenizer(query, add_special_tokens=False)["input_ids"][: max_length * 3 // 4]
             assert got == [0, *q, 2, 2, 2]

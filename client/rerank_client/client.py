@@ -8,7 +8,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import grpc
 from google.protobuf import json_format, struct_pb2
@@ -19,7 +19,7 @@ from rerank_client._proto import rerank_pb2_grpc as pb_grpc
 
 DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 #: A document as sent: a string, or an object such as ``{"text": ...}`` (any JSON-like mapping).
-Document = Union[str, Mapping[str, Any]]
+Document = str | Mapping[str, Any]
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 

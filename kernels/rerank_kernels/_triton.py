@@ -34,7 +34,8 @@ CUDA_GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
 def cuda_grid(*dims: int) -> tuple[int, ...]:
     """A launch grid, checked against ``CUDA_GRID_LIMITS``: a batch too large for it fails
     here with a clear message rather than with a CUDA launch error."""
-    for axis, (n, limit) in enumerate(zip(dims, CUDA_GRID_LIMITS)):
+    # not strict: a grid names one to three dimensions (a fourth would go unchecked: Triton refuses it)
+    for axis, (n, limit) in enumerate(zip(dims, CUDA_GRID_LIMITS, strict=False)):
         if not 1 <= n <= limit:
             raise ValueError(f"grid dimension {'xyz'[axis]} = {n} is outside CUDA's 1..{limit} "
                              f"(grid {dims}): split the batch")

@@ -363,7 +363,8 @@ def attention_unavailable_reason(name: str, device: torch.device, dtype: torch.d
     return None
 
 
-def available_attention_backends(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> list[str]:
+def available_attention_backends(device: torch.device | str | None = None,
+                                 dtype: torch.dtype | None = None) -> list[str]:
     """Backends that run on ``device`` (default: this machine's, CUDA when present) and ``dtype``, best first."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

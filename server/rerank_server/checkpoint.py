@@ -88,7 +88,7 @@ def random_state_dict(config: dict, seed: int, dtype: torch.dtype = torch.float3
     """Hugging Face tensor names -> random tensors. LayerNorm weights scatter around 1 and
     biases around 0 (not their init values), so a forward that drops one of them fails parity."""
     g = torch.Generator().manual_seed(seed)
-    H, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    H, FF, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
 
     def randn(*shape: int, mean: float = 0.0, std: float = 0.02) -> torch.Tensor:
         return (torch.randn(shape, generator=g) * std + mean).to(dtype)
@@ -114,8 +114,8 @@ def random_state_dict(config: dict, seed: int, dtype: torch.dtype = torch.float3
             sd.update(linear(f"{p}.attention.self.{name}", H, H))
         sd.update(linear(f"{p}.attention.output.dense", H, H))
         sd.update(norm(f"{p}.attention.output.LayerNorm"))
-        sd.update(linear(f"{p}.intermediate.dense", I, H))
-        sd.update(linear(f"{p}.output.dense", H, I))
+        sd.update(linear(f"{p}.intermediate.dense", FF, H))
+        sd.update(linear(f"{p}.output.dense", H, FF))
         sd.update(norm(f"{p}.output.LayerNorm"))
     # the head: dense + tanh on the first token, then one output (BERT: its pooler and classifier)
     dense, out = ("bert.pooler.dense", "classifier") if bert else ("classifier.dense", "classifier.out_proj")
@@ -149,7 +149,8 @@ def write_random_checkpoint(out: Path, size: str = "tiny", seed: int = 0, dtype:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="rerank-server checkpoint", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="rerank-server checkpoint", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="directory to write")
     parser.add_argument("--family", choices=tuple(FAMILIES), default="xlm-roberta",
                         help="xlm-roberta: bge-reranker-v2-m3's architecture and tokenizer (8192 positions); "

@@ -250,7 +250,8 @@ def openapi_document(model_names: tuple[str, ...] = (), max_documents: int = 100
         f"{MAX_TOTAL_CHUNKS}. On POST /rerank a body with texts and no documents is the TEI dialect "
         "(TeiRerankRequest).")
     paths["/health"] = {"get": {"operationId": "health", "summary": "200 once the model is loaded and warmed, else 503",
-                                "responses": {"200": {"description": "serving"}, "503": {"description": "not serving"}}}}
+                                "responses": {"200": {"description": "serving"},
+                                              "503": {"description": "not serving"}}}}
     paths["/info"] = {"get": {"operationId": "info", "summary": "model, device, attention backend, limits, version",
                               "responses": {"200": _json({"type": "object"})}}}
     paths["/metrics"] = {"get": {"operationId": "metrics", "summary": "Prometheus metrics",

@@ -234,7 +234,7 @@ class Scheduler:
             self._on_batch(len(batch), tokens)
         for job in {job for job, _ in batch}:
             job.inference_seconds += elapsed
-        for (job, i), logit in zip(batch, logits):
+        for (job, i), logit in zip(batch, logits, strict=True):  # one logit per pair of the batch
             if not math.isfinite(logit):
                 if not job.future.done():
                     log.error("the model returned a non-finite logit (%s) for pair %d of %d of a request", logit, i,
