@@ -258,7 +258,8 @@ def hf_backends(checkpoint: Path, args: argparse.Namespace, device: torch.device
         except Exception as e:
             if implementation == "sdpa":
                 raise
-            notes.append(f"HF attn_implementation={implementation!r} did not load ({e.__class__.__name__}: {e}); not run")
+            notes.append(f"HF attn_implementation={implementation!r} did not load "
+                         f"({e.__class__.__name__}: {e}); not run")
     for n in notes:
         print(f"note: {n}", flush=True)
     return backends, notes
@@ -281,7 +282,8 @@ def onnx_backends(checkpoint: Path, args: argparse.Namespace, device: torch.devi
     return [Backend("onnxruntime", "onnxruntime", runner, "onnxruntime (fused by its graph optimizer)", nbytes)], []
 
 
-def warm_up(backends: list[Backend], workloads: list[Workload], args: argparse.Namespace, device: torch.device) -> float:
+def warm_up(backends: list[Backend], workloads: list[Workload], args: argparse.Namespace,
+            device: torch.device) -> float:
     """CUDA: one untimed run of every backend on every workload (Triton compiles, cuBLAS
     picks its algorithms per shape). CPU: one forward per backend on the first 4 docs of
     each workload (allocator, BLAS/oneDNN)."""
@@ -405,7 +407,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-tokens", type=int,
                    help="tokens of the one-batch memory probe of ours (default 65536 on CUDA, 4096 quick; "
                         "0 = off, the CPU's default)")
-    p.add_argument("--repeats", type=int, help="timed repeats per backend and workload; the median is reported (default 3)")
+    p.add_argument("--repeats", type=int,
+                   help="timed repeats per backend and workload; the median is reported (default 3)")
     p.add_argument("--gemm-m", type=int, help="rows of the GEMM-rate measurement (default 4096; 16384 on CUDA)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--quiet-wait", type=float,

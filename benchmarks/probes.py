@@ -59,7 +59,8 @@ def print_memory_probe(probe: dict) -> None:
         return
     print(f"{head}; peak allocated {m['peak_allocated_bytes'] / GiB:.2f} GiB (weights "
           f"{probe['weight_bytes'] / GiB:.2f} GiB + {(m['peak_allocated_bytes'] - probe['weight_bytes']) / GiB:.2f}), "
-          f"peak reserved {m['peak_reserved_bytes'] / GiB:.2f} GiB; limit {probe['limit_bytes'] / GiB:.2f} GiB", flush=True)
+          f"peak reserved {m['peak_reserved_bytes'] / GiB:.2f} GiB; limit {probe['limit_bytes'] / GiB:.2f} GiB",
+          flush=True)
 
 
 
@@ -113,7 +114,7 @@ def run_rss_probe(args: argparse.Namespace, checkpoint: Path) -> dict:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"RSS probe failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RSS-PROBE "))
+    line = next(out for out in proc.stdout.splitlines() if out.startswith("RSS-PROBE "))
     result = json.loads(line.removeprefix("RSS-PROBE "))
     result["seconds"] = time.perf_counter() - t0
     result["peak_over_weights"] = result["peak_rss_bytes"] / result["weight_bytes"]

@@ -60,7 +60,8 @@ def choose(gpu: FakeGpu, max_rows: int = 1024) -> Ops:
 
 
 def times(baseline: tuple[float, float, float], fused: tuple[float, float, float], rows=(64, 512, 1024)):
-    return {**{("baseline", r): t for r, t in zip(rows, baseline)}, **{("fused", r): t for r, t in zip(rows, fused)}}
+    return {**{("baseline", r): t for r, t in zip(rows, baseline, strict=True)},
+            **{("fused", r): t for r, t in zip(rows, fused, strict=True)}}
 
 
 def test_fused_wins_every_tier(caplog):
@@ -260,7 +261,7 @@ def choose_attention(fake: FakeAttention, backend: str = "triton") -> Ops:
 def test_attention_workloads_cover_every_query_tier():
     workloads = small_workloads()
     assert sorted(workloads) == [16, 64, 128]
-    for tier, (q, k, v, cu_q, cu_k, max_q, max_k, scale) in workloads.items():
+    for tier, (q, k, _v, cu_q, cu_k, max_q, max_k, _scale) in workloads.items():
         assert attention.attention_block_m(max_q, HEAD_DIM) == tier
         assert int(cu_k[-1]) == k.shape[0] >= 600 and int(cu_q[-1]) == q.shape[0]
         assert (cu_k[1:] - cu_k[:-1]).max() <= max_k
@@ -281,7 +282,7 @@ def test_attention_config_wins_only_where_faster(caplog):
     assert set(report["block_m=16"]["timings_ms"]) == {"default", *attention.attention_config_candidates(HEAD_DIM, 16)}
     # the op set's attention runs the chosen configuration for its tier, the default elsewhere
     fake.calls.clear()
-    for tier, args in small_workloads().items():
+    for args in small_workloads().values():
         ops.varlen_attention(*args)
     assert fake.calls == [(16, "n128-s3-unmasked"), (64, "default"), (128, "default")]
     json.dumps(ops.choices)

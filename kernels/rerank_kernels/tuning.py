@@ -107,13 +107,13 @@ class ByRows:
 
     def __call__(self, x: torch.Tensor, *args, **kwargs):
         rows = x.shape[0]
-        for limit, op in zip(self.limits, self.ops):
+        for limit, op in zip(self.limits, self.ops[:-1], strict=True):
             if rows <= limit:
                 return op(x, *args, **kwargs)
         return self.ops[-1](x, *args, **kwargs)
 
     def __repr__(self) -> str:
-        tiers = [f"<={limit}: {name}" for limit, name in zip(self.limits, self.names)]
+        tiers = [f"<={limit}: {name}" for limit, name in zip(self.limits, self.names[:-1], strict=True)]
         return f"ByRows({', '.join(tiers)}, more: {self.names[-1]})"
 
 
@@ -138,7 +138,7 @@ def choose_ffn_up(ops, weight: torch.Tensor, bias: torch.Tensor, *, max_rows: in
     limits = tuple(limit for limit in ROW_BUCKETS if limit < max_rows)
     chosen, report = [], {}
     g = torch.Generator(device=weight.device).manual_seed(0)
-    for name, rows in zip(tier_names(limits), (*limits, max_rows)):
+    for name, rows in zip(tier_names(limits), (*limits, max_rows), strict=True):
         # LayerNorm'd activations are about unit scale
         x = torch.randn(rows, weight.shape[1], device=weight.device, dtype=weight.dtype, generator=g)
         choice = choose(f"FFN up-projection + GELU at {rows} x {weight.shape[1]} -> {weight.shape[0]}",
@@ -158,7 +158,7 @@ def choose_ffn_up(ops, weight: torch.Tensor, bias: torch.Tensor, *, max_rows: in
     else:
         measured = ByRows(limits, tuple(by_name[c] for c in chosen), tuple(chosen))
     log.info("FFN up-projection measured in %.1fs: %s", time.perf_counter() - started,
-             ", ".join(f"{tier} {c}" for tier, c in zip(report, chosen)))
+             ", ".join(f"{tier} {c}" for tier, c in zip(report, chosen, strict=True)))
     return dataclasses.replace(ops, measured_linear_gelu=measured, choices={**ops.choices, FFN_UP: report})
 
 
@@ -234,7 +234,8 @@ def choose_attention_configs(ops, heads: int, head_dim: int, dtype: torch.dtype,
 
 
 def tune_ops(ops, up_weight: torch.Tensor, up_bias: torch.Tensor, *, heads: int, max_rows: int,
-             timer: Timer | None = None, fused: Callable = linear_gelu_triton, attention_kernel: Callable | None = None):
+             timer: Timer | None = None, fused: Callable = linear_gelu_triton,
+             attention_kernel: Callable | None = None):
     """Every load-time measurement for a model on CUDA: the FFN up-projection (``choose_ffn_up``)
     and the Triton attention's configurations (``choose_attention_configs``). up_weight
     (intermediate, hidden), up_bias (intermediate,): one layer's, in the model's dtype.

@@ -117,7 +117,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         engine = await loop.run_in_executor(device_thread, lambda: Engine.load(
             config.model, config.device, config.max_length, config.attention, tokenizer, config.dtype, config.cpu_gemm))
         await loop.run_in_executor(device_thread, engine.warm_up)
-        max_batch_tokens = config.max_batch_tokens or default_max_batch_tokens(engine.asynchronous, config.max_length or 0)
+        max_batch_tokens = (config.max_batch_tokens
+                            or default_max_batch_tokens(engine.asynchronous, config.max_length or 0))
         scheduler = Scheduler(engine.launch, max_batch_tokens, config.max_queued_tokens,
                               on_batch=service.metrics.observe_batch, batch_requests=config.batching,
                               in_flight=2 if engine.asynchronous else 1, device_thread=device_thread)

@@ -182,7 +182,8 @@ class Engine:
         device = self.model.device
         if device.type == "cpu":  # computes now; the wait hands the logits over
             return launch_now(lambda _: self.model(ids, cu_seqlens, max(lengths), types).tolist())(pairs)
-        ids, cu_seqlens = ids.pin_memory().to(device, non_blocking=True), cu_seqlens.pin_memory().to(device, non_blocking=True)
+        ids = ids.pin_memory().to(device, non_blocking=True)
+        cu_seqlens = cu_seqlens.pin_memory().to(device, non_blocking=True)
         if types is not None:
             types = types.pin_memory().to(device, non_blocking=True)
         on_device = self.model(ids, cu_seqlens, max(lengths), types)

@@ -173,7 +173,7 @@ class CrossEncoder:
 
     def __init__(self, config: EncoderConfig, ops: Ops, device: torch.device, dtype: torch.dtype):
         c, self.config, self.ops, self.device, self.dtype = config, config, ops, device, dtype
-        H, I = c.hidden_size, c.intermediate_size
+        H, FF = c.hidden_size, c.intermediate_size
 
         def empty(*shape: int) -> torch.Tensor:
             return torch.empty(shape, device=device, dtype=dtype)
@@ -184,7 +184,7 @@ class CrossEncoder:
         self.embed_norm_weight, self.embed_norm_bias = empty(H), empty(H)
         self.layers = [
             Layer(empty(3 * H, H), empty(3 * H), empty(H, H), empty(H), empty(H), empty(H),
-                  empty(I, H), empty(I), empty(H, I), empty(H), empty(H), empty(H))
+                  empty(FF, H), empty(FF), empty(H, FF), empty(H), empty(H), empty(H))
             for _ in range(c.num_layers)
         ]
         # The classification head runs in fp32 on the (batch, hidden) first-token rows: fp16
