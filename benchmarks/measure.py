@@ -87,7 +87,8 @@ class MachineLoad:
     """How much CPU the rest of the machine used while we ran: busy time of all CPUs from
     ``/proc/stat`` (steal included) less this process's own (``os.times``), per second of
     wall time. Other processes on a shared 2-core machine halve a 2-thread GEMM's rate, so
-    every timed run records it and runs above ``CONTENDED_SHARE`` of the machine are flagged."""
+    every timed run records it and runs above ``CONTENDED_SHARE`` of the machine are flagged.
+    ``measured``: other processes whose CPU is part of what is timed (a server under test)."""
 
     HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     CPUS = os.cpu_count() or 1
@@ -102,14 +103,22 @@ class MachineLoad:
             return None
         return (sum(v) - v[3] - v[4]) / cls.HZ  # all but idle and iowait
 
+    def __init__(self, measured: tuple = ()):
+        self.measured = measured  # psutil.Process objects
+
+    def measured_cpu_s(self) -> float:
+        return sum(c.user + c.system for c in (p.cpu_times() for p in self.measured))
+
     def __enter__(self) -> MachineLoad:
         self.m0, self.t0, self.w0 = self.machine_busy_s(), os.times(), time.perf_counter()
+        self.p0 = self.measured_cpu_s()
         return self
 
     def __exit__(self, *exc) -> None:
         self.wall = time.perf_counter() - self.w0
         t1, m1 = os.times(), self.machine_busy_s()
-        self.ours_cpus = (t1.user + t1.system - self.t0.user - self.t0.system) / self.wall
+        self.ours_cpus = (t1.user + t1.system - self.t0.user - self.t0.system
+                          + self.measured_cpu_s() - self.p0) / self.wall
         self.foreign_cpus = (None if m1 is None or self.m0 is None
                              else max((m1 - self.m0) / self.wall - self.ours_cpus, 0.0))
 

@@ -64,7 +64,7 @@ async def time_rest(server: Server, body: bytes, repeats: int, quiet_wait: float
         runs = []
         for i in range(repeats + 1):  # the first is a warm-up
             wait_quiet(quiet_wait)
-            with MachineLoad() as load:
+            with MachineLoad(measured=(server.ps,)) as load:  # the server's CPU is what is timed
                 async with session.post(server.url + "/v1/rerank", data=body,
                                         headers={"Content-Type": "application/json"}) as r:
                     text = await r.text()

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import rerank_kernels
 from rerank_server.checkpoint import write_random_checkpoint
 from rerank_server.engine import Engine
+from rerank_server.tokenization import EncodedPair
 
 NATIVE_BF16 = rerank_kernels.native_bf16_missing() is None
 DTYPES = ["float32", pytest.param("bfloat16", marks=pytest.mark.skipif(
@@ -62,6 +63,31 @@ def small_engine(request, small_checkpoint):
 def test_engine_scores_do_not_depend_on_the_batch(small_engine, case):
     lengths, seed, batches = case
     assert_invariant(small_engine, random_pairs(lengths, seed, 250002), batches)
+
+
+def random_bert_pairs(lengths: list[int], seed: int, vocab: int) -> list[EncodedPair]:
+    """[CLS] query [SEP] document [SEP] of the given lengths, token type 1 from the document on."""
+    rng = random.Random(seed)
+    pairs = []
+    for n in lengths:
+        body = [rng.randrange(1000, vocab) for _ in range(n - 3)]
+        split = rng.randrange(len(body) + 1)
+        pairs.append(EncodedPair([101, *body[:split], 102, *body[split:], 102], split + 2))
+    return pairs
+
+
+@pytest.fixture(scope="module", params=DTYPES)
+def bert_engine(request, tmp_path_factory):
+    checkpoint = write_random_checkpoint(tmp_path_factory.mktemp("bert"), "small", seed=3, family="bert")
+    return Engine.load(str(checkpoint), "cpu", dtype=request.param)
+
+
+@settings(SLOW, max_examples=8)
+@given(case=batchings(max_pairs=10, max_length=200))
+def test_bert_scores_do_not_depend_on_the_batch(bert_engine, case):
+    """The BERT family too: token types, positions from 0 and the pooler head."""
+    lengths, seed, batches = case
+    assert_invariant(bert_engine, random_bert_pairs(lengths, seed, 30522), batches)
 
 
 @pytest.fixture(scope="module")
