@@ -289,7 +289,7 @@ def test_max_length_has_one_rule(tiny_checkpoint, capsys):
         parse_args(["--max-length", "7"])
     assert e.value.code == 2 and "--max-length must be at least 8, got 7" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--max-length must be at least 8, got 7"):
-        PairTokenizer(tiny_checkpoint / "tokenizer.json", 7, bos_id=0, eos_id=2)
+        PairTokenizer(tiny_checkpoint / "tokenizer.json", 7)
     with pytest.raises(ValueError, match="--max-length must be at least 8 and at most the model's 8192, got 8193"):
         Engine.load_tokenizer(tiny_checkpoint, 8193)
     assert Engine.load_tokenizer(tiny_checkpoint, 8).max_length == 8
