@@ -273,10 +273,13 @@ def test_usage_counts_every_pair(live_server, tokenizer):
         assert rerank(live_server, documents=[d])["usage"]["prompt_tokens"] == n
 
 
-def test_no_content_type_header_is_read_as_json(live_server):
+def test_a_post_without_content_type_is_415(live_server):
+    """As TEI does: only application/json is read (a cross-site form cannot send it without a
+    preflight; the other form types are refused in test_bad_request_bodies)."""
     body = json.dumps({"model": SERVED_MODEL, "query": QUERY, "documents": DOCS}).encode()
     r = requests.post(live_server.http_url + "/v1/rerank", data=body, timeout=60)
-    assert r.status_code == 200, r.text
+    assert r.status_code == 415, r.text
+    assert "Content-Type must be application/json" in r.json()["message"]
 
 
 # ---------------------------------------------------------------- truncation (--max-length 64)

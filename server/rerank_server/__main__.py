@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -21,10 +20,12 @@ from rerank_kernels import resolve_dtype
 from rerank_server.config import Config, default_max_batch_tokens, parse_args
 from rerank_server.engine import Engine, ModelNotFoundError, could_be_hub_id, resolve_device, resolve_model_dir
 from rerank_server.grpc_server import build_grpc_server, set_serving
+from rerank_server.limits import GuardedSite
+from rerank_server.logs import setup_logging
 from rerank_server.rest import build_app
 from rerank_server.scheduler import Scheduler
 from rerank_server.schema import SERVICE
-from rerank_server.service import RerankService, request_id_var
+from rerank_server.service import RerankService
 
 log = logging.getLogger("rerank_server")
 
@@ -68,22 +69,27 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     except (StartupError, ModelNotFoundError, ValueError) as e:
         log.error("cannot start: %s", e)
         return 2
+    connections = config.connection_limits
     limits = dict(max_request_bytes=config.max_request_bytes, http_port=config.http_port,
                   grpc_port=config.grpc_port, auth=bool(config.api_keys), tls=bool(config.tls_cert),
-                  batching=config.batching, document_objects=config.document_objects)
-    service = RerankService(config.served_model_name, config.max_documents, config.api_keys, settings=limits)
+                  batching=config.batching, document_objects=config.document_objects,
+                  http_idle_timeout=connections.idle_timeout, http_body_timeout=connections.body_timeout,
+                  http_max_connections=connections.max_connections)
+    service = RerankService(config.served_model_name, config.max_documents, config.api_keys, settings=limits,
+                            max_request_tokens=config.max_request_tokens)
 
     grpc_server, health = build_grpc_server(service, f"{config.host}:{config.grpc_port}",
-                                            config.max_request_bytes, credentials)
+                                            config.max_request_bytes, credentials, connections)
     await set_serving(health, False)
     await grpc_server.start()
     # handler_cancellation: a client that disconnects cancels its handler, so its queued pairs are dropped
     runner = web.AppRunner(build_app(service, config.max_request_bytes, config.metrics_auth,
-                                     document_objects=config.document_objects), access_log=None,
-                           shutdown_timeout=2, handler_cancellation=True)
+                                     document_objects=config.document_objects, body_timeout=connections.body_timeout),
+                           access_log=None, shutdown_timeout=2, handler_cancellation=True)
     await runner.setup()
     try:
-        await web.TCPSite(runner, config.host, config.http_port, ssl_context=ssl_context).start()
+        await GuardedSite(runner, config.host, config.http_port, connections, service.metrics,
+                          ssl_context=ssl_context).start()
     except OSError as e:  # taken between the check and now
         log.error("cannot start: cannot listen for REST on %s:%d: %s", config.host, config.http_port, e.strerror)
         await asyncio.gather(runner.cleanup(), grpc_server.stop(0))
@@ -95,6 +101,15 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
              f"on ({len(config.api_keys)} keys)" if config.api_keys else "off")
 
     stop = stop or asyncio.Event()
+    failure: list[BaseException] = []  # the scheduler's, if it dies: exit non-zero
+
+    def on_scheduler_failure(error: BaseException) -> None:
+        """Inference cannot go on: stop serving (health NOT_SERVING at once) and exit non-zero,
+        so that an orchestrator replaces this process."""
+        failure.append(error)
+        service.failed = True
+        loop.create_task(set_serving(health, False))
+        stop.set()
 
     def on_signal(signum: int) -> None:
         if stop.is_set():  # the second signal: no more waiting
@@ -121,7 +136,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
                             or default_max_batch_tokens(engine.asynchronous, config.max_length or 0))
         scheduler = Scheduler(engine.launch, max_batch_tokens, config.max_queued_tokens,
                               on_batch=service.metrics.observe_batch, batch_requests=config.batching,
-                              in_flight=2 if engine.asynchronous else 1, device_thread=device_thread)
+                              in_flight=2 if engine.asynchronous else 1, device_thread=device_thread,
+                              on_fatal=on_scheduler_failure)
         scheduler.start()
         service.attach(engine, scheduler)
         await set_serving(health, True)
@@ -136,6 +152,9 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         status = 2
     else:
         await stopping
+        if failure:
+            log.critical("exiting: the scheduler failed (%s); a restart is needed", failure[0])
+            status = 1
     loading.cancel()
     # Draining: both listeners stay open, so health answers NOT_SERVING / 503 and new requests
     # get 503 / UNAVAILABLE until the process exits; accepted ones finish within the grace.
@@ -197,29 +216,6 @@ def route_list(app: web.Application) -> list[str]:
     return routes
 
 
-class RequestIdFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get()
-        return True
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                 "request_id": record.request_id, "message": record.getMessage()}
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def setup_logging(config: Config) -> None:
-    handler = logging.StreamHandler()
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(JsonFormatter() if config.log_json else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
-    logging.basicConfig(level=config.log_level, handlers=[handler])
-
-
 def main(argv: list[str] | None = None) -> None:
     """``rerank-server [flags]`` serves; ``rerank-server checkpoint ...`` writes a random checkpoint."""
     argv = sys.argv[1:] if argv is None else argv
@@ -227,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         from rerank_server.checkpoint import main as checkpoint_main
         return checkpoint_main(argv[1:])
     config = parse_args(argv)
-    setup_logging(config)
+    setup_logging(config.log_level, config.log_json)
     status = asyncio.run(serve(config))
     busy = [t for t in threading.enumerate() if t.name.startswith("device")]
     for t in busy:

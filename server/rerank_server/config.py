@@ -5,6 +5,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from rerank_server.limits import ConnectionLimits, default_max_connections
 from rerank_server.scheduler import MAX_BATCH_PAIRS
 from rerank_server.tokenization import check_max_length
 
@@ -41,6 +42,8 @@ class Config:
     document_objects: bool = False  # /v1/rerank and /rerank answer documents as {"text": ...} too
     dtype: str = "auto"  # auto: float16 on CUDA, float32 on the CPU
     cpu_gemm: str = "auto"  # auto: measured at load per GEMM kind; onednn / torch: pinned
+    max_request_tokens: int | None = None  # None: a quarter of --max-queued-tokens (see service)
+    connection_limits: ConnectionLimits = ConnectionLimits()
 
 
 class ConfigError(ValueError):
@@ -146,12 +149,25 @@ def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> Config:
              f"batch on)")
     add("--max-queued-tokens", type=int, default=_env_number("max-queued-tokens", 2_000_000),
         help="tokens waiting for the model beyond which new requests get 429 / RESOURCE_EXHAUSTED")
+    add("--max-request-tokens", type=int, default=_env_number("max-request-tokens", None),
+        help="tokens one request may put in the queue (all its pairs, every chunk counted), at most "
+             "--max-queued-tokens; beyond it 413 / RESOURCE_EXHAUSTED naming this flag (default: a quarter of "
+             "--max-queued-tokens, and at least one pair of --max-length)")
     add("--no-batching", action="store_true", default=_env_flag("no-batching"),
         help="one request per forward (no batching across requests); for comparisons, not for production "
              "(default: batching on)")
     add("--max-documents", type=int, default=_env_number("max-documents", 1000), help="documents per request")
     add("--max-request-bytes", type=int, default=_env_number("max-request-bytes", 16 * 1024 * 1024),
         help="largest REST body / gRPC message accepted (413 / RESOURCE_EXHAUSTED beyond)")
+    add("--http-idle-timeout", type=float, default=_env_number("http-idle-timeout", 15.0, float),
+        help="seconds a REST connection may go without complete request headers (after it opens or after its "
+             "last response) before it is closed: idle keep-alive sockets and slow headers; gRPC closes a "
+             "connection without calls after 20 times this")
+    add("--http-body-timeout", type=float, default=_env_number("http-body-timeout", 30.0, float),
+        help="seconds to receive a REST request body; beyond it 408")
+    add("--http-max-connections", type=int, default=_env_number("http-max-connections", None),
+        help="REST connections open at once; more are answered 503 and closed (default: a quarter of the "
+             "open-file limit, at most 1024)")
     add("--shutdown-grace", type=float, default=_env_number("shutdown-grace", 30.0, float),
         help="seconds to finish accepted requests after SIGTERM/SIGINT; those still running then get "
              "503 / UNAVAILABLE, and the process exits a few seconds later (a second signal: at once)")
@@ -191,9 +207,18 @@ def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> Config:
             p.error(str(e))
     if a.max_length is not None and a.max_batch_tokens is not None and a.max_length > a.max_batch_tokens:
         p.error(f"--max-batch-tokens ({a.max_batch_tokens}) must be at least --max-length ({a.max_length})")
-    for flag in ("max_batch_tokens", "max_queued_tokens", "max_documents", "max_request_bytes"):
+    for flag in ("max_batch_tokens", "max_queued_tokens", "max_documents", "max_request_bytes",
+                 "max_request_tokens", "http_max_connections"):
         if getattr(a, flag) is not None and getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if a.max_request_tokens is not None and a.max_request_tokens > a.max_queued_tokens:
+        p.error(f"--max-request-tokens ({a.max_request_tokens}) must be at most --max-queued-tokens "
+                f"({a.max_queued_tokens})")
+    for flag in ("http_idle_timeout", "http_body_timeout"):
+        if not getattr(a, flag) > 0:
+            p.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(a, flag)}")
+    limits = ConnectionLimits(idle_timeout=a.http_idle_timeout, body_timeout=a.http_body_timeout,
+                              max_connections=a.http_max_connections or default_max_connections())
     if a.shutdown_grace < 0:
         p.error(f"--shutdown-grace must be >= 0, got {a.shutdown_grace}")
     return Config(
@@ -204,4 +229,5 @@ def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> Config:
         shutdown_grace=a.shutdown_grace, log_level=a.log_level, log_json=a.log_json,
         api_keys=api_keys, metrics_auth=a.metrics_auth, tls_cert=a.tls_cert, tls_key=a.tls_key,
         document_objects=a.document_objects, dtype=a.dtype, cpu_gemm=a.cpu_gemm,
+        max_request_tokens=a.max_request_tokens, connection_limits=limits,
     )

@@ -1,4 +1,9 @@
-"""The gRPC transport: the Rerank servicer (Rerank, Score), grpc.health.v1 and server reflection."""
+"""The gRPC transport: the Rerank servicer (Rerank, Score), grpc.health.v1 and server reflection.
+
+The API key is checked by an interceptor from the call's metadata, before the request message
+is read: a refused call never costs the memory of its message. Errors are answered by setting
+the status, not by ``context.abort`` (whose exception would keep the call, and its request,
+alive until the next cycle collection)."""
 from __future__ import annotations
 
 import logging
@@ -7,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rerank_server.limits import ConnectionLimits
 from rerank_server.schema import SERVICE, pb, pb_grpc
 from rerank_server.service import ApiError, RerankService
 
@@ -26,9 +32,8 @@ class RerankServicer(pb_grpc.RerankServicer):
     async def _serve(self, name: str, method, request, context: grpc.aio.ServicerContext):
         metadata = dict(context.invocation_metadata() or ())
         call = self.service.begin(metadata.get("x-request-id"))
-        code, error = grpc.StatusCode.CANCELLED, None  # stays CANCELLED if the caller goes away
+        code, error, response = grpc.StatusCode.CANCELLED, None, None  # stays CANCELLED if the caller goes away
         try:
-            self.service.authenticate(metadata.get("authorization"))
             response = await method(request, call)
             code = grpc.StatusCode.OK
         except ApiError as e:
@@ -41,19 +46,59 @@ class RerankServicer(pb_grpc.RerankServicer):
                 (f"x-{stage}-time", milliseconds) for stage, milliseconds in call.stage_milliseconds().items()])
             self.service.end(call, "grpc", name, code, f"gRPC {name} {code.name}")
         if error is not None:
-            await context.abort(code, error)
+            context.set_code(code)
+            context.set_details(error)
         return response
 
 
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses a call to the Rerank service without a valid API key before its message is read
+    (health and reflection stay open, as on REST)."""
+
+    def __init__(self, service: RerankService):
+        self.service = service
+        self.guarded = f"/{SERVICE.full_name}/"
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        if not self.service.auth_required or not details.method.startswith(self.guarded):
+            return await continuation(details)
+        metadata = dict(details.invocation_metadata or ())
+        call = self.service.begin(metadata.get("x-request-id"))
+        try:
+            self.service.authenticate(metadata.get("authorization"), "grpc")
+        except ApiError as e:
+            name = details.method.rsplit("/", 1)[-1]
+            self.service.end(call, "grpc", name, e.code, f"gRPC {name} {e.code.name}")
+            return _refusal(e, call.request_id)
+        return await continuation(details)
+
+
+def _refusal(error: ApiError, request_id: str) -> grpc.RpcMethodHandler:
+    """A handler that answers ``error`` without reading the request: as stream-unary, the
+    message is never received (a unary call's single message is the stream's first)."""
+    async def refuse(requests, context: grpc.aio.ServicerContext):
+        context.set_trailing_metadata([("x-request-id", request_id)])
+        context.set_code(error.code)
+        context.set_details(error.message)
+    return grpc.stream_unary_rpc_method_handler(refuse)
+
+
 def build_grpc_server(service: RerankService, address: str, max_message_bytes: int,
-                      credentials: grpc.ServerCredentials | None = None):
+                      credentials: grpc.ServerCredentials | None = None, limits: ConnectionLimits | None = None):
     """-> (server, health servicer). Health starts NOT_SERVING; the caller flips it."""
-    server = grpc.aio.server(options=[
+    limits = limits or ConnectionLimits()
+    server = grpc.aio.server(interceptors=[AuthInterceptor(service)],
+                             options=[
         # gRPC turns SO_REUSEPORT on by default: a second server on the same port would then
         # share it, calls alternating between two processes. Off: a busy port is an error.
         ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        # a connection that has not finished its HTTP/2 (and TLS) handshake in time is dropped,
+        # and one with no call for the idle timeout is closed (GOAWAY), as REST's idle sockets are
+        ("grpc.server_handshake_timeout_ms", int(limits.header_timeout * 1000)),
+        ("grpc.max_connection_idle_ms", int(limits.grpc_idle_timeout * 1000)),
+        ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
     ])
     pb_grpc.add_RerankServicer_to_server(RerankServicer(service), server)
     health_servicer = health.aio.HealthServicer()

@@ -26,6 +26,11 @@ class Metrics:
                                       buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536), registry=r)
         self.queued_tokens = Gauge("rerank_queued_tokens", "Tokens waiting for the model", registry=r)
         self.tokens = Counter("rerank_tokens", "Tokens processed by the model", registry=r)
+        self.auth_failures = Counter("rerank_auth_failures", "Requests refused for a missing or wrong API key",
+                                     ["transport"], registry=r)
+        self.malformed_http = Counter("rerank_malformed_http_requests",
+                                      "HTTP requests aiohttp could not parse, and connections cut by a timeout or "
+                                      "the connection limit", ["reason"], registry=r)
 
     def observe_batch(self, pairs: int, tokens: int) -> None:
         self.batch_pairs.observe(pairs)

@@ -201,8 +201,10 @@ def openapi_document(model_names: tuple[str, ...] = (), max_documents: int = 100
     errors = {status: _json(_ref("Error"), description=meaning)
               for status, meaning in [("400", "invalid argument: the message names the field"),
                                       ("401", "missing or invalid API key"), ("404", "unknown model"),
-                                      ("413", "body over the size limit, or a pair too long with truncate: false"),
-                                      ("415", "Content-Type is not JSON"),
+                                      ("408", "request body not received within --http-body-timeout"),
+                                      ("413", "body over the size limit, more tokens than --max-request-tokens, "
+                                              "or a pair too long with truncate: false"),
+                                      ("415", "Content-Type is not application/json (or missing)"),
                                       ("429", "queue full: retry later"), ("503", "model not serving yet"),
                                       ("504", "deadline exceeded"), ("500", "internal error")]}
     tei_errors = {status: _json({"anyOf": [_ref("Error"), _ref("TeiError")]}, description=response["description"])

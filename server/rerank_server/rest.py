@@ -21,10 +21,12 @@ What JSON can say and a proto message cannot is the shim's own:
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import re
+import sys
 
 import grpc
 from aiohttp import web
@@ -32,7 +34,14 @@ from google.protobuf import descriptor, json_format, message_factory, struct_pb2
 
 from rerank_server.openapi import GRPC_TIMEOUT_PATTERN, docs_page, openapi_document
 from rerank_server.schema import http_bindings, pb
-from rerank_server.service import ApiError, Deadline, Reason, RerankService
+from rerank_server.service import (
+    ApiError,
+    Deadline,
+    Reason,
+    RerankService,
+    check_document_fields,
+    check_rank_fields,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +54,10 @@ HTTP_STATUS = {
     grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.FAILED_PRECONDITION: 400,
 }
 # where HTTP says more than the code: a pair too long to score untruncated is a payload too large
-REASON_STATUS = {Reason.TOO_LONG: 413}
+REASON_STATUS = {Reason.TOO_LONG: 413, Reason.TOO_LARGE: 413, Reason.MEDIA_TYPE: 415, Reason.BODY_TIMEOUT: 408}
 # TEI's answer to each refusal: (HTTP status, error_type), as its router maps them.
 TEI_REASONS = {Reason.EMPTY: (400, "empty"), Reason.TOO_MANY: (413, "validation"),
-               Reason.TOO_LONG: (413, "validation")}
+               Reason.TOO_LONG: (413, "validation"), Reason.TOO_LARGE: (413, "validation")}
 TEI_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT: (422, "validation"), grpc.StatusCode.NOT_FOUND: (404, "validation"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "overloaded"), grpc.StatusCode.UNAVAILABLE: (503, "unhealthy"),
@@ -68,6 +77,7 @@ UNGUARDED = web.AppKey("unguarded", frozenset)  # paths without the API key
 OBJECT_PATHS = web.AppKey("object_paths", frozenset)  # routes answering string documents as {"text": ...}
 METHODS = web.AppKey("methods", dict)  # path -> the RPC's method descriptor
 SPEC = web.AppKey("spec", dict)
+BODY_TIMEOUT = web.AppKey("body_timeout", float)  # seconds to receive a body
 DOCS_PAGE = web.AppKey("docs_page", str)
 # What a request carries from handler to middleware.
 CALL = "call"
@@ -191,14 +201,16 @@ def _field_error(field: descriptor.FieldDescriptor, value) -> str | None:
 
 
 def _text_error(name: str, value, depth: int = 0) -> str | None:
-    """Text protobuf cannot carry (a lone surrogate: no UTF-8), or nesting beyond MAX_NESTING,
-    anywhere in a field's value (object keys included)."""
+    """Text protobuf cannot carry (a lone surrogate: no UTF-8), an integer beyond a double's
+    range, or nesting beyond MAX_NESTING, anywhere in a field's value (object keys included)."""
     if isinstance(value, str):
         try:
             value.encode()
         except UnicodeEncodeError:
             return f"{name} holds text that is not valid Unicode (a lone surrogate such as \\ud800)"
         return None
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
+        return f"{name} holds an integer too large for a JSON number the API can carry (at most about 1.8e308)"
     if isinstance(value, (list, dict)):
         if depth == MAX_NESTING:
             return f"{name} nests arrays and objects more than {MAX_NESTING} levels deep"
@@ -301,13 +313,54 @@ def _json_body(raw: bytes) -> dict:
     return body
 
 
-def _read_message(request: web.Request, body: dict, message_class):
-    """``body`` (nulls are absent) as ``message_class``; its unknown fields noted for the middleware."""
-    ignored = unknown_fields(body, message_class)
+def check_sizes(body: dict, service: RerankService) -> None:
+    """The counts the service bounds, checked on the raw JSON before any per-item work (type
+    checks, transcoding): the documents (under any dialect's name), rank_fields, and the fields
+    of each document object."""
+    for name in ("documents", "texts", "text_1", "text_2"):
+        if isinstance(body.get(name), list):
+            service.check_not_too_many(name, len(body[name]))
+    if isinstance(body.get("rank_fields"), list):
+        check_rank_fields(len(body["rank_fields"]))
+    if isinstance(body.get("documents"), list):
+        for index, document in enumerate(body["documents"]):
+            if isinstance(document, dict):
+                check_document_fields(index, len(document))
+
+
+def read_message(body: dict, message_class, service: RerankService):
+    """``body`` as ``message_class`` (nulls are absent), sizes checked first. -> (the message, the
+    names of its unknown fields). CPU work: run off the event loop."""
+    check_sizes(body, service)
+    message = parse_message({k: v for k, v in body.items() if v is not None}, message_class)
+    return message, unknown_fields(body, message_class)
+
+
+async def _read_message(request: web.Request, body: dict, message_class):
+    """``read_message`` off the loop; the unknown fields noted for the middleware."""
+    message, ignored = await request.app[SERVICE].off_loop(read_message, body, message_class, request.app[SERVICE])
     if ignored:
         request[IGNORED] = ignored
         log.warning("ignored unknown fields: %s", _ignored_header(ignored))
-    return parse_message({k: v for k, v in body.items() if v is not None}, message_class)
+    return message
+
+
+async def read_json(request: web.Request) -> dict:
+    """The body, within --http-body-timeout and --max-request-bytes, as a JSON object (parsed
+    off the event loop). Only ``application/json`` (or ``+json``) is taken: a cross-site form
+    cannot send that type without a preflight."""
+    if "Content-Type" not in request.headers or not _is_json(request.content_type):
+        got = f"got {request.content_type!r}" if "Content-Type" in request.headers else "none was sent"
+        raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"Content-Type must be application/json; {got}", Reason.MEDIA_TYPE)
+    timeout = request.app[BODY_TIMEOUT]
+    try:
+        raw = await asyncio.wait_for(request.read(), timeout)
+    except asyncio.TimeoutError:
+        request.protocol.force_close()
+        raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, f"request body: not received within {timeout:g} s "
+                       "(--http-body-timeout)", Reason.BODY_TIMEOUT) from None
+    return await request.app[SERVICE].off_loop(_json_body, raw)
 
 
 # ---------------------------------------------------------------- handlers
@@ -320,7 +373,11 @@ async def record(request: web.Request, handler) -> web.StreamResponse:
     call = request[CALL] = service.begin(request.headers.get("X-Request-Id"))
     try:
         if request.path not in request.app[UNGUARDED]:
-            service.authenticate(request.headers.get("Authorization"))
+            try:  # before the body is read
+                service.authenticate(request.headers.get("Authorization"), "http")
+            except ApiError:
+                request.protocol.force_close()  # the body is never read: the connection cannot go on
+                raise
         response = await handler(request)
     except ApiError as e:
         response = api_error_response(e)
@@ -356,15 +413,12 @@ async def record(request: web.Request, handler) -> web.StreamResponse:
 
 async def transcode(request: web.Request) -> web.Response:
     """Any ``google.api.http`` binding: JSON -> the RPC's request -> the service -> JSON."""
-    if "Content-Type" in request.headers and not _is_json(request.content_type):
-        return error_response(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"Content-Type must be application/json, got {request.content_type!r}", 415)
     path = request.match_info.route.resource.canonical
-    body = _json_body(await request.read())
+    body = await read_json(request)
     if is_tei_body(path, body):
         return await tei_rerank(request, body)
     method = request.app[METHODS][path]
-    message = _read_message(request, body, message_factory.GetMessageClass(method.input_type))
+    message = await _read_message(request, body, message_factory.GetMessageClass(method.input_type))
     service = request.app[SERVICE]
     reply = await SERVICE_CALLS[method.name](service, message, request[CALL],
                                              grpc_timeout(request.headers.get("Grpc-Timeout")))
@@ -379,7 +433,7 @@ async def tei_rerank(request: web.Request, body: dict) -> web.Response:
     """POST /rerank in text-embeddings-inference's dialect: its bare array, its errors."""
     service = request.app[SERVICE]
     try:
-        message = tei_to_rerank(_read_message(request, body, pb.TeiRerankRequest), service.model_id)
+        message = tei_to_rerank(await _read_message(request, body, pb.TeiRerankRequest), service.model_id)
         reply = await service.rerank(message, request[CALL], grpc_timeout(request.headers.get("Grpc-Timeout")),
                                      documents_field="texts")
     except ApiError as e:
@@ -419,11 +473,12 @@ async def docs(request: web.Request) -> web.Response:
 
 
 def build_app(service: RerankService, max_request_bytes: int, metrics_auth: bool = False,
-              document_objects: bool = False) -> web.Application:
+              document_objects: bool = False, body_timeout: float = 30.0) -> web.Application:
     """``document_objects``: /v1/rerank and /rerank return string documents as {"text": ...}
-    too (/v2/rerank always does)."""
+    too (/v2/rerank always does). ``body_timeout``: seconds to receive a request body (408 after)."""
     app = web.Application(client_max_size=max_request_bytes, middlewares=[record])
     app[SERVICE] = service
+    app[BODY_TIMEOUT] = body_timeout
     app[UNGUARDED] = OPEN_PATHS - ({"/metrics"} if metrics_auth else set())
     app[OBJECT_PATHS] = frozenset({"/v2/rerank"} | ({"/v1/rerank", "/rerank"} if document_objects else set()))
     app[METHODS] = {}

@@ -17,6 +17,13 @@ launched is computed even if its callers leave meanwhile.
 
 A non-finite logit (NaN or infinite) fails the request it belongs to with a RuntimeError
 saying so (the service answers INTERNAL): a score of NaN is never returned.
+
+Nothing fails silently: an exception while launching, collecting or delivering a batch (a
+forward that raises, one that returns too few logits, a metrics callback that raises) fails
+that batch's unanswered requests with a RuntimeError and the loops go on; a loop that ends
+anyway (a bug in the scheduler itself) calls ``on_fatal`` with the exception, so that the
+server can stop serving and exit for its orchestrator to replace it, rather than leave every
+later request waiting.
 """
 from __future__ import annotations
 
@@ -87,10 +94,12 @@ class Scheduler:
     def __init__(self, launch: Launch, max_batch_tokens: int, max_queued_tokens: int,
                  on_batch: Callable[[int, int], None] | None = None, batch_requests: bool = True,
                  in_flight: int = 1, device_thread: ThreadPoolExecutor | None = None,
-                 max_batch_pairs: int = MAX_BATCH_PAIRS):
+                 max_batch_pairs: int = MAX_BATCH_PAIRS,
+                 on_fatal: Callable[[BaseException], None] | None = None):
         """``device_thread``: the one-thread executor that runs launches (default: a new one),
         owned by the scheduler from here on: ``close`` shuts it down. Waits run on a thread
-        of the scheduler's own (they only block on the device: no torch compute there)."""
+        of the scheduler's own (they only block on the device: no torch compute there).
+        ``on_fatal``: called once if the batching or collecting loop ends with an exception."""
         if in_flight < 1:
             raise ValueError(f"in_flight must be >= 1, got {in_flight}")
         self._launch = launch
@@ -109,6 +118,8 @@ class Scheduler:
         self._tasks: list[asyncio.Task] = []
         self._cut_off: str | None = None  # set at the end of the shutdown grace: the reason
         self._open: set[_Job] = set()  # requests not answered yet (queued, launched or collected)
+        self._on_fatal = on_fatal
+        self.failed: BaseException | None = None  # set when a loop has died (see _loop_ended)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -116,6 +127,22 @@ class Scheduler:
         self._launched: asyncio.Queue = asyncio.Queue()
         self._tasks = [loop.create_task(self._launch_batches(), name="batcher"),
                        loop.create_task(self._collect_batches(), name="collector")]
+        for task in self._tasks:
+            task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        """A batching loop ended. Unless cancelled (close), that is fatal: every request not yet
+        answered fails, later ones are refused, and ``on_fatal`` is told."""
+        if task.cancelled() or self.failed is not None:
+            return
+        error = task.exception() or RuntimeError(f"the scheduler's {task.get_name()} loop ended")
+        self.failed = error
+        log.critical("the scheduler's %s loop died; no request can be served from here on", task.get_name(),
+                     exc_info=error)
+        self.cut_off(f"inference is unavailable: the scheduler failed ({type(error).__name__}: {error})",
+                     RuntimeError)
+        if self._on_fatal:
+            self._on_fatal(error)
 
     async def close(self) -> None:
         """Stops batching. A forward still running on the device thread is not waited for
@@ -126,14 +153,14 @@ class Scheduler:
         self._thread.shutdown(wait=False, cancel_futures=True)
         self._collector.shutdown(wait=False, cancel_futures=True)
 
-    def cut_off(self, reason: str) -> int:
+    def cut_off(self, reason: str, error: type[Exception] = ShuttingDownError) -> int:
         """Fails every request not yet answered (queued or in a launched batch) with
-        ShuttingDownError(reason), and every later one. -> how many were cut."""
+        ``error(reason)``, and every later one with ShuttingDownError. -> how many were cut."""
         self._cut_off = reason
         cut = 0
         for job in list(self._open):
             if not job.future.done():
-                job.future.set_exception(ShuttingDownError(reason))
+                job.future.set_exception(error(reason))
                 cut += 1
         self._jobs.clear()
         self.queued_tokens = 0
@@ -141,13 +168,14 @@ class Scheduler:
 
     async def score(self, pairs: list[list[int]], timings: dict | None = None) -> list[float]:
         """Token-id lists (each at most max_batch_tokens long) -> one logit each.
-        ``timings`` (if given) receives "queue" and "inference" seconds."""
+        ``timings`` (if given) receives "queue" and "inference" seconds. The queue limit holds
+        for every request, an empty queue included (the service caps a request below it)."""
         if not pairs:
             return []
         if self._cut_off:
             raise ShuttingDownError(self._cut_off)
         tokens = sum(len(p) for p in pairs)
-        if self.queued_tokens and self.queued_tokens + tokens > self.max_queued_tokens:
+        if self.queued_tokens + tokens > self.max_queued_tokens:
             raise QueueFullError(
                 f"the server is busy: {self.queued_tokens} tokens are queued and this request adds {tokens} "
                 f"(limit {self.max_queued_tokens}); retry later")
@@ -218,20 +246,21 @@ class Scheduler:
             batch, wait, started = await self._launched.get()
             try:
                 logits = await loop.run_in_executor(self._collector, wait)
-            except Exception as e:
-                self._fail(batch, e)
-            else:
                 self._deliver(batch, logits, time.perf_counter() - started)
+            except Exception as e:  # the forward, the delivery or the metrics: this batch fails, the loop goes on
+                self._fail(batch, e)
             finally:
                 self._slots.release()
 
     def _deliver(self, batch: list[tuple[_Job, int]], logits: list[float], elapsed: float) -> None:
+        """Hands each logit to its request. Checked first: one logit per pair of the batch (a
+        forward returning more or fewer would pair scores with the wrong documents)."""
+        if len(logits) != len(batch):
+            raise RuntimeError(f"the forward returned {len(logits)} logits for a batch of {len(batch)} pairs")
         tokens = sum(len(job.pairs[i]) for job, i in batch)
         self.stats.forwards += 1
         self.stats.pairs += len(batch)
         self.stats.tokens += tokens
-        if self._on_batch:
-            self._on_batch(len(batch), tokens)
         for job in {job for job, _ in batch}:
             job.inference_seconds += elapsed
         for (job, i), logit in zip(batch, logits, strict=True):  # one logit per pair of the batch
@@ -247,10 +276,12 @@ class Scheduler:
             job.done += 1
             if job.done == len(job.pairs) and not job.future.done():
                 job.future.set_result(job.logits)
+        if self._on_batch:  # after the answers: a failing callback fails only what is still unanswered
+            self._on_batch(len(batch), tokens)
 
     @staticmethod
     def _fail(batch: list[tuple[_Job, int]], error: Exception) -> None:
-        log.error("forward failed for a batch of %d pairs", len(batch), exc_info=error)
+        log.error("a batch of %d pairs failed", len(batch), exc_info=error)
         for job, _ in batch:
             if not job.future.done():
                 job.future.set_exception(RuntimeError(f"inference failed: {error}"))

@@ -28,7 +28,7 @@ from rerank_server.engine import Engine
 from rerank_server.metrics import Metrics
 from rerank_server.scheduler import QueueFullError, Scheduler, ShuttingDownError
 from rerank_server.schema import pb
-from rerank_server.tokenization import EncodedPair, PairTooLongError, token_type_start
+from rerank_server.tokenization import EncodedPair, PairTooLongError, RequestTooLargeError, token_type_start
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,9 @@ class Reason(str, enum.Enum):
     EMPTY = "empty"  # no documents
     TOO_MANY = "too_many"  # over --max-documents
     TOO_LONG = "too_long"  # a pair over --max-length with truncation off
+    TOO_LARGE = "too_large"  # more tokens than --max-request-tokens
+    MEDIA_TYPE = "media_type"  # a REST body that is not application/json
+    BODY_TIMEOUT = "body_timeout"  # a REST body not received in time
 
 
 class ApiError(Exception):
@@ -63,6 +66,23 @@ def invalid(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+# Bounds on what a request may hold beyond --max-documents, checked before any per-item work
+# (on REST before the body is transcoded), so that the work a request costs stays linear in
+# its size: rank_fields x documents lookups, and the fields of each document object.
+MAX_RANK_FIELDS = 100
+MAX_DOCUMENT_FIELDS = 256
+
+
+def check_rank_fields(n: int) -> None:
+    if n > MAX_RANK_FIELDS:
+        raise invalid(f"rank_fields has {n} names; the limit is {MAX_RANK_FIELDS}")
+
+
+def check_document_fields(index: int, n: int) -> None:
+    if n > MAX_DOCUMENT_FIELDS:
+        raise invalid(f"documents[{index}] is an object of {n} fields; the limit is {MAX_DOCUMENT_FIELDS}")
+
+
 def document_text(doc: struct_pb2.Value, index: int, rank_fields: list[str]) -> str:
     """A document is a string, or an object: ranked on its "text" field, or with
     ``rank_fields`` on "field: value" lines built from those of the fields it has (Cohere style)."""
@@ -71,6 +91,7 @@ def document_text(doc: struct_pb2.Value, index: int, rank_fields: list[str]) -> 
         return doc.string_value
     if kind == "struct_value":
         fields = doc.struct_value.fields
+        check_document_fields(index, len(fields))
         if rank_fields:  # the fields a document lacks are skipped; with none, its text is empty
             return "\n".join(f"{f}: {_plain(fields[f])}" for f in rank_fields if f in fields)
         text = fields.get("text")
@@ -142,28 +163,51 @@ def counted_in_flight(method):
     return run
 
 
+def default_max_request_tokens(max_queued_tokens: int, max_length: int) -> int:
+    """A quarter of the queue (so that no request can take more than a quarter of it), but
+    always room for one pair of the longest length."""
+    return max(max_queued_tokens // 4, min(max_length, max_queued_tokens))
+
+
 class RerankService:
     def __init__(self, served_model_names: list[str], max_documents: int, api_keys: list[str] = (),
-                 metrics: Metrics | None = None, settings: dict | None = None):
+                 metrics: Metrics | None = None, settings: dict | None = None,
+                 max_request_tokens: int | None = None, cpu_workers: int = 2):
+        """``max_request_tokens``: the most tokens one request may put in the queue (default: see
+        default_max_request_tokens, once the model is attached). ``cpu_workers``: threads that
+        parse, validate and tokenize requests off the event loop."""
         self.settings = settings or {}  # limits and listeners, reported by describe()
         self.model_id = served_model_names[0]
         self.served_names = set(served_model_names)
         self.max_documents = max_documents
+        self.max_request_tokens = max_request_tokens
         self._api_keys = [k.encode() for k in api_keys]
         self.metrics = metrics or Metrics()
         self.engine: Engine | None = None
         self.draining = False  # set at shutdown: health goes NOT_SERVING, new requests 503
+        self.failed = False  # set when inference cannot go on (the scheduler died): NOT_SERVING for good
         self.in_flight = 0  # service calls running now (see counted_in_flight)
         self.scheduler: Scheduler | None = None
-        self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        # The event loop only moves bytes: JSON parsing, transcoding, validation and tokenization
+        # run here, so that health checks and small requests are answered while a big one is read.
+        self._cpu_pool = ThreadPoolExecutor(max_workers=cpu_workers, thread_name_prefix="request-cpu")
 
     @property
     def ready(self) -> bool:
-        return self.scheduler is not None and not self.draining
+        return self.scheduler is not None and not self.draining and not self.failed
 
     def attach(self, engine: Engine, scheduler: Scheduler) -> None:
         """Called once the model is loaded and warmed: from here on requests are served."""
+        if self.max_request_tokens is None:
+            self.max_request_tokens = default_max_request_tokens(scheduler.max_queued_tokens,
+                                                                 engine.tokenizer.max_length)
         self.engine, self.scheduler = engine, scheduler
+
+    async def off_loop(self, function, *args, **kwargs):
+        """Runs CPU work on the request pool, with this request's context (its id in the log)."""
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(
+            self._cpu_pool, functools.partial(context.run, function, *args, **kwargs))
 
     def cut_off(self, reason: str) -> None:
         """End of the shutdown grace: every request still running is answered UNAVAILABLE."""
@@ -189,7 +233,8 @@ class RerankService:
                         hidden_size=model.config.hidden_size, family=model.config.family)
         if self.scheduler:
             info.update(max_batch_tokens=self.scheduler.max_batch_tokens,
-                        max_queued_tokens=self.scheduler.max_queued_tokens)
+                        max_queued_tokens=self.scheduler.max_queued_tokens,
+                        max_request_tokens=self.max_request_tokens)
         return info
 
     def begin(self, request_id: str | None) -> Call:
@@ -208,16 +253,35 @@ class RerankService:
         self.metrics.request_seconds.labels(transport).observe(elapsed)
         log.info("%s in %.1f ms", outcome, elapsed * 1000)
 
-    def authenticate(self, authorization: str | None) -> None:
-        """``authorization`` is the HTTP header / gRPC metadata value, "Bearer <key>"."""
+    @property
+    def auth_required(self) -> bool:
+        return bool(self._api_keys)
+
+    def authenticate(self, authorization: str | bytes | None, transport: str) -> None:
+        """``authorization`` is the HTTP header / gRPC metadata value, "Bearer <key>". A refusal
+        is counted in the metrics (rerank_auth_failures_total); the value is never logged."""
         if not self._api_keys:
             return
+        try:
+            self._check_key(authorization)
+        except ApiError:
+            self.metrics.auth_failures.labels(transport).inc()
+            raise
+
+    def _check_key(self, authorization: str | bytes | None) -> None:
         if not authorization:
             raise ApiError(grpc.StatusCode.UNAUTHENTICATED,
                            "authorization is required: send 'Authorization: Bearer <key>'")
+        if isinstance(authorization, bytes):  # gRPC binary metadata: never a key
+            raise ApiError(grpc.StatusCode.UNAUTHENTICATED, "authorization must be text: 'Bearer <key>'")
         scheme, _, key = authorization.partition(" ")
+        try:
+            key_bytes = key.strip().encode()
+        except UnicodeEncodeError:  # undecodable bytes in the header (aiohttp keeps them as surrogates)
+            raise ApiError(grpc.StatusCode.UNAUTHENTICATED,
+                           "authorization holds bytes that are not UTF-8 text: send 'Bearer <key>'") from None
         # compare against every key, in constant time, whatever matches first
-        matched = [hmac.compare_digest(key.strip().encode(), k) for k in self._api_keys]
+        matched = [hmac.compare_digest(key_bytes, k) for k in self._api_keys]
         if scheme.lower() != "bearer" or not any(matched):
             raise ApiError(grpc.StatusCode.UNAUTHENTICATED, "authorization: invalid API key")
 
@@ -226,10 +290,15 @@ class RerankService:
             raise ApiError(grpc.StatusCode.NOT_FOUND,
                            f"model {model!r} is not served here; served: {', '.join(sorted(self.served_names))}")
 
-    def _check_count(self, field_name: str, n: int) -> None:
+    def check_count(self, field_name: str, n: int) -> None:
+        """The documents' count (``field_name``: what the dialect calls them)."""
         if n == 0:
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"{field_name} is required and must hold at least one document", Reason.EMPTY)
+        self.check_not_too_many(field_name, n)
+
+    def check_not_too_many(self, field_name: str, n: int) -> None:
+        """At most --max-documents, checked before any work on the documents."""
         if n > self.max_documents:
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"{field_name} has {n} entries; the limit is {self.max_documents} (--max-documents)",
@@ -243,7 +312,8 @@ class RerankService:
         self.check_model(request.model)
         if not request.query:
             raise invalid("query is required and must be a non-empty string")
-        self._check_count(documents_field, len(request.documents))
+        self.check_count(documents_field, len(request.documents))
+        check_rank_fields(len(request.rank_fields))
         if request.HasField("top_n") and request.top_n < 1:
             raise invalid(f"top_n must be an integer >= 1, got {request.top_n}")
         if request.HasField("max_tokens_per_doc") and request.max_tokens_per_doc < 1:
@@ -263,7 +333,7 @@ class RerankService:
         if not request.HasField("text_1") or not request.HasField("text_2"):
             raise invalid("text_1 and text_2 are required: a string or a list of strings each")
         first, second = _texts(request.text_1, "text_1"), _texts(request.text_2, "text_2")
-        self._check_count("text_2", len(second))
+        self.check_count("text_2", len(second))
         if len(first) not in (1, len(second)):
             raise invalid(f"text_1 must be one string or as many as text_2 ({len(second)}), got {len(first)}")
         if not first or not all(first):
@@ -289,7 +359,7 @@ class RerankService:
                      deadline: Deadline | None = None, documents_field: str = "documents") -> pb.RerankResponse:
         call = call or Call()
         created = int(time.time())
-        texts = self.validate(request, documents_field)
+        texts = await self.off_loop(self.validate, request, documents_field)
         self._require_ready()
         chunks = request.max_chunks_per_doc if request.HasField("max_chunks_per_doc") else 1
         logits, best_chunk, tokens = await self._within(self._score_groups(
@@ -319,7 +389,7 @@ class RerankService:
                     deadline: Deadline | None = None) -> pb.ScoreResponse:
         call = call or Call()
         created = int(time.time())
-        pairs = self.validate_score(request)
+        pairs = await self.off_loop(self.validate_score, request)
         self._require_ready()
         # pairs that share text_1 are tokenized together (the query once), then put back in order
         groups: dict[str, list[int]] = {}
@@ -343,16 +413,19 @@ class RerankService:
                             truncate: bool = True) -> tuple[list[float], list[int], int]:
         """(query, documents) groups -> (one logit per document, in group order; the best
         window of each; the tokens fed to the model). The one scoring path of every route."""
-        loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        pairs, owner, n_documents = [], [], 0
+        pairs, owner, n_documents, tokens = [], [], 0, 0
         for query, documents in groups:
             try:
-                group_pairs, group_owner = await loop.run_in_executor(self._tokenize_pool, functools.partial(
+                group_pairs, group_owner = await self.off_loop(
                     self.engine.tokenizer.encode_chunked, query, documents, max_doc_tokens, chunks,
-                    keep_end=keep_end, truncate=truncate))
+                    keep_end=keep_end, truncate=truncate, max_tokens=self.max_request_tokens - tokens)
             except PairTooLongError as e:
                 raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(e), Reason.TOO_LONG) from None
+            except RequestTooLargeError:
+                raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(RequestTooLargeError(self.max_request_tokens)),
+                               Reason.TOO_LARGE) from None
+            tokens += sum(len(p) for p in group_pairs)
             pairs += group_pairs
             owner += [n_documents + o for o in group_owner]
             n_documents += len(documents)
@@ -378,7 +451,7 @@ class RerankService:
             chunk = chunk + 1 if i and owner[i - 1] == doc else 0
             if logit > logits[doc]:
                 logits[doc], best_chunk[doc] = logit, chunk
-        return logits, best_chunk, sum(len(p) for p in pairs)  # every pair counts, duplicates included
+        return logits, best_chunk, tokens  # every pair counts, duplicates included
 
     def _observe(self, call: Call) -> None:
         call.timings["total"] = time.perf_counter() - call.started

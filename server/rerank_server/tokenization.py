@@ -144,8 +144,13 @@ class BoundedTokenizer:
         if not self.separable:
             log.warning("this tokenizer does not split at spaces as expected; texts are tokenized whole")
 
+    def encode(self, text: str):
+        """One text's Encoding. Through ``encode_batch``, which lets go of the GIL while it works
+        (``encode`` holds it: a long text would stall the event loop's thread for as long)."""
+        return self.tokenizer.encode_batch([text], add_special_tokens=False)[0]
+
     def ids(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.encode(text).ids
 
     def check_separable(self) -> bool:
         """The cuts on a few probes (scripts, added tokens beside a space or a word)."""
@@ -268,7 +273,7 @@ class BoundedTokenizer:
         """At least ``want`` tokens of ``text[start:end]`` (``start`` a cut or 0) certainly
         the first of ``text[start:]`` (2. in the class docstring), or None (too few tokens
         there, or no window of plain characters in reach)."""
-        probe = self.tokenizer.encode(text[start:end], add_special_tokens=False)
+        probe = self.encode(text[start:end])
         if len(probe.ids) <= want + 16:
             return None
         # the window ends a little past the wanted tokens: the walks merge before it
@@ -311,6 +316,16 @@ class PairTooLongError(ValueError):
                          "send truncate: true (or omit it) to cut it")
         self.document, self.max_length = document, max_length
 
+
+
+class RequestTooLargeError(ValueError):
+    """A request's pairs would hold more tokens than ``max_tokens`` (--max-request-tokens)."""
+
+    def __init__(self, max_tokens: int):
+        super().__init__(f"this request needs more than {max_tokens} tokens of model input (its pairs, every "
+                         f"chunk counted); the limit is {max_tokens} (--max-request-tokens): send fewer or "
+                         "shorter documents, or fewer max_chunks_per_doc")
+        self.max_tokens = max_tokens
 
 
 class EncodedPair(list):
@@ -449,8 +464,8 @@ class PairTokenizer:
         return query_len, room - query_len
 
     def encode_chunked(self, query: str, documents: list[str], max_doc_tokens: int | None = None,
-                       max_chunks: int = 1, keep_end: bool = False,
-                       truncate: bool = True) -> tuple[list[EncodedPair], list[int]]:
+                       max_chunks: int = 1, keep_end: bool = False, truncate: bool = True,
+                       max_tokens: int | None = None) -> tuple[list[EncodedPair], list[int]]:
         """Splits each document into up to ``max_chunks`` windows of the token budget (the room
         left beside the query, or ``max_doc_tokens`` if smaller), overlapping by 1/8 of a window.
         -> (pairs, owner): ``owner[i]`` is the document index of ``pairs[i]``; a document's
@@ -458,7 +473,11 @@ class PairTokenizer:
         are taken from the document's end (left truncation; the query keeps its start).
         ``truncate=False``: a pair that does not fit in ``max_length`` raises ``PairTooLongError``
         instead of being cut. Each text is tokenized only as far as the widest window reaches
-        (one token further with ``truncate=False``, to tell that it is too long)."""
+        (one token further with ``truncate=False``, to tell that it is too long).
+        ``max_tokens``: the pairs may hold at most this many tokens in all, else
+        ``RequestTooLargeError``, raised as soon as it is certain; no document is tokenized
+        further than the tokens left could take (a document's windows hold each of its tokens
+        they cover at least once), so that the work done for a refused request stays bounded."""
         room = self.max_length - self.template.num_special
         if truncate:
             q = self.bounded.head(query, self.max_query_tokens if self.truncation == "only_second"
@@ -473,14 +492,20 @@ class PairTokenizer:
         if max_doc_tokens is not None:
             widest = min(widest, max_doc_tokens)
         span = widest + (max_chunks - 1) * max(1, widest - widest // 8) + (0 if truncate else 1)
+        fit_span = 0  # tokens of a document that its windows' size depends on
         if truncate and self.truncation == "longest_first":
             # how longest_first splits the room depends on the document's length up to the room
             # while the query takes at most half of it; beyond that, on which text is longer
-            span = max(span, room if len(q) <= room // 2 else self.compare_tokens)
+            fit_span = room if len(q) <= room // 2 else self.compare_tokens
+            span = max(span, fit_span)
         cut = self.bounded.tail if keep_end else self.bounded.head
-        pairs, owner = [], []
+        pairs, owner, total = [], [], 0
         for index, document in enumerate(documents):
-            ids = cut(document, span)
+            reach = span
+            if max_tokens is not None:
+                # more than the tokens left can only be refused: one token past them shows it
+                reach = min(span, max(max_tokens - total + 1, fit_span))
+            ids = cut(document, reach)
             kept = len(ids) if max_doc_tokens is None else min(len(ids), max_doc_tokens)
             if not truncate and len(q) + kept > room:
                 raise PairTooLongError(index, self.max_length)
@@ -495,4 +520,7 @@ class PairTokenizer:
                     start = max(0, len(ids) - window - start)
                 pairs.append(self.template.pair(q[:query_kept], ids[start:start + window]))
                 owner.append(index)
+                total += len(pairs[-1])
+                if max_tokens is not None and total > max_tokens:
+                    raise RequestTooLargeError(max_tokens)
         return pairs, owner
