@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -59,10 +60,11 @@ class LiveServer:
 
 
 def start_server(checkpoint: Path | None, log_path: Path, *extra: str, wait: bool = True,
-                 env: dict[str, str] | None = None, flags: bool = True) -> LiveServer:
+                 env: dict[str, str] | None = None, flags: bool = True, open_files: int | None = None) -> LiveServer:
     """``env`` is added to the environment; ``flags=False`` passes no default flags (the
     caller sets model, ports etc. through ``extra`` or RERANK_* variables in ``env``, and
-    the returned URLs come from RERANK_HTTP_PORT / RERANK_GRPC_PORT there)."""
+    the returned URLs come from RERANK_HTTP_PORT / RERANK_GRPC_PORT there). ``open_files``:
+    the server's limit on open file descriptors (RLIMIT_NOFILE)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     if flags:
         http_port, grpc_port = free_port(), free_port()
@@ -72,8 +74,11 @@ def start_server(checkpoint: Path | None, log_path: Path, *extra: str, wait: boo
         http_port, grpc_port = int(env.get("RERANK_HTTP_PORT", 8000)), int(env.get("RERANK_GRPC_PORT", 50051))
         args = []
     log = open(log_path, "w")
+    def limit_open_files():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
     process = subprocess.Popen([sys.executable, "-m", "rerank_server", *args, *extra],
-                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                               preexec_fn=limit_open_files if open_files else None)
     server = LiveServer(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log_path)
     if wait:
         deadline = time.monotonic() + 120

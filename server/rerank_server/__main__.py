@@ -85,7 +85,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     # handler_cancellation: a client that disconnects cancels its handler, so its queued pairs are dropped
     runner = web.AppRunner(build_app(service, config.max_request_bytes, config.metrics_auth,
                                      document_objects=config.document_objects, body_timeout=connections.body_timeout),
-                           access_log=None, shutdown_timeout=2, handler_cancellation=True)
+                           access_log=None, shutdown_timeout=2, handler_cancellation=True,
+                           lingering_time=2.0)  # what is left of an unread body (a refusal) is skipped for 2 s at most
     await runner.setup()
     try:
         await GuardedSite(runner, config.host, config.http_port, connections, service.metrics,

@@ -2,8 +2,9 @@
 
 aiohttp has no connection cap and starts reading a request whenever its bytes come, so a few
 hundred idle or slow clients could hold every file descriptor. Here:
-- a connection beyond ``max_connections`` is answered 503 and closed at once (its descriptor
-  is free again before the next accept);
+- at ``max_connections``, a new connection closes the one that has waited longest for a
+  request (idle keep-alive, or headers still arriving), so that a health probe always gets in;
+  only when every connection is serving a request is the new one answered 503 and closed;
 - a connection with no complete request headers within ``idle_timeout`` seconds of opening,
   or of its previous response, is closed: idle keep-alive sockets and headers sent a byte at
   a time share this timer (aiohttp's keep-alive timer, which runs from the connection's start);
@@ -67,16 +68,22 @@ class RateLimitedLog:
 
 
 class GuardedHandler(RequestHandler):
-    """aiohttp's connection handler with a connection cap and one-line, rate-limited errors."""
+    """aiohttp's connection handler with a connection cap and one-line, rate-limited errors.
+    ``serving`` is set by the REST middleware while a request of this connection is handled."""
 
     def __init__(self, manager: web.Server, limits: ConnectionLimits, metrics: Metrics, noise: RateLimitedLog,
                  **kwargs):
         super().__init__(manager, keepalive_timeout=limits.idle_timeout, **kwargs)
         self.limits, self.metrics, self.noise = limits, metrics, noise
         self.refused = False
+        self.evicted = False
+        self.serving = False
+        self.waiting_since = time.monotonic()  # since it opened, or since its last response
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if len(self._manager.connections) >= self.limits.max_connections:
+        # (closed connections leave the manager's list only once their task has ended)
+        open_ones = [h for h in self._manager.connections if not getattr(h, "evicted", False)]
+        if len(open_ones) >= self.limits.max_connections and not self._evict_one(open_ones):
             self.refused = True
             self.metrics.malformed_http.labels("over_connection_limit").inc()
             self.noise.warning("REST connection refused: %d connections are open (--http-max-connections)",
@@ -87,6 +94,17 @@ class GuardedHandler(RequestHandler):
             transport.close()
             return
         super().connection_made(transport)
+
+    def _evict_one(self, open_ones: list[RequestHandler]) -> bool:
+        """Closes the connection that has waited longest for a request, if any is waiting."""
+        waiting = [h for h in open_ones if isinstance(h, GuardedHandler) and not h.serving]
+        if not waiting:
+            return False
+        victim = min(waiting, key=lambda h: h.waiting_since)
+        victim.evicted = True
+        victim.force_close()  # closes its transport: the descriptor is free before the next accept
+        self.metrics.malformed_http.labels("evicted_idle").inc()
+        return True
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if not self.refused:

@@ -27,11 +27,13 @@ import logging
 import math
 import re
 import sys
+import time
 
 import grpc
 from aiohttp import web
 from google.protobuf import descriptor, json_format, message_factory, struct_pb2
 
+from rerank_server.limits import GuardedHandler
 from rerank_server.openapi import GRPC_TIMEOUT_PATTERN, docs_page, openapi_document
 from rerank_server.schema import http_bindings, pb
 from rerank_server.service import (
@@ -357,7 +359,6 @@ async def read_json(request: web.Request) -> dict:
     try:
         raw = await asyncio.wait_for(request.read(), timeout)
     except asyncio.TimeoutError:
-        request.protocol.force_close()
         raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, f"request body: not received within {timeout:g} s "
                        "(--http-body-timeout)", Reason.BODY_TIMEOUT) from None
     return await request.app[SERVICE].off_loop(_json_body, raw)
@@ -371,16 +372,25 @@ async def record(request: web.Request, handler) -> web.StreamResponse:
     timing headers, and (through the service, as on gRPC) its metrics and log line."""
     service = request.app[SERVICE]
     call = request[CALL] = service.begin(request.headers.get("X-Request-Id"))
+    connection = request.protocol if isinstance(request.protocol, GuardedHandler) else None
+    if connection:
+        connection.serving = True  # not to be evicted for a new connection (rerank_server.limits)
+    try:
+        return await _record(request, handler, service, call)
+    finally:
+        if connection:
+            connection.serving, connection.waiting_since = False, time.monotonic()
+
+
+async def _record(request: web.Request, handler, service: RerankService, call) -> web.StreamResponse:
     try:
         if request.path not in request.app[UNGUARDED]:
-            try:  # before the body is read
-                service.authenticate(request.headers.get("Authorization"), "http")
-            except ApiError:
-                request.protocol.force_close()  # the body is never read: the connection cannot go on
-                raise
+            service.authenticate(request.headers.get("Authorization"), "http")  # before the body is read
         response = await handler(request)
     except ApiError as e:
         response = api_error_response(e)
+        if e.code == grpc.StatusCode.UNAUTHENTICATED or e.reason == Reason.BODY_TIMEOUT:
+            response.force_close()  # the body was not read (or not all of it): this connection ends
     except web.HTTPRequestEntityTooLarge:
         response = error_response(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   f"request body is larger than the limit of {request.client_max_size} bytes "
