@@ -45,6 +45,7 @@ from rerank_server.schema import pb
 pytestmark = [pytest.mark.serving, pytest.mark.slow]
 
 LONG = 2048  # --max-length of the servers that need slow forwards: long documents are cut to it
+BIGGEST_REQUEST = 122 * LONG  # tokens: a request of batches_for's most (60 forwards of two LONG pairs), and one more
 
 
 # ---------------------------------------------------------------- helpers
@@ -140,7 +141,8 @@ def occupy(server: LiveServer, pool: ThreadPoolExecutor, batches: int, seed: int
 def main_server(tiny_checkpoint, tmp_path_factory):
     """Slow-ish forwards (pairs up to LONG tokens, two per batch), JSON logs."""
     server = start_server(tiny_checkpoint, tmp_path_factory.mktemp("main") / "server.log",
-                          "--max-length", str(LONG), "--max-batch-tokens", str(2 * LONG), "--log-json")
+                          "--max-length", str(LONG), "--max-batch-tokens", str(2 * LONG), "--log-json",
+                          "--max-request-tokens", str(BIGGEST_REQUEST))
     yield server
     stop_cleanly(server)
 
@@ -296,20 +298,20 @@ class TestSplitAndNoBatching:
 def small_queue_server(tiny_checkpoint, tmp_path_factory):
     server = start_server(tiny_checkpoint, tmp_path_factory.mktemp("overload") / "server.log",
                           "--max-length", str(LONG), "--max-batch-tokens", str(2 * LONG),
-                          "--max-queued-tokens", str(4 * LONG))
+                          "--max-queued-tokens", str(BIGGEST_REQUEST), "--max-request-tokens", str(BIGGEST_REQUEST))
     yield server
     stop_cleanly(server)
 
 
 class TestOverload:
     def test_flood_gets_fast_429_and_resource_exhausted_then_recovers(self, small_queue_server):
-        """A big request (accepted: the queue was empty) keeps more than --max-queued-tokens
-        waiting; a flood of concurrent requests of 2 x LONG tokens each then meets a full queue."""
+        """A big request of exactly --max-queued-tokens (accepted: the queue was empty) keeps all
+        but its first batch waiting; of a flood of concurrent requests of 2 x LONG tokens each,
+        at most the first fits, the rest meet a full queue."""
         server = small_queue_server
         n_rest, n_grpc = 12, 6
         payloads = [body(f"flood {i}", [long_document(100 + 2 * i), long_document(101 + 2 * i)])
                     for i in range(n_rest + n_grpc)]
-        batches = batches_for(server, 2.0)
         channel, client = stub(server)
         barrier = threading.Barrier(n_rest + n_grpc)
 
@@ -330,7 +332,7 @@ class TestOverload:
 
         before = scrape(server)
         with channel, ThreadPoolExecutor(n_rest + n_grpc + 1) as pool:
-            big = occupy(server, pool, max(batches, 4))
+            big = occupy(server, pool, BIGGEST_REQUEST // (2 * LONG))
             rest_futures = [pool.submit(rest, p) for p in payloads[:n_rest]]
             grpc_futures = [pool.submit(call, p) for p in payloads[n_rest:]]
             rest_results = [f.result() for f in rest_futures]
@@ -373,7 +375,8 @@ class TestOverload:
 
 def test_sigterm_finishes_in_flight_requests_then_exits_0(tiny_checkpoint, tmp_path):
     server = start_server(tiny_checkpoint, tmp_path / "server.log", "--max-length", str(LONG),
-                          "--max-batch-tokens", str(2 * LONG), "--shutdown-grace", "120")
+                          "--max-batch-tokens", str(2 * LONG), "--shutdown-grace", "120",
+                          "--max-request-tokens", str(BIGGEST_REQUEST))
     try:
         n_rest, n_grpc = 3, 2
         n = n_rest + n_grpc

@@ -36,9 +36,10 @@ def slow_docs(k: int, seed: int) -> list[str]:
 
 
 def start(checkpoint, log, *extra):
-    # --max-documents: on a fast CPU a slow request needs more than the default 1000 documents
+    # --max-documents and --max-request-tokens: on a fast CPU a slow request needs more than the
+    # default 1000 documents and 32 batches
     return start_server(checkpoint, log, "--max-length", str(PAIR), "--max-batch-tokens", str(2 * PAIR),
-                        "--max-documents", "100000", *extra)
+                        "--max-documents", "100000", "--max-request-tokens", "2000000", *extra)
 
 
 _forward_seconds: dict[str, float] = {}  # per server

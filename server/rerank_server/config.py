@@ -42,7 +42,7 @@ class Config:
     document_objects: bool = False  # /v1/rerank and /rerank answer documents as {"text": ...} too
     dtype: str = "auto"  # auto: float16 on CUDA, float32 on the CPU
     cpu_gemm: str = "auto"  # auto: measured at load per GEMM kind; onednn / torch: pinned
-    max_request_tokens: int | None = None  # None: a quarter of --max-queued-tokens (see service)
+    max_request_tokens: int | None = None  # None: see service.default_max_request_tokens
     connection_limits: ConnectionLimits = ConnectionLimits()
 
 
@@ -151,8 +151,8 @@ def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> Config:
         help="tokens waiting for the model beyond which new requests get 429 / RESOURCE_EXHAUSTED")
     add("--max-request-tokens", type=int, default=_env_number("max-request-tokens", None),
         help="tokens one request may put in the queue (all its pairs, every chunk counted), at most "
-             "--max-queued-tokens; beyond it 413 / RESOURCE_EXHAUSTED naming this flag (default: a quarter of "
-             "--max-queued-tokens, and at least one pair of --max-length)")
+             "--max-queued-tokens; beyond it 413 / RESOURCE_EXHAUSTED naming this flag (default: 32 batches of "
+             "--max-batch-tokens, at most a quarter of --max-queued-tokens, at least one pair of --max-length)")
     add("--no-batching", action="store_true", default=_env_flag("no-batching"),
         help="one request per forward (no batching across requests); for comparisons, not for production "
              "(default: batching on)")

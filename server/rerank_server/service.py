@@ -163,10 +163,15 @@ def counted_in_flight(method):
     return run
 
 
-def default_max_request_tokens(max_queued_tokens: int, max_length: int) -> int:
-    """A quarter of the queue (so that no request can take more than a quarter of it), but
-    always room for one pair of the longest length."""
-    return max(max_queued_tokens // 4, min(max_length, max_queued_tokens))
+BATCHES_PER_REQUEST = 32  # the most forward batches of work one request may hold, by default
+
+
+def default_max_request_tokens(max_queued_tokens: int, max_batch_tokens: int, max_length: int) -> int:
+    """32 batches (131,072 tokens on the CPU, 524,288 on a GPU) but at most a quarter of the
+    queue, so that no request can take more than a quarter of it; always room for one pair of
+    the longest length."""
+    return max(min(BATCHES_PER_REQUEST * max_batch_tokens, max_queued_tokens // 4),
+               min(max_length, max_queued_tokens))
 
 
 class RerankService:
@@ -199,8 +204,8 @@ class RerankService:
     def attach(self, engine: Engine, scheduler: Scheduler) -> None:
         """Called once the model is loaded and warmed: from here on requests are served."""
         if self.max_request_tokens is None:
-            self.max_request_tokens = default_max_request_tokens(scheduler.max_queued_tokens,
-                                                                 engine.tokenizer.max_length)
+            self.max_request_tokens = default_max_request_tokens(
+                scheduler.max_queued_tokens, scheduler.max_batch_tokens, engine.tokenizer.max_length)
         self.engine, self.scheduler = engine, scheduler
 
     async def off_loop(self, function, *args, **kwargs):
