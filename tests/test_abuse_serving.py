@@ -19,7 +19,7 @@ import grpc
 import pytest
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import WORDS, body, error_lines, grpc_request, poll, post, scrape, start_server, stub
+from helpers import WORDS, body, error_lines, grpc_request, poll, post, scrape, start_server
 
 from rerank_server.schema import pb_grpc
 
@@ -122,14 +122,20 @@ def test_the_issues_heaviest_requests_are_bounded_while_health_answers(server):
     assert r.status_code == 200 and len(r.json()["results"]) == 2
 
 
-def test_a_request_over_the_token_cap_is_resource_exhausted_on_grpc(server):
+@pytest.mark.parametrize("attack", ["61M tokens", "13 MiB document"])
+def test_over_grpc_the_same_requests_are_resource_exhausted_while_health_answers(server, attack):
     rng = random.Random(1)
-    channel, rerank = stub(server)
-    with channel:
+    if attack == "61M tokens":
         request = grpc_request(words(rng, 6000), [words(rng, 30000)], max_tokens_per_doc=8, max_chunks_per_doc=10000)
+    else:
+        request = grpc_request("q", [words(rng, 2_300_000)], max_chunks_per_doc=10000)
+    channel = grpc.insecure_channel(server.grpc_address, options=[("grpc.max_send_message_length", 2**25)])
+    with channel, Prober(server) as prober:
         with pytest.raises(grpc.RpcError) as e:
-            rerank.Rerank(request, metadata=[("authorization", f"Bearer {KEY}")], timeout=120)
+            pb_grpc.RerankStub(channel).Rerank(request, metadata=[("authorization", f"Bearer {KEY}")], timeout=300)
+        time.sleep(1.0)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-request-tokens" in e.value.details()
+    prober.check(f"gRPC {attack}")
 
 
 def test_grpc_refuses_without_the_key_before_reading_the_message(server):
