@@ -96,8 +96,8 @@ grpc_timeouts = st.sampled_from([(None, "none")] * 6 + [("60S", "ample"), ("0000
 
 
 def json_content_type(value: str | None) -> bool:
-    if value is None:
-        return True
+    if value is None:  # refused (415), as TEI refuses it: a cross-site form could send it
+        return False
     media = value.split(";")[0].strip().lower()
     return media == "application/json" or media.endswith("+json")
 
