@@ -41,6 +41,8 @@ class Config:
     document_objects: bool = False  # /v1/rerank and /rerank answer documents as {"text": ...} too
     dtype: str = "auto"  # auto: float16 on CUDA, float32 on the CPU
     cpu_gemm: str = "auto"  # auto: measured at load per GEMM kind; onednn / torch: pinned
+    max_connection_age: float = 120.0  # seconds; 0: unlimited (scale-out, issue 23)
+    max_connection_age_grace: float = 30.0
 
 
 class ConfigError(ValueError):
@@ -171,6 +173,7 @@ def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> Config:
     add("--document-objects", action="store_true", default=_env_flag("document-objects"),
         help='answer string documents as {"text": ...} on /v1/rerank and /rerank too, as /v2/rerank does, for '
              "Cohere v1, Jina and vLLM parsers (default: the string as sent, the seed's shape)")
+    _add_scale_out_flags(p)
     a = p.parse_args(argv)
     api_keys = a.api_key or [k.strip() for k in _env("api-key", "").split(",") if k.strip()]
     if bool(a.tls_cert) != bool(a.tls_key):
@@ -196,6 +199,9 @@ def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> Config:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if a.shutdown_grace < 0:
         p.error(f"--shutdown-grace must be >= 0, got {a.shutdown_grace}")
+    for flag in ("max_connection_age", "max_connection_age_grace"):
+        if getattr(a, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
     return Config(
         model=a.model, served_model_name=names or [a.model], host=a.host, http_port=a.http_port,
         grpc_port=a.grpc_port, max_length=a.max_length, device=a.device, attention=a.attention,
@@ -204,4 +210,15 @@ def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> Config:
         shutdown_grace=a.shutdown_grace, log_level=a.log_level, log_json=a.log_json,
         api_keys=api_keys, metrics_auth=a.metrics_auth, tls_cert=a.tls_cert, tls_key=a.tls_key,
         document_objects=a.document_objects, dtype=a.dtype, cpu_gemm=a.cpu_gemm,
+        max_connection_age=a.max_connection_age, max_connection_age_grace=a.max_connection_age_grace,
     )
+
+
+def _add_scale_out_flags(p: argparse.ArgumentParser) -> None:
+    add = p.add_argument
+    add("--max-connection-age", type=float, default=_env_number("max-connection-age", 120.0, float),
+        help="seconds a gRPC connection lives (+-10%%) before the server asks the client to reconnect "
+             "(GOAWAY; no call fails): clients then re-resolve their target and spread onto new replicas. "
+             "0: no limit")
+    add("--max-connection-age-grace", type=float, default=_env_number("max-connection-age-grace", 30.0, float),
+        help="seconds calls in flight on a connection past its age may still take before it is closed")
