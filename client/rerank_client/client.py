@@ -207,7 +207,8 @@ class _Base:
         # passes options of the same names, which win
         defaults = {"grpc.max_receive_message_length": -1, "grpc.max_send_message_length": -1,
                     "grpc.max_reconnect_backoff_ms": int(max_backoff * 1000), **dict(KEEPALIVE_OPTIONS),
-                    "grpc.enable_retries": 1, "grpc.service_config": self.service_config}
+                    "grpc.enable_retries": 1, "grpc.service_config": self.service_config,
+                    "grpc.service_config_disable_resolution": 1}  # ours, not one from a DNS TXT record
         self._options = list({**defaults, **dict(options)}.items())
 
     def _timeout(self, timeout: float | None) -> float | None:
