@@ -356,6 +356,7 @@ def test_grpc_fleet_spreads_drains_survives_a_kill_and_grows(fleet):
             load.wait_calls(40)
         grown = list(load.calls)
         report("r4 added", grown)
+        report("  of which after its first answer", [c for c in grown if c.started > reached])
         print(f"  {r4.name}: first answer {reached - added:.1f} s after it joined DNS "
               f"(connection age {CONNECTION_AGE:g} s +-10%)")
         assert Counter(c.replica for c in grown if c.started > reached)[r4.name] > 0
