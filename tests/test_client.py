@@ -14,7 +14,7 @@ import time
 import grpc
 import pytest
 import requests
-from helpers import DOCS, QUERY, ROOT, SERVED_MODEL, start_server
+from helpers import DOCS, QUERY, ROOT, SERVED_MODEL, free_port, start_server
 
 from rerank_client import AsyncRerankClient, RerankClient, RerankError, RerankResponse, RerankResult
 
@@ -323,6 +323,22 @@ def test_cli_ranks(live_server, transport):
     assert [r["document"] for r in body["results"]] == [DOCS[r["index"]] for r in expected["results"]]
     assert [r["relevance_score"] for r in body["results"]] == pytest.approx(
         [r["relevance_score"] for r in expected["results"]], abs=1e-6)
+
+
+def test_cli_several_addresses(live_server):
+    """A gRPC target and REST URLs naming a dead address beside the live server: both answer."""
+    dead = free_port()
+    expected = [r["index"] for r in rest(live_server)["results"]]
+    for where in (["--target", f"ipv4:127.0.0.1:{dead},{live_server.grpc_address}"],
+                  ["--transport", "http", "--url", f"http://127.0.0.1:{dead},{live_server.http_url}"]):
+        for _ in range(3):  # a process starts at a random address: most likely one run starts at the dead one
+            run = cli(QUERY, *DOCS, *where)
+            assert run.returncode == 0, run.stderr
+            assert [r[1] for r in table_rows(run.stdout)] == expected
+    run = cli(QUERY, *DOCS, "--max-retries", "5")
+    assert run.returncode == 2 and "--max-retries must be in 0..4" in run.stderr
+    run = cli(QUERY, *DOCS, "--service-config", "{not json")
+    assert run.returncode == 2 and "--service-config is not JSON" in run.stderr
 
 
 def test_cli_file_and_long_documents(live_server, tmp_path):
