@@ -278,6 +278,11 @@ def ok_grpc_calls(replica: Replica) -> float:
         'rerank_requests_total{code="OK",http_status="",route="Rerank",transport="grpc"}', 0.0)
 
 
+def scrape_signal(replica: Replica) -> tuple[float, float]:
+    metrics = scrape(replica.server)
+    return metrics["rerank_pending_tokens"], metrics["rerank_requests_in_flight"]
+
+
 def report(title: str, calls: list[Call]) -> None:
     per_replica = Counter(c.replica for c in calls if c.replica)
     latencies = sorted(c.ended - c.started for c in calls)
@@ -302,7 +307,12 @@ def test_grpc_fleet_spreads_drains_survives_a_kill_and_grows(fleet):
         # 1. spread: each replica's own /metrics counts what the client saw it answer
         with Load(grpc_call(client), reference) as load:
             load.wait_calls(60)
+            # the scaling signal, as scraped: work in flight on some replica while the load runs ...
+            signal_seen = poll(lambda: [m for m in map(scrape_signal, (r1, r2, r3)) if min(m) > 0],
+                               timeout=60, what="a scrape that sees pending tokens and a request in flight")
         spread = list(load.calls)
+        print(f"\nbusy replica's (pending tokens, requests in flight): {signal_seen[0]}")
+        assert [scrape_signal(r) for r in (r1, r2, r3)] == [(0, 0)] * 3  # ... and none once it stopped
         report("spread over three", spread)
         seen = Counter(c.replica for c in spread)
         for r in (r1, r2, r3):
