@@ -559,3 +559,126 @@ def test_triton_cache_survives_restarts():
     dep = the("Deployment")
     mounts = [m["mountPath"] for m in container(dep)["volumeMounts"]]
     assert any(cache == m or cache.startswith(m.rstrip("/") + "/") for m in mounts), (cache, mounts)
+
+
+# ------------------------------------------------------------------ autoscaling on the queue
+# deploy/autoscaling/keda (a KEDA ScaledObject) and deploy/autoscaling/pending-tokens (the HPA on
+# a Pods metric from prometheus-adapter): overlays of deploy/, each replacing the CPU HPA.
+
+AUTOSCALING = DEPLOY / "autoscaling"
+KEDA_CRD = DEPLOY / "schemas" / "keda" / "keda.sh_scaledobjects.yaml"
+SIGNAL = "rerank_pending_tokens"
+
+
+def strict(schema):
+    """A CRD's structural schema with unknown fields an error, as `kubectl apply
+    --validate=strict` treats them (the API server would silently prune them)."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
+
+
+def keda_validator():
+    import jsonschema
+    crd = yaml.safe_load(KEDA_CRD.read_text())
+    assert crd["spec"]["names"]["kind"] == "ScaledObject"
+    (version,) = [v for v in crd["spec"]["versions"] if v["served"] and v["storage"]]
+    schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
+    schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta: checked as any object's
+    return f"{crd['spec']['group']}/{version['name']}", jsonschema.Draft7Validator(strict(schema))
+
+
+def scaled_object() -> dict:
+    (doc,) = load_docs(AUTOSCALING / "keda" / "scaledobject.yaml")
+    return doc
+
+
+def overlay(name: str) -> dict:
+    k = yaml.safe_load((AUTOSCALING / name / "kustomization.yaml").read_text())
+    assert k["resources"][0] == "../..", f"{name}: the overlay builds on deploy/ itself"
+    for r in k["resources"][1:] + [p["path"] for p in k.get("patches", []) if "path" in p]:
+        assert (AUTOSCALING / name / r).is_file(), f"{name}/kustomization.yaml lists {r}, which is not there"
+    return k
+
+
+def test_keda_schema_is_kept_with_its_source_and_license():
+    source = (KEDA_CRD.parent / "SOURCE.md").read_text()
+    assert "kedacore/keda" in source and "config/crd/bases/keda.sh_scaledobjects.yaml" in source
+    assert re.search(r"commit: `[0-9a-f]{40}`", source)
+    assert "Apache License" in (KEDA_CRD.parent / "LICENSE").read_text()
+
+
+def test_scaled_object_validates_against_kedas_crd():
+    api_version, validator = keda_validator()
+    so = scaled_object()
+    assert so["apiVersion"] == api_version and so["kind"] == "ScaledObject"
+    errors = [f"{'.'.join(map(str, e.path)) or '<root>'}: {e.message}" for e in validator.iter_errors(so)]
+    assert not errors, errors
+
+
+@pytest.mark.parametrize("what,edit", [
+    ("unknown field (strict)", lambda so: so["spec"].update(minReplicas=2)),
+    ("threshold a number, not a string", lambda so: so["spec"]["triggers"][0]["metadata"].update(threshold=20000)),
+    ("no triggers", lambda so: so["spec"].pop("triggers")),
+    ("fallback without replicas", lambda so: so["spec"]["fallback"].pop("replicas")),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_keda_validator_rejects_a_broken_scaled_object(what, edit):
+    _, validator = keda_validator()
+    so = copy.deepcopy(scaled_object())
+    edit(so)
+    assert list(validator.iter_errors(so)), f"a ScaledObject with {what} passed validation"
+
+
+def test_keda_overlay_replaces_the_cpu_hpa_and_scales_on_the_signal():
+    k = overlay("keda")
+    hpa, dep = the("HorizontalPodAutoscaler"), the("Deployment")
+    deleted = [yaml.safe_load(p["patch"]) for p in k["patches"]]
+    assert {"$patch": "delete", "apiVersion": hpa["apiVersion"], "kind": hpa["kind"],
+            "metadata": {"name": hpa["metadata"]["name"]}} in deleted, "two autoscalers would fight"
+    spec = scaled_object()["spec"]
+    assert spec["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (hpa["spec"]["minReplicas"],
+                                                                  hpa["spec"]["maxReplicas"])
+    assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == hpa["spec"]["behavior"]
+    prometheus, cpu = spec["triggers"]
+    assert prometheus["type"] == "prometheus" and prometheus["metricType"] == "AverageValue"
+    assert re.search(rf"\b{SIGNAL}\{{pod=~\"{dep['metadata']['name']}-\.\*\"\}}", prometheus["metadata"]["query"])
+    assert cpu["type"] == "cpu" and cpu["metadata"]["value"] == "70"  # the fallback every cluster has
+
+
+def test_pending_tokens_overlay_is_a_valid_hpa_on_the_pods_metric():
+    k = overlay("pending-tokens")
+    base = the("HorizontalPodAutoscaler")
+    (patch,) = load_docs(AUTOSCALING / "pending-tokens" / k["patches"][0]["path"])
+    assert (patch["kind"], patch["metadata"]["name"]) == (base["kind"], base["metadata"]["name"])
+    merged = copy.deepcopy(base)
+    merged["spec"]["metrics"] = patch["spec"]["metrics"]  # no merge key on metrics: the list is replaced
+    assert set(patch["spec"]) == {"metrics"}
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(merged, version, strict=True)
+    pods, cpu = merged["spec"]["metrics"]
+    assert pods["type"] == "Pods" and pods["pods"]["metric"]["name"] == SIGNAL
+    assert cpu == base["spec"]["metrics"][0], "CPU stays beside the signal"
+    values = yaml.safe_load((AUTOSCALING / "pending-tokens" / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = values["rules"]["custom"]
+    assert rule["name"]["as"] == SIGNAL and SIGNAL in rule["seriesQuery"]
+    assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+
+
+def test_the_signal_is_a_server_gauge_and_thresholds_agree(monkeypatch):
+    from rerank_server.metrics import Metrics
+    families = {m.name: m.type for m in Metrics().registry.collect()}
+    assert families.get(SIGNAL) == "gauge", f"the server exports no gauge {SIGNAL}"
+    keda = float(scaled_object()["spec"]["triggers"][0]["metadata"]["threshold"])
+    (patch,) = load_docs(AUTOSCALING / "pending-tokens" / "hpa.yaml")
+    hpa = float(patch["spec"]["metrics"][0]["pods"]["target"]["averageValue"])
+    assert keda == hpa, "the KEDA and prometheus-adapter variants should scale at the same backlog"
+    cfg = server_config_from_env(monkeypatch, deployment_env(the("Deployment")))
+    # scale out long before a replica refuses work (429 / RESOURCE_EXHAUSTED at max-queued-tokens)
+    assert keda * 10 <= cfg.max_queued_tokens

@@ -22,7 +22,8 @@ from rerank_client.client import (
     RerankResult,
     build_request,
     build_score_request,
+    build_service_config,
 )
 
 __all__ = ["DEFAULT_MODEL", "AsyncRerankClient", "Document", "RerankClient", "RerankError", "RerankResponse",
-           "RerankResult", "build_request", "build_score_request", "pb", "pb_grpc"]
+           "RerankResult", "build_request", "build_score_request", "build_service_config", "pb", "pb_grpc"]

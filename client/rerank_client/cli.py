@@ -17,7 +17,14 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from rerank_client.client import DEFAULT_MODEL, RerankClient, RerankError, RerankResponse, build_request
+from rerank_client.client import (
+    DEFAULT_MODEL,
+    MAX_RETRIES,
+    RerankClient,
+    RerankError,
+    RerankResponse,
+    build_request,
+)
 from rerank_client.http import post_rerank
 
 
@@ -32,9 +39,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--return-documents", action="store_true", help="ask the server to echo the documents")
     p.add_argument("--transport", choices=("grpc", "http"), default="grpc")
     p.add_argument("--target", default=os.environ.get("RERANK_TARGET", "localhost:50051"),
-                   help="gRPC host:port (default: %(default)s; env RERANK_TARGET)")
+                   help="gRPC target: host:port, dns:///host:port (all its addresses), "
+                        "ipv4:10.0.0.1:50051,10.0.0.2:50051 (default: %(default)s; env RERANK_TARGET)")
     p.add_argument("--url", default=os.environ.get("RERANK_URL", "http://localhost:8000"),
-                   help="REST base URL (default: %(default)s; env RERANK_URL)")
+                   help="REST base URL, or several comma-separated (a refused connection or 503 is retried "
+                        "on the next) (default: %(default)s; env RERANK_URL)")
+    p.add_argument("--max-retries", type=int, default=MAX_RETRIES,
+                   help=f"retries of a call that failed with UNAVAILABLE / 503, on another replica "
+                        f"(0..{MAX_RETRIES}; default: %(default)s)")
+    p.add_argument("--load-balancing", choices=("round_robin", "pick_first"), default="round_robin",
+                   help="gRPC: spread calls over every address of the target, or use one (default: %(default)s)")
+    p.add_argument("--service-config", help="gRPC service config (JSON) replacing the client's own "
+                   "(balancing, health checking, retries)")
     p.add_argument("--api-key", default=os.environ.get("RERANK_API_KEY"), help="API key (env RERANK_API_KEY)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="default: %(default)s")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default: %(default)s)")
@@ -42,6 +58,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ca-cert", help="PEM file of root certificates to trust (gRPC TLS and https URLs)")
     p.add_argument("--json", action="store_true", help="print the JSON response instead of a table")
     args = p.parse_args(argv)
+    if not 0 <= args.max_retries <= MAX_RETRIES:
+        p.error(f"--max-retries must be in 0..{MAX_RETRIES}")
+    if args.service_config:
+        try:
+            json.loads(args.service_config)
+        except ValueError as e:
+            p.error(f"--service-config is not JSON: {e}")
     if args.file:
         text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
         args.documents += [line for line in text.splitlines() if line.strip()]
@@ -69,10 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.transport == "http":
             context = ssl.create_default_context(cadata=ca.decode()) if ca else None
-            body = post_rerank(args.url, request, api_key=args.api_key, timeout=args.timeout, context=context)
+            body = post_rerank(args.url, request, api_key=args.api_key, timeout=args.timeout, context=context,
+                               max_retries=args.max_retries)
         else:
             with RerankClient(args.target, api_key=args.api_key, secure=args.tls, root_certificates=ca,
-                              timeout=args.timeout) as client:
+                              timeout=args.timeout, max_retries=args.max_retries,
+                              load_balancing=args.load_balancing, service_config=args.service_config) as client:
                 body = json_format.MessageToDict(client.rerank_pb(request), preserving_proto_field_name=True,
                                                  always_print_fields_with_no_presence=True)
     except RerankError as e:

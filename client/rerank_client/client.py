@@ -1,11 +1,14 @@
 """Typed gRPC clients for ``rerank.v1.Rerank``: :class:`RerankClient` (blocking) and
-:class:`AsyncRerankClient` (``grpc.aio``), with deadlines, API keys, TLS and retries on
-UNAVAILABLE only (bounded, exponential backoff with jitter, within the call's deadline)."""
+:class:`AsyncRerankClient` (``grpc.aio``), with deadlines, API keys and TLS. A target may name
+several servers (``dns:///reranker-headless:50051``, ``ipv4:10.0.0.1:50051,10.0.0.2:50051``):
+calls are balanced over them by gRPC itself (``round_robin``, skipping replicas whose
+``grpc.health.v1`` status is not SERVING) and a call that fails with UNAVAILABLE is retried,
+on another replica, by gRPC's retry policy (bounded, exponential backoff with jitter, within
+the call's deadline). Both are set through the channel's service config: see
+:func:`build_service_config`."""
 from __future__ import annotations
 
-import asyncio
-import random
-import time
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +23,53 @@ from rerank_client._proto import rerank_pb2_grpc as pb_grpc
 DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 #: A document as sent: a string, or an object such as ``{"text": ...}`` (any JSON-like mapping).
 Document = str | Mapping[str, Any]
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
+RERANK_SERVICE = "rerank.v1.Rerank"
+MAX_RETRIES = 4  # gRPC caps a call at 5 attempts (grpc-core clamps retryPolicy.maxAttempts to 5)
+#: Keepalive pings: a dead peer (a node gone, a dropped connection) is noticed within ~30 s, even
+#: on an idle channel. The server allows pings this often (rerank-server's
+#: grpc.http2.min_ping_interval_without_data_ms is 10 s, half of this); pings more frequent than a
+#: server allows get the connection closed with GOAWAY "too_many_pings".
+KEEPALIVE_OPTIONS = (("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
+                     ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0))
+
+
+def build_service_config(*, load_balancing: str = "round_robin", health_check: bool = True,
+                         max_retries: int = MAX_RETRIES, initial_backoff: float = 0.1,
+                         max_backoff: float = 5.0) -> dict[str, Any]:
+    """The gRPC service config the clients give their channel (the ``grpc.service_config``
+    channel option), as a dict.
+
+    - ``loadBalancingConfig``: ``round_robin`` (one connection to every address the target
+      resolves to, each call on the next ready one) or ``pick_first`` (one connection).
+    - ``healthCheckConfig`` (``health_check``): each connection watches ``grpc.health.v1`` for
+      ``rerank.v1.Rerank``; a replica that is loading or draining (NOT_SERVING) gets no new calls.
+      gRPC applies it with ``round_robin`` only.
+    - ``retryPolicy`` on every ``rerank.v1.Rerank`` method: up to ``max_retries`` (at most 4)
+      retries of a call that failed with UNAVAILABLE (a refused or reset connection, a replica
+      shutting down: reranking is idempotent), the first after a random wait of up to
+      ``initial_backoff`` seconds, each next bound doubled up to ``max_backoff``; never past the
+      call's deadline. ``max_retries=0``: no retries.
+
+    Example (what ``RerankClient(target)`` uses)::
+
+        >>> build_service_config()["loadBalancingConfig"]
+        [{'round_robin': {}}]
+    """
+    if not 0 <= max_retries <= MAX_RETRIES:
+        raise ValueError(f"max_retries must be in 0..{MAX_RETRIES} (gRPC allows at most 5 attempts), "
+                         f"got {max_retries}; to wait for a server that is not up yet, use wait_for_ready=True")
+    if initial_backoff <= 0 or max_backoff < initial_backoff:
+        raise ValueError("need 0 < initial_backoff <= max_backoff")
+    config: dict[str, Any] = {"loadBalancingConfig": [{load_balancing: {}}]}
+    if health_check:
+        config["healthCheckConfig"] = {"serviceName": RERANK_SERVICE}
+    if max_retries:
+        config["methodConfig"] = [{"name": [{"service": RERANK_SERVICE}], "retryPolicy": {
+            "maxAttempts": max_retries + 1, "initialBackoff": f"{initial_backoff:.3f}s",
+            "maxBackoff": f"{max_backoff:.3f}s", "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"]}}]
+    return config
 
 
 class RerankError(Exception):
@@ -35,9 +83,9 @@ class RerankError(Exception):
             print(e.code.name, e.message)  # NOT_FOUND model 'nope' is not served here; ...
     """
 
-    def __init__(self, code: grpc.StatusCode, message: str, request_id: str | None = None, attempts: int = 1):
+    def __init__(self, code: grpc.StatusCode, message: str, request_id: str | None = None):
         super().__init__(f"{code.name}: {message}")
-        self.code, self.message, self.request_id, self.attempts = code, message, request_id, attempts
+        self.code, self.message, self.request_id = code, message, request_id
 
     @classmethod
     def from_code_number(cls, number: int, message: str, request_id: str | None = None) -> RerankError:
@@ -45,14 +93,14 @@ class RerankError(Exception):
         return cls(_CODES.get(number, grpc.StatusCode.UNKNOWN), message, request_id)
 
     @classmethod
-    def _from_rpc(cls, e: grpc.RpcError, attempts: int) -> RerankError:
+    def _from_rpc(cls, e: grpc.RpcError) -> RerankError:
         code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
         details = e.details() if callable(getattr(e, "details", None)) else str(e)
         try:
             trailing = dict(e.trailing_metadata() or ())
         except Exception:  # noqa: BLE001 - some RpcErrors (e.g. from interceptors) carry none
             trailing = {}
-        return cls(code or grpc.StatusCode.UNKNOWN, details or "", trailing.get("x-request-id"), attempts)
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "", trailing.get("x-request-id"))
 
 
 @dataclass(frozen=True)
@@ -145,35 +193,26 @@ def _scores(reply: pb.ScoreResponse) -> list[float]:
 class _Base:
     def __init__(self, target: str, *, api_key: str | None, secure: bool, root_certificates: bytes | None,
                  timeout: float | None, max_retries: int, initial_backoff: float, max_backoff: float,
-                 options: Sequence[tuple[str, Any]]):
-        if max_retries < 0 or initial_backoff <= 0 or max_backoff < initial_backoff:
-            raise ValueError("need max_retries >= 0 and 0 < initial_backoff <= max_backoff")
-        self.target, self.timeout = target, timeout
-        self.max_retries, self.initial_backoff, self.max_backoff = max_retries, initial_backoff, max_backoff
+                 load_balancing: str, health_check: bool, wait_for_ready: bool,
+                 service_config: Mapping[str, Any] | str | None, options: Sequence[tuple[str, Any]]):
+        config = service_config if service_config is not None else build_service_config(
+            load_balancing=load_balancing, health_check=health_check, max_retries=max_retries,
+            initial_backoff=initial_backoff, max_backoff=max_backoff)
+        self.target, self.timeout, self.wait_for_ready = target, timeout, wait_for_ready
+        self.service_config = config if isinstance(config, str) else json.dumps(config)
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._credentials = grpc.ssl_channel_credentials(root_certificates) if secure or root_certificates else None
-        # unlimited message sizes (the server enforces its own); reconnect no slower than our own backoff
-        self._options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
-                         ("grpc.max_reconnect_backoff_ms", int(max_backoff * 1000)), *options]
+        # unlimited message sizes (the server enforces its own); reconnect no slower than the retry
+        # backoff; the service config (balancing, health, retries) in force unless the caller
+        # passes options of the same names, which win
+        defaults = {"grpc.max_receive_message_length": -1, "grpc.max_send_message_length": -1,
+                    "grpc.max_reconnect_backoff_ms": int(max_backoff * 1000), **dict(KEEPALIVE_OPTIONS),
+                    "grpc.enable_retries": 1, "grpc.service_config": self.service_config,
+                    "grpc.service_config_disable_resolution": 1}  # ours, not one from a DNS TXT record
+        self._options = list({**defaults, **dict(options)}.items())
 
-    def _deadline(self, timeout: float | None) -> float | None:
-        timeout = self.timeout if timeout is None else timeout
-        return None if timeout is None else time.monotonic() + timeout
-
-    @staticmethod
-    def _remaining(deadline: float | None) -> float | None:
-        return None if deadline is None else max(deadline - time.monotonic(), 0.0)
-
-    def _retry_delay(self, error: grpc.RpcError, attempt: int, deadline: float | None) -> float | None:
-        """Seconds to wait before attempt ``attempt + 1``, or None: give up (not retryable, out of
-        retries, or the wait would pass the deadline). Exponential, capped, "equal jitter"."""
-        if getattr(error, "code", lambda: None)() not in RETRYABLE or attempt >= self.max_retries:
-            return None
-        cap = min(self.max_backoff, self.initial_backoff * 2 ** attempt)
-        delay = cap / 2 + random.uniform(0, cap / 2)
-        if deadline is not None and time.monotonic() + delay >= deadline:
-            return None
-        return delay
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
 
 
 class RerankClient(_Base):
@@ -188,18 +227,33 @@ class RerankClient(_Base):
             best = response.results[0]
             print(best.index, best.relevance_score, best.document)  # 0 0.987... ML is a subset of AI.
 
-    ``timeout`` (seconds) is the default deadline of each call, retries included; ``max_retries``
-    bounds the retries on UNAVAILABLE (nothing else is retried). ``secure=True`` uses TLS with the
-    system roots, or ``root_certificates`` (PEM bytes). ``interceptors``: grpc client interceptors.
+    ``target``: any gRPC target: ``host:port``, ``dns:///host:port`` (every address the name
+    resolves to, e.g. a Kubernetes headless Service; re-resolved when a connection closes),
+    ``ipv4:10.0.0.1:50051,10.0.0.2:50051`` (a fixed list). ``timeout`` (seconds) is the default
+    deadline of each call, retries included. Calls are spread over the target's servers by
+    ``load_balancing`` (``round_robin``; ``pick_first``: one connection), only to those whose
+    ``grpc.health.v1`` status is SERVING (``health_check``); a call that fails with UNAVAILABLE is
+    retried by gRPC, on the next server, up to ``max_retries`` times (0..4; nothing else is
+    retried) with backoff from ``initial_backoff`` to ``max_backoff`` seconds: see
+    :func:`build_service_config`. ``service_config`` (a dict or JSON string) replaces that
+    config whole.
+    ``wait_for_ready``: a call made while no server is ready (all starting, loading or
+    unreachable) waits for one, within its deadline, instead of failing with UNAVAILABLE.
+    ``secure=True`` uses TLS with the system roots, or ``root_certificates`` (PEM bytes).
+    ``options``: gRPC channel options, over the client's own. ``interceptors``: grpc client
+    interceptors (they see each call once, not its retries).
     """
 
     def __init__(self, target: str = "localhost:50051", *, api_key: str | None = None, secure: bool = False,
-                 root_certificates: bytes | None = None, timeout: float | None = 30.0, max_retries: int = 4,
-                 initial_backoff: float = 0.1, max_backoff: float = 5.0,
+                 root_certificates: bytes | None = None, timeout: float | None = 30.0,
+                 max_retries: int = MAX_RETRIES, initial_backoff: float = 0.1, max_backoff: float = 5.0,
+                 load_balancing: str = "round_robin", health_check: bool = True, wait_for_ready: bool = False,
+                 service_config: Mapping[str, Any] | str | None = None,
                  options: Sequence[tuple[str, Any]] = (), interceptors: Sequence[Any] = ()):
         super().__init__(target, api_key=api_key, secure=secure, root_certificates=root_certificates,
                          timeout=timeout, max_retries=max_retries, initial_backoff=initial_backoff,
-                         max_backoff=max_backoff, options=options)
+                         max_backoff=max_backoff, load_balancing=load_balancing, health_check=health_check,
+                         wait_for_ready=wait_for_ready, service_config=service_config, options=options)
         self._channel = (grpc.secure_channel(target, self._credentials, self._options) if self._credentials
                          else grpc.insecure_channel(target, self._options))
         channel = grpc.intercept_channel(self._channel, *interceptors) if interceptors else self._channel
@@ -231,17 +285,11 @@ class RerankClient(_Base):
         return _scores(self._call(self._stub.Score, request, timeout))
 
     def _call(self, method, request, timeout: float | None):
-        deadline = self._deadline(timeout)
-        attempt = 0
-        while True:
-            try:
-                return method(request, timeout=self._remaining(deadline), metadata=self._metadata)
-            except grpc.RpcError as e:
-                delay = self._retry_delay(e, attempt, deadline)
-                if delay is None:
-                    raise RerankError._from_rpc(e, attempt + 1) from None
-            time.sleep(delay)
-            attempt += 1
+        try:  # retries, if any, happen inside the channel (the service config's retryPolicy)
+            return method(request, timeout=self._timeout(timeout), metadata=self._metadata,
+                          wait_for_ready=self.wait_for_ready)
+        except grpc.RpcError as e:
+            raise RerankError._from_rpc(e) from None
 
     def health(self, service: str = "", timeout: float | None = None) -> bool:
         """True when grpc.health.v1 reports SERVING (``service``: "" for the server, or
@@ -264,8 +312,8 @@ class RerankClient(_Base):
 
 
 class AsyncRerankClient(_Base):
-    """``grpc.aio`` client; same arguments and results as :class:`RerankClient`. Create it inside
-    the event loop that uses it.
+    """``grpc.aio`` client; same arguments (see :class:`RerankClient`) and results. Create it
+    inside the event loop that uses it.
 
     Example::
 
@@ -278,12 +326,15 @@ class AsyncRerankClient(_Base):
     """
 
     def __init__(self, target: str = "localhost:50051", *, api_key: str | None = None, secure: bool = False,
-                 root_certificates: bytes | None = None, timeout: float | None = 30.0, max_retries: int = 4,
-                 initial_backoff: float = 0.1, max_backoff: float = 5.0,
+                 root_certificates: bytes | None = None, timeout: float | None = 30.0,
+                 max_retries: int = MAX_RETRIES, initial_backoff: float = 0.1, max_backoff: float = 5.0,
+                 load_balancing: str = "round_robin", health_check: bool = True, wait_for_ready: bool = False,
+                 service_config: Mapping[str, Any] | str | None = None,
                  options: Sequence[tuple[str, Any]] = (), interceptors: Sequence[Any] = ()):
         super().__init__(target, api_key=api_key, secure=secure, root_certificates=root_certificates,
                          timeout=timeout, max_retries=max_retries, initial_backoff=initial_backoff,
-                         max_backoff=max_backoff, options=options)
+                         max_backoff=max_backoff, load_balancing=load_balancing, health_check=health_check,
+                         wait_for_ready=wait_for_ready, service_config=service_config, options=options)
         interceptors = list(interceptors) or None
         self._channel = (grpc.aio.secure_channel(target, self._credentials, self._options, interceptors=interceptors)
                          if self._credentials else
@@ -313,17 +364,11 @@ class AsyncRerankClient(_Base):
         return _scores(await self._call(self._stub.Score, request, timeout))
 
     async def _call(self, method, request, timeout: float | None):
-        deadline = self._deadline(timeout)
-        attempt = 0
-        while True:
-            try:
-                return await method(request, timeout=self._remaining(deadline), metadata=self._metadata)
-            except grpc.RpcError as e:
-                delay = self._retry_delay(e, attempt, deadline)
-                if delay is None:
-                    raise RerankError._from_rpc(e, attempt + 1) from None
-            await asyncio.sleep(delay)
-            attempt += 1
+        try:
+            return await method(request, timeout=self._timeout(timeout), metadata=self._metadata,
+                                wait_for_ready=self.wait_for_ready)
+        except grpc.RpcError as e:
+            raise RerankError._from_rpc(e) from None
 
     async def health(self, service: str = "", timeout: float | None = None) -> bool:
         """See :meth:`RerankClient.health`."""

@@ -19,7 +19,7 @@ from aiohttp import web
 from rerank_kernels import resolve_dtype
 from rerank_server.config import Config, default_max_batch_tokens, parse_args
 from rerank_server.engine import Engine, ModelNotFoundError, could_be_hub_id, resolve_device, resolve_model_dir
-from rerank_server.grpc_server import build_grpc_server, set_serving
+from rerank_server.grpc_server import build_grpc_server, connection_options, set_serving
 from rerank_server.limits import GuardedSite
 from rerank_server.logs import setup_logging
 from rerank_server.rest import build_app
@@ -78,8 +78,9 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     service = RerankService(config.served_model_name, config.max_documents, config.api_keys, settings=limits,
                             max_request_tokens=config.max_request_tokens)
 
-    grpc_server, health = build_grpc_server(service, f"{config.host}:{config.grpc_port}",
-                                            config.max_request_bytes, credentials, connections)
+    grpc_server, health = build_grpc_server(
+        service, f"{config.host}:{config.grpc_port}", config.max_request_bytes, credentials, connections,
+        connection_options(config.max_connection_age, config.max_connection_age_grace))
     await set_serving(health, False)
     await grpc_server.start()
     # handler_cancellation: a client that disconnects cancels its handler, so its queued pairs are dropped

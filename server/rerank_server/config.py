@@ -44,6 +44,8 @@ class Config:
     cpu_gemm: str = "auto"  # auto: measured at load per GEMM kind; onednn / torch: pinned
     max_request_tokens: int | None = None  # None: see service.default_max_request_tokens
     connection_limits: ConnectionLimits = ConnectionLimits()
+    max_connection_age: float = 120.0  # seconds; 0: unlimited (scale-out, issue 23)
+    max_connection_age_grace: float = 30.0
 
 
 class ConfigError(ValueError):
@@ -187,6 +189,7 @@ def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> Config:
     add("--document-objects", action="store_true", default=_env_flag("document-objects"),
         help='answer string documents as {"text": ...} on /v1/rerank and /rerank too, as /v2/rerank does, for '
              "Cohere v1, Jina and vLLM parsers (default: the string as sent, the seed's shape)")
+    _add_scale_out_flags(p)
     a = p.parse_args(argv)
     api_keys = a.api_key or [k.strip() for k in _env("api-key", "").split(",") if k.strip()]
     if bool(a.tls_cert) != bool(a.tls_key):
@@ -221,6 +224,9 @@ def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> Config:
                               max_connections=a.http_max_connections or default_max_connections())
     if a.shutdown_grace < 0:
         p.error(f"--shutdown-grace must be >= 0, got {a.shutdown_grace}")
+    for flag in ("max_connection_age", "max_connection_age_grace"):
+        if getattr(a, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
     return Config(
         model=a.model, served_model_name=names or [a.model], host=a.host, http_port=a.http_port,
         grpc_port=a.grpc_port, max_length=a.max_length, device=a.device, attention=a.attention,
@@ -230,4 +236,15 @@ def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> Config:
         api_keys=api_keys, metrics_auth=a.metrics_auth, tls_cert=a.tls_cert, tls_key=a.tls_key,
         document_objects=a.document_objects, dtype=a.dtype, cpu_gemm=a.cpu_gemm,
         max_request_tokens=a.max_request_tokens, connection_limits=limits,
+        max_connection_age=a.max_connection_age, max_connection_age_grace=a.max_connection_age_grace,
     )
+
+
+def _add_scale_out_flags(p: argparse.ArgumentParser) -> None:
+    add = p.add_argument
+    add("--max-connection-age", type=float, default=_env_number("max-connection-age", 120.0, float),
+        help="seconds a gRPC connection lives (+-10%%) before the server asks the client to reconnect "
+             "(GOAWAY; no call fails): clients then re-resolve their target and spread onto new replicas. "
+             "0: no limit")
+    add("--max-connection-age-grace", type=float, default=_env_number("max-connection-age-grace", 30.0, float),
+        help="seconds calls in flight on a connection past its age may still take before it is closed")

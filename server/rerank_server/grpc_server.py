@@ -83,12 +83,33 @@ def _refusal(error: ApiError, request_id: str) -> grpc.RpcMethodHandler:
     return grpc.stream_unary_rpc_method_handler(refuse)
 
 
+# Scale-out (issue 23). Keepalive matching rerank_client's (a ping every 20 s, also on idle
+# connections): pings up to twice that often are allowed, more frequent ones get GOAWAY
+# "too_many_pings"; the server's own pings find clients that vanished without closing.
+KEEPALIVE_OPTIONS = (("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
+                     ("grpc.keepalive_permit_without_calls", 1),
+                     ("grpc.http2.min_ping_interval_without_data_ms", 10_000))
+
+
+def connection_options(max_age: float, grace: float) -> list[tuple[str, int]]:
+    """Keepalive, and a connection lifetime: ``max_age`` seconds (gRPC adds +-10% jitter; 0: no
+    limit) after which the server sends GOAWAY and the client reconnects, re-resolving its target
+    (a headless Service's DNS name), so that long-lived clients spread onto new replicas; calls
+    in flight then get ``grace`` more seconds."""
+    options = list(KEEPALIVE_OPTIONS)
+    if max_age > 0:
+        options += [("grpc.max_connection_age_ms", int(max_age * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(grace * 1000))]
+    return options
+
+
 def build_grpc_server(service: RerankService, address: str, max_message_bytes: int,
-                      credentials: grpc.ServerCredentials | None = None, limits: ConnectionLimits | None = None):
-    """-> (server, health servicer). Health starts NOT_SERVING; the caller flips it."""
+                      credentials: grpc.ServerCredentials | None = None, limits: ConnectionLimits | None = None,
+                      extra_options: list[tuple[str, int]] | tuple = ()):
+    """-> (server, health servicer). Health starts NOT_SERVING; the caller flips it.
+    ``extra_options``: more gRPC server options (see :func:`connection_options`)."""
     limits = limits or ConnectionLimits()
-    server = grpc.aio.server(interceptors=[AuthInterceptor(service)],
-                             options=[
+    server = grpc.aio.server(interceptors=[AuthInterceptor(service)], options=[
         # gRPC turns SO_REUSEPORT on by default: a second server on the same port would then
         # share it, calls alternating between two processes. Off: a busy port is an error.
         ("grpc.so_reuseport", 0),
@@ -99,6 +120,7 @@ def build_grpc_server(service: RerankService, address: str, max_message_bytes: i
         ("grpc.server_handshake_timeout_ms", int(limits.header_timeout * 1000)),
         ("grpc.max_connection_idle_ms", int(limits.grpc_idle_timeout * 1000)),
         ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
+        *extra_options,
     ])
     pb_grpc.add_RerankServicer_to_server(RerankServicer(service), server)
     health_servicer = health.aio.HealthServicer()

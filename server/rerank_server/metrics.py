@@ -25,6 +25,12 @@ class Metrics:
         self.batch_tokens = Histogram("rerank_batch_tokens", "Real (unpadded) tokens per forward batch",
                                       buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536), registry=r)
         self.queued_tokens = Gauge("rerank_queued_tokens", "Tokens waiting for the model", registry=r)
+        # The autoscaling signal (deploy/README.md "Autoscaling"): work accepted and not yet
+        # answered, waiting or on the device, in tokens (what a forward costs) and in requests.
+        self.pending_tokens = Gauge("rerank_pending_tokens", "Tokens accepted and not yet scored: waiting for "
+                                    "the model plus in the batches on the device", registry=r)
+        self.requests_in_flight = Gauge("rerank_requests_in_flight", "Rerank and Score requests being handled "
+                                        "(parsing, waiting, on the device)", registry=r)
         self.tokens = Counter("rerank_tokens", "Tokens processed by the model", registry=r)
         self.auth_failures = Counter("rerank_auth_failures", "Requests refused for a missing or wrong API key",
                                      ["transport"], registry=r)

@@ -467,6 +467,8 @@ async def health(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     service.metrics.queued_tokens.set(service.scheduler.queued_tokens if service.scheduler else 0)
+    service.metrics.pending_tokens.set(service.scheduler.pending_tokens if service.scheduler else 0)
+    service.metrics.requests_in_flight.set(service.in_flight)
     return web.Response(body=service.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
 
 

@@ -195,6 +195,13 @@ class Scheduler:
             timings["inference"] = job.inference_seconds
         return logits
 
+    @property
+    def pending_tokens(self) -> int:
+        """Tokens of the requests not answered yet that are not scored yet: queued, or in a batch
+        launched and not collected (the autoscaling signal; computed when asked, at a scrape)."""
+        return sum(len(pair) for job in self._open if not job.future.done()
+                   for pair, logit in zip(job.pairs, job.logits, strict=True) if logit is None)
+
     def _take_batch(self) -> list[tuple[_Job, int]]:
         batch, budget = [], self.max_batch_tokens
         while self._jobs:
