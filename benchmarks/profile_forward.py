@@ -15,8 +15,9 @@ dim x heads x the sum over sequences of queries x keys), LayerNorms, embedding, 
 rest (indexing, views, copies between ops). Workloads: the forward benchmark's uniform (16 x 256
 tokens) and mixed (16 lognormal lengths) documents, one unpadded batch each, as the scheduler
 forms them. Each case: one warm-up forward, ``--repeats`` forwards timed without the profiler,
-then ``--repeats`` under it (the breakdown is their sum); the machine's load meanwhile is
-recorded (``benchmarks.measure.MachineLoad``).
+then ``--repeats`` under it (the breakdown is their sum), after waiting (at most
+``--quiet-wait`` seconds) for the rest of the machine to go quiet; the machine's load meanwhile
+is recorded (``benchmarks.measure.MachineLoad``).
 
 Results go to ``benchmarks/results/profile-<cpu>-<YYYY-MM-DD>.json``.
 """
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.measure import MachineLoad, cpu_facts, device_description, git_commit, slug
+from benchmarks.measure import MachineLoad, cpu_facts, device_description, git_commit, slug, wait_quiet
 from benchmarks.workloads import make_workloads
 from rerank_kernels import select_ops
 from rerank_server.checkpoint import write_random_checkpoint
@@ -89,10 +90,11 @@ def instrument(model: CrossEncoder, tally: Tally) -> None:
     model.ops = replace(model.ops, **{op: timed_op(f"ops.{op}", getattr(model.ops, op), tally) for op in OPS})
 
 
-def profile_case(model: CrossEncoder, batch: tuple, repeats: int) -> dict:
+def profile_case(model: CrossEncoder, batch: tuple, repeats: int, quiet_wait_s: float) -> dict:
     from torch.profiler import ProfilerActivity, profile
     ids, cu, max_len = batch
     model(ids, cu, max_len)  # warm-up
+    waited = wait_quiet(quiet_wait_s)
     plain = []
     with MachineLoad() as plain_load:
         for _ in range(repeats):
@@ -141,7 +143,7 @@ def profile_case(model: CrossEncoder, batch: tuple, repeats: int) -> dict:
         "top_self_ops_outside_ranges": [{"op": e.key, "calls": e.count, "self_s": e.self_cpu_time_total * us}
                                         for e in top],
         "foreign_cpus": load.foreign_cpus, "foreign_cpus_unprofiled": plain_load.foreign_cpus,
-        "contended": load.contended or plain_load.contended,
+        "contended": load.contended or plain_load.contended, **waited,
     }
 
 
@@ -157,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--docs", type=int, default=16, help="documents per workload (default 16, as the forward benchmark)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet-wait", type=float, default=60.0,
+                   help="seconds to wait at most for a quiet machine before each case (default 60)")
     p.add_argument("--out", type=Path, help="results file (default benchmarks/results/profile-<cpu>-<date>.json)")
     args = p.parse_args(argv)
     names = args.dtype.split(",") if args.dtype else ["float32"] + (["bfloat16"] if native_bf16() else [])
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             for w in workloads:
                 if len(w.ours_batches) != 1:
                     raise SystemExit(f"{w.name}: {len(w.ours_batches)} batches; expected one")
-                case = profile_case(model, w.ours_batches[0], args.repeats)
+                case = profile_case(model, w.ours_batches[0], args.repeats, args.quiet_wait)
                 case["gemm_choices"] = choices
                 case["workload"] = w.description
                 cases[f"{name} {w.name}"] = case
