@@ -298,8 +298,8 @@ def series(d: dict) -> tuple:
     k = kind(d)
     if k == "forward":
         return k, d.get("dtype"), d.get("device", {}).get("type")
-    if k == "load":
-        return k, d["model"]["checkpoint"]
+    if k == "load":  # the same model at the same highest concurrency
+        return k, d["model"]["checkpoint"], max(d["settings"]["concurrency"])
     if k == "rest_e2e":
         return k, d["model"]["checkpoint"], d.get("server_args", "")
     return (k,)
@@ -338,8 +338,9 @@ def summary() -> str:
             tails = [f"{r['transport']} {r.get('arrivals', 'Poisson')} {r['p99_over_p50']:.2f} "
                      f"(ideal FIFO {r['ideal_fifo']['p99_over_p50']:.2f})" for r in d["runs"] if r.get("ideal_fifo")]
             under = under_load_clause(d)
+            tails = f"; half-load p99/p50: {', '.join(tails)}" if tails else "; no half-load runs"
             lines.append(f"- Serving `{d['model']['checkpoint']}` at {clients} clients, share of the raw forward: "
-                         f"{', '.join(figures)}; half-load p99/p50: {', '.join(tails)}{under} ({provenance(path, d)})")
+                         f"{', '.join(figures)}{tails}{under} ({provenance(path, d)})")
         elif kind(d) == "huge_document":
             worst = max(d["cases"].items(), key=lambda kv: kv[1]["server_cpu_s_best"])
             under = under_load_clause(d)
