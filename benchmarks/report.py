@@ -247,16 +247,35 @@ def kind(d: dict) -> str:
     return d.get("benchmark") or ("fidelity" if "logit_error" in d else "unknown")
 
 
-WHAT = {
-    "forward": "the model's forward alone, ours against Hugging Face (and onnxruntime one pair at a time), "
-               "full-size random weights",
-    "load": "the live server under closed-loop clients and at half load (paced and Poisson arrivals), "
-            "against the raw forward and an ideal FIFO server",
-    "rest_e2e": "one request over REST as a user sends it (against onnxruntime one pair at a time where it ran)",
-    "huge_document": "server CPU of one request carrying a ~15 MB document",
-    "fidelity": "bfloat16's logit error and ranking changes against float32",
-    "profile": "where the CPU forward's time goes, per op kind",
-}
+def what(d: dict) -> str:
+    """What one results file measured, in a phrase."""
+    k = kind(d)
+    if k == "forward":
+        peers = "Hugging Face" + (" and onnxruntime one pair at a time" if d.get("onnxruntime") else "")
+        dtypes = ", ".join(d.get("dtypes", [d["dtype"]]))
+        return f"the forward alone in {dtypes}, full-size random weights, against {peers}"
+    if k == "load":
+        runs, st = d["runs"], d["settings"]
+        extra = (", half load (paced and Poisson arrivals) against an ideal FIFO server"
+                 if any(r.get("arrivals") for r in runs) else ", no half-load runs")
+        extra += ", `--no-batching`" if any(not r["batching"] for r in runs) else ""
+        return (f"`{d['model']['checkpoint']}` served over {' and '.join(st['transports'])} at "
+                f"{', '.join(map(str, st['concurrency']))} clients against the raw forward{extra}")
+    if k == "rest_e2e":
+        flags = f" `{d['server_args']}`" if d.get("server_args") else ""
+        return (f"one request of {d['request']['docs']} documents over REST, `{d['model']['checkpoint']}`{flags}"
+                + (", against onnxruntime one pair at a time" if d.get("onnxruntime") else ""))
+    if k == "huge_document":
+        return f"server CPU of one request with a ~15 MB document, `{d['checkpoint']}`"
+    if k == "fidelity":
+        return (f"bfloat16's logit error and ranking changes against float32, `{d['checkpoint']['size']}` random "
+                "checkpoint")
+    if k == "profile":
+        return (f"where the CPU forward's time goes ({d['model']['layers']} layers at full width; "
+                f"{', '.join(sorted({c.split()[0] for c in d['cases']}))})")
+    return k
+
+
 
 
 def targets_of(d: dict) -> tuple[list[str], list[str]]:
@@ -274,14 +293,15 @@ def targets_of(d: dict) -> tuple[list[str], list[str]]:
 def index_table() -> str:
     """One row per results file: what it shows, which of its targets it met and missed, how busy
     the machine was."""
-    lines = ["| file | what it shows | targets met | targets missed | other processes' CPUs (max) |",
-             "|---|---|---|---|---|"]
+    lines = ["| file | commit | what it shows | targets met | targets missed | other processes' CPUs (max) |",
+             "|---|---|---|---|---|---|"]
     for path, d in results_files():
         met, missed = targets_of(d)
         foreign = foreign_cpus(d)
         load = (f"{max(foreign):.2f} of {cpus(d)}" + (" (under load)" if under_load(d) else "") if foreign
                 else "not recorded")
-        lines.append(f"| `{path.name}` | {WHAT.get(kind(d), kind(d))} | {'; '.join(met) or 'none'} "
+        commit = ((d.get("git") or {}).get("commit") or d.get("commit") or "unknown")[:10]
+        lines.append(f"| `{path.name}` | `{commit}` | {what(d)} | {'; '.join(met) or 'none'} "
                      f"| {'; '.join(missed) or 'none'} | {load} |")
     return "\n".join(lines)
 
