@@ -148,9 +148,9 @@ CONTENDED_SHARE = 0.10  # benchmarks.measure.MachineLoad's: other processes abov
 
 def foreign_cpus(d) -> list[float]:
     """Every record of how many CPUs other processes used during a timed part of a run."""
-    if isinstance(d, dict):
-        return [x for k, v in d.items() for x in ([v] if k in FOREIGN_KEYS and isinstance(v, int | float)
-                                                   else foreign_cpus(v))]
+    if isinstance(d, dict):  # a file's machine_load summary repeats its runs' figures
+        return [x for k, v in d.items() if k != "machine_load"
+                for x in ([v] if k in FOREIGN_KEYS and isinstance(v, int | float) else foreign_cpus(v))]
     if isinstance(d, list):
         return [x for v in d for x in foreign_cpus(v)]
     return []
