@@ -11,7 +11,10 @@ truncation, each beside the same request with the document's first 100,000 chara
 same 8,192 tokens reach the model: the difference is what the size costs). The server's forward
 is the tiny 2-layer model, so the figures are mostly the host path's.
 Results go to ``benchmarks/results/huge-document-<cpu>-<YYYY-MM-DD>.json``; the machine is
-shared, so figures are noisy (the per-case best of ``--repeats`` is reported beside the mean).
+shared, so figures are noisy (the per-case best of ``--repeats`` is reported beside the mean), and
+each request records how many CPUs the rest of the machine used meanwhile (``foreign_cpus``:
+``benchmarks.measure.MachineLoad``, the server's own CPU counted as measured work); a run whose
+busiest request had other processes above 10% of the machine is flagged ``contended``.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import torch
 
 from benchmarks.forward import device_description, git_commit, slug
 from benchmarks.load import Server, ensure_checkpoint
-from benchmarks.measure import cpu_facts
+from benchmarks.measure import MachineLoad, cpu_facts
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -55,20 +58,23 @@ def cjk_document(n_bytes: int, rng: random.Random) -> str:
 
 def measure(server: Server, body: dict, path: str, repeats: int) -> dict:
     payload = json.dumps(body, ensure_ascii=False).encode()
-    cpu, wall = [], []
+    cpu, wall, foreign = [], [], []
     for _ in range(repeats):
-        before, started = server.cpu_seconds(), time.perf_counter()
-        response = requests.post(server.url + path, data=payload, headers={"Content-Type": "application/json"},
-                                 timeout=300)
-        wall.append(time.perf_counter() - started)
-        time.sleep(0.2)  # the response is written before the last accounting of its thread
-        cpu.append(server.cpu_seconds() - before)
+        with MachineLoad(measured=(server.ps,)) as load:
+            before, started = server.cpu_seconds(), time.perf_counter()
+            response = requests.post(server.url + path, data=payload, headers={"Content-Type": "application/json"},
+                                     timeout=300)
+            wall.append(time.perf_counter() - started)
+            time.sleep(0.2)  # the response is written before the last accounting of its thread
+            cpu.append(server.cpu_seconds() - before)
+        foreign.append(load.foreign_cpus)
         response.raise_for_status()
     answer = response.json()
     usage = answer["usage"]["prompt_tokens"] if isinstance(answer, dict) else None
     return {"body_bytes": len(payload), "server_cpu_s": cpu, "server_cpu_s_best": min(cpu),
             "server_cpu_s_mean": statistics.fmean(cpu), "wall_s": wall, "prompt_tokens": usage,
-            "within_target": min(cpu) <= TARGET_CPU_S}
+            "within_target": min(cpu) <= TARGET_CPU_S, "foreign_cpus": foreign,
+            "contended": any(f is not None and f > MachineLoad.CONTENDED_SHARE * MachineLoad.CPUS for f in foreign)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,13 +122,17 @@ def main(argv: list[str] | None = None) -> None:
     for name, case in cases.items():
         print(f"{name:58s} body {case['body_bytes'] / 1e6:5.1f} MB  server CPU best {case['server_cpu_s_best']:.2f} s "
               f"mean {case['server_cpu_s_mean']:.2f} s  wall {min(case['wall_s']):.2f} s  "
-              f"prompt_tokens {case['prompt_tokens']}  {'ok' if case['within_target'] else 'OVER'}")
+              f"prompt_tokens {case['prompt_tokens']}  {'ok' if case['within_target'] else 'OVER'}  "
+              f"foreign {max((f or 0.0) for f in case['foreign_cpus']):.2f} CPUs")
     device = device_description(torch.device("cpu"))
     out = args.out or RESULTS_DIR / f"huge-document-{slug(device)}-{datetime.date.today()}.json"
     out.write_text(json.dumps({
         "benchmark": "huge_document", "date": datetime.date.today().isoformat(), "device": device,
         "cpu": cpu_facts(), "git": git_commit(), "checkpoint": checkpoint.name, "target_cpu_s": TARGET_CPU_S,
-        "idle_cpu_s_per_s": idle_cpu_s_per_s, "cases": cases}, indent=2) + "\n")
+        "idle_cpu_s_per_s": idle_cpu_s_per_s,
+        "machine_load": {"foreign_cpus_max": max((f or 0.0) for c in cases.values() for f in c["foreign_cpus"]),
+                         "contended": any(c["contended"] for c in cases.values())},
+        "cases": cases}, indent=2) + "\n")
     print(f"wrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
 
 

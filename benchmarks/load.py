@@ -77,7 +77,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.checkpoints import ensure_checkpoint
-from benchmarks.measure import device_description, git_commit, slug
+from benchmarks.measure import MachineLoad, device_description, git_commit, slug
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -587,6 +587,24 @@ def batch_stats(before: dict, after: dict) -> dict:
             "mean_stage_seconds_per_request": stages}
 
 
+def machine_load(runs: list[dict], raw_runs: list[dict]) -> dict:
+    """How busy the rest of the machine was (``foreign`` CPUs: other processes than the server
+    and this client): the worst run, the mean over runs, and which runs had others above
+    ``MachineLoad.CONTENDED_SHARE`` of the machine, so that a results file says whether it was taken under load."""
+    cpus, share = os.cpu_count() or 1, MachineLoad.CONTENDED_SHARE
+    foreign = {f"{r['transport']} {'on' if r['batching'] else 'off'} {r['mode']}": r["cpus"]["foreign"]
+               for r in runs if r["cpus"]["foreign"] is not None}
+    raw = [r["foreign_cpus_max"] for r in raw_runs + [n for r in runs for n in r.get("raw_forward_neighbours", [])]
+           if r.get("foreign_cpus_max") is not None]
+    everything = list(foreign.values()) + raw
+    contended = [name for name, f in foreign.items() if f > share * cpus]
+    return {"cpus": cpus, "contended_share": share,
+            "foreign_cpus_max": max(everything, default=None),
+            "foreign_cpus_mean_over_runs": statistics.fmean(foreign.values()) if foreign else None,
+            "raw_forward_foreign_cpus_max": max(raw, default=None),
+            "contended_runs": contended, "contended": bool(contended) or any(f > share * cpus for f in raw)}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, help="model directory (default: a random checkpoint of --size)")
@@ -731,6 +749,7 @@ def main(argv: list[str] | None = None) -> None:
         "runs": runs,
         "summary": summary,
         "targets": targets,
+        "machine_load": machine_load(runs, raw_runs),
         "wall_s": round(time.perf_counter() - started, 1),
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -67,6 +67,7 @@ def git_commit() -> dict:
     if shutil.which("git") is None:  # a bare GPU machine: the results must still be written
         return {"commit": None, "tree_differs_from_commit": None}
     head = git("rev-parse", "HEAD")
+    git("update-index", "-q", "--refresh")  # stale stat data in the index would read as changes
     # the code only: results files written meanwhile do not make a run's code differ
     dirty = git("diff-index", "--quiet", "HEAD", "--", "server", "kernels", "benchmarks",
                 ":(exclude)benchmarks/results")

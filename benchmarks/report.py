@@ -5,7 +5,8 @@ and the short summary in the top-level README.md.
     python -m benchmarks.report --readme   # rewrite both READMEs between their markers
 
 Every figure comes from a file a benchmark wrote; each table names its file, device, date and
-commit.
+commit, and how busy the rest of the machine was while it ran; the index in benchmarks/README.md
+says what each file shows and which of its targets it met and missed.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start (python -m benchmarks.report --readme) -->", "<!-- results:end -->"
 SUMMARY_START, SUMMARY_END = "<!-- summary:start (python -m benchmarks.report --readme) -->", "<!-- summary:end -->"
+INDEX_START, INDEX_END = "<!-- index:start (python -m benchmarks.report --readme) -->", "<!-- index:end -->"
 
 
 def provenance(path: Path, d: dict) -> str:
@@ -124,6 +126,7 @@ def load_section(path: Path, d: dict) -> str:
                           f"{ideal['p99_over_p50']:.2f}."]
     lines += ["", "Targets: " + "; ".join(f"{name}: {t['value']:.2f} ({'pass' if t['pass'] else 'FAIL'})"
                                          for name, t in d["targets"].items())]
+    lines += ["", load_note(d)]
     return "\n".join(lines)
 
 
@@ -139,18 +142,203 @@ def rest_e2e_line(path: Path, d: dict) -> str:
     return f"{text} ({provenance(path, d)})"
 
 
+FOREIGN_KEYS = ("foreign_cpus", "foreign_cpus_max", "foreign_cpus_best_pass", "foreign", "foreign_cpus_unprofiled")
+CONTENDED_SHARE = 0.10  # benchmarks.measure.MachineLoad's: other processes above it make a run contended
+
+
+def foreign_cpus(d) -> list[float]:
+    """Every record of how many CPUs other processes used during a timed part of a run."""
+    if isinstance(d, dict):  # a file's machine_load summary repeats its runs' figures
+        return [x for k, v in d.items() if k != "machine_load"
+                for x in ([v] if k in FOREIGN_KEYS and isinstance(v, int | float) else foreign_cpus(v))]
+    if isinstance(d, list):
+        return [x for v in d for x in foreign_cpus(v)]
+    return []
+
+
+def cpus(d: dict) -> int | None:
+    """The machine's logical CPUs, where the file records them."""
+    for facts in (d.get("device"), d.get("cpu")):
+        if isinstance(facts, dict) and facts.get("logical_cpus"):
+            return facts["logical_cpus"]
+    return d.get("threads")
+
+
+def under_load(d: dict) -> bool:
+    """Other processes used more than CONTENDED_SHARE of the machine during some timed part."""
+    foreign = foreign_cpus(d)
+    return bool(foreign) and max(foreign) > CONTENDED_SHARE * (cpus(d) or 1)
+
+
+def under_load_clause(d: dict) -> str:
+    return (f"; under load: others used up to {max(foreign_cpus(d)):.2f} of {cpus(d)} CPUs" if under_load(d)
+            else "")
+
+
+def load_note(d: dict) -> str:
+    """How busy the rest of the machine was while the file's figures were taken."""
+    foreign = foreign_cpus(d)
+    if not foreign:
+        return "Machine load: not recorded."
+    state = (f"taken under load (others above {CONTENDED_SHARE:.0%} of the machine)" if under_load(d)
+             else "uncontended")
+    return (f"Machine load: other processes used at most {max(foreign):.2f} of {cpus(d)} CPUs "
+            f"(mean {sum(foreign) / len(foreign):.2f} over {len(foreign)} timed parts): {state}.")
+
+
+def profile_section(path: Path, d: dict) -> str:
+    """Where one forward's time goes (benchmarks.profile_forward), per dtype and workload."""
+    m = d["model"]
+    lines = [f"**Profile of the CPU forward** — {provenance(path, d)}; {m['layers']} layers at full width "
+             f"(hidden {m['hidden']}, FFN {m['intermediate']}), random weights; torch.profiler, "
+             f"{next(iter(d['cases'].values()))['repeats']} forwards per case.", "",
+             "| case | tokens | tokens/s (unprofiled) | GEMMs | GEMM GFLOP/s | attention | attention GFLOP/s "
+             "| LayerNorms | other | others' CPUs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, c in d["cases"].items():
+        f = c["categories_fraction"]
+        norms = sum(v for k, v in f.items() if k in ("ops.add_layernorm", "ops.embed_layernorm"))
+        other = sum(v for k, v in f.items() if not k.startswith("gemm.") and k not in (
+            "ops.add_layernorm", "ops.embed_layernorm", "ops.varlen_attention"))
+        lines.append(f"| {name} | {c['tokens']} | {c['tokens_per_s_unprofiled']:,.0f} | {c['gemm_fraction']:.0%} "
+                     f"| {(c['gemm_flops_per_s'] or 0) / 1e9:.0f} | {c['attention_fraction']:.0%} "
+                     f"| {(c['attention_flops_per_s'] or 0) / 1e9:.0f} | {norms:.0%} | {other:.0%} "
+                     f"| {c['foreign_cpus'] or 0:.2f} |")
+    lines += ["", load_note(d)]
+    return "\n".join(lines)
+
+
+def huge_document_section(path: Path, d: dict) -> str:
+    """Server CPU of one request with a ~15 MB document (benchmarks.huge_document)."""
+    repeats = len(next(iter(d["cases"].values()))["server_cpu_s"])
+    lines = [f"**One huge document over REST** — {provenance_plain(path, d)}; model `{d['checkpoint']}`; server "
+             f"CPU time (every thread) per request, best and mean of {repeats}; target <= {d['target_cpu_s']:g} s.", "",
+             "| case | body MB | server CPU s (best) | mean | wall s (best) | target |",
+             "|---|---|---|---|---|---|"]
+    for name, c in d["cases"].items():
+        lines.append(f"| {name} | {c['body_bytes'] / 1e6:.1f} | {c['server_cpu_s_best']:.2f} "
+                     f"| {c['server_cpu_s_mean']:.2f} | {min(c['wall_s']):.2f} "
+                     f"| {'met' if c['within_target'] else 'missed'} |")
+    lines += ["", load_note(d)]
+    return "\n".join(lines)
+
+
+def provenance_plain(path: Path, d: dict) -> str:
+    """For files whose device is a string and whose commit sits at the top level (older schemas)."""
+    git = d.get("git") or {"commit": d.get("commit"), "tree_differs_from_commit": d.get("tree_differs_from_commit")}
+    device = d["device"] if isinstance(d.get("device"), dict) else {"description": d.get("device") or d.get("cpu")}
+    return provenance(path, {**d, "git": git, "device": {**device, "logical_cpus": cpus(d)},
+                             "date": str(d["date"])[:10]})
+
+
+def fidelity_line(path: Path, d: dict) -> str:
+    e, r = d["logit_error"], d["ranking"]
+    speed = d.get("speed_tokens_per_s", {})
+    return (f"bfloat16 against float32 on the CPU, `{d['checkpoint']['size']}` random checkpoint, {d['queries']} "
+            f"queries x {d['documents_per_query']} documents: logit error max {e['max']:.3f}, mean {e['mean']:.3f} "
+            f"(transformers' own bf16: max {e['transformers_bf16_max_on_64_pairs']:.3f}); top-1 kept on "
+            f"{r['top1_overlap']:.0%} of queries, Kendall tau {r['kendall_tau_mean']:.2f} "
+            f"(min {r['kendall_tau_min']:.2f})"
+            + (f"; speed, one run each: float32 {speed['float32']:,.0f}, bfloat16 {speed['bfloat16']:,.0f} tokens/s"
+               if speed else "") + f" ({provenance_plain(path, d)})")
+
+
+def kind(d: dict) -> str:
+    return d.get("benchmark") or ("fidelity" if "logit_error" in d else "unknown")
+
+
+def what(d: dict) -> str:
+    """What one results file measured, in a phrase."""
+    k = kind(d)
+    if k == "forward":
+        peers = "Hugging Face" + (" and onnxruntime one pair at a time" if d.get("onnxruntime") else "")
+        dtypes = ", ".join(d.get("dtypes", [d["dtype"]]))
+        return f"the forward alone in {dtypes}, full-size random weights, against {peers}"
+    if k == "load":
+        runs, st = d["runs"], d["settings"]
+        extra = (", half load (paced and Poisson arrivals) against an ideal FIFO server"
+                 if any(r.get("arrivals") for r in runs) else ", no half-load runs")
+        extra += ", `--no-batching`" if any(not r["batching"] for r in runs) else ""
+        return (f"`{d['model']['checkpoint']}` served over {' and '.join(st['transports'])} at "
+                f"{', '.join(map(str, st['concurrency']))} clients against the raw forward{extra}")
+    if k == "rest_e2e":
+        flags = f" `{d['server_args']}`" if d.get("server_args") else ""
+        return (f"one request of {d['request']['docs']} documents over REST, `{d['model']['checkpoint']}`{flags}"
+                + (", against onnxruntime one pair at a time" if d.get("onnxruntime") else ""))
+    if k == "huge_document":
+        return f"server CPU of one request with a ~15 MB document, `{d['checkpoint']}`"
+    if k == "fidelity":
+        return (f"bfloat16's logit error and ranking changes against float32, `{d['checkpoint']['size']}` random "
+                "checkpoint")
+    if k == "profile":
+        return (f"where the CPU forward's time goes ({d['model']['layers']} layers at full width; "
+                f"{', '.join(sorted({c.split()[0] for c in d['cases']}))})")
+    return k
+
+
+
+
+def targets_of(d: dict) -> tuple[list[str], list[str]]:
+    """(met, missed): the file's targets by name."""
+    if kind(d) == "huge_document":
+        met = [f"{n} <= {d['target_cpu_s']:g} s CPU" for n, c in d["cases"].items() if c["within_target"]]
+        missed = [f"{n} <= {d['target_cpu_s']:g} s CPU" for n, c in d["cases"].items() if not c["within_target"]]
+        return met, missed
+    targets = d.get("targets") or {}
+    met = [f"{n} ({t['value']:.2f})" for n, t in targets.items() if t["pass"]]
+    missed = [f"{n} ({t['value']:.2f})" for n, t in targets.items() if not t["pass"]]
+    return met, missed
+
+
+def index_table() -> str:
+    """One row per results file: what it shows, which of its targets it met and missed, how busy
+    the machine was."""
+    lines = ["| file | commit | what it shows | targets met | targets missed | other processes' CPUs (max) |",
+             "|---|---|---|---|---|---|"]
+    for path, d in results_files():
+        met, missed = targets_of(d)
+        foreign = foreign_cpus(d)
+        load = (f"{max(foreign):.2f} of {cpus(d)}" + (" (under load)" if under_load(d) else "") if foreign
+                else "not recorded")
+        commit = ((d.get("git") or {}).get("commit") or d.get("commit") or "unknown")[:10]
+        lines.append(f"| `{path.name}` | `{commit}` | {what(d)} | {'; '.join(met) or 'none'} "
+                     f"| {'; '.join(missed) or 'none'} | {load} |")
+    return "\n".join(lines)
+
+
 def results_files() -> list[tuple[Path, dict]]:
     """(path, contents), the forward benchmark first, then the runs in the order they were made."""
     files = [(path, json.loads(path.read_text())) for path in RESULTS.glob("*.json")]
-    return sorted(files, key=lambda f: (f[1].get("benchmark") != "forward", f[1].get("timestamp", ""), f[0].name))
+    return sorted(files, key=lambda f: (f[1].get("benchmark") != "forward",
+                                        str(f[1].get("timestamp") or f[1].get("date", "")), f[0].name))
+
+
+def series(d: dict) -> tuple:
+    """What a file measures: a later file of the same series supersedes it in the summary."""
+    k = kind(d)
+    if k == "forward":
+        return k, d.get("dtype"), d.get("device", {}).get("type")
+    if k == "load":  # the same model at the same highest concurrency
+        return k, d["model"]["checkpoint"], max(d["settings"]["concurrency"])
+    if k == "rest_e2e":
+        return k, d["model"]["checkpoint"], d.get("server_args", "")
+    return (k,)
+
+
+def latest_files() -> list[tuple[Path, dict]]:
+    """The newest file of each series (results_files' order), in that order."""
+    latest: dict[tuple, tuple[Path, dict]] = {}
+    for path, d in results_files():
+        if not d.get("quick"):
+            latest[series(d)] = (path, d)
+    return [f for f in results_files() if f in latest.values()]
 
 
 def summary() -> str:
-    """One line per results file: its headline figures, with device, date and commit."""
+    """One line per series of results files, from its newest file: its headline figures, with
+    device, date, commit and the machine's load."""
     lines = []
-    for path, d in results_files():
-        if d.get("quick"):
-            continue
+    for path, d in latest_files():
         if d.get("benchmark") == "forward":
             figures = [f"{name} {w['ours']['tokens_per_s']:,.0f} tokens/s = {w['ratio_ours_over_hf']:.2f}x Hugging Face"
                        + (f", {w['ours']['ratio_over_onnxruntime']:.2f}x onnxruntime per pair"
@@ -169,8 +357,26 @@ def summary() -> str:
                        if int(r["mode"].split()[0]) == clients]
             tails = [f"{r['transport']} {r.get('arrivals', 'Poisson')} {r['p99_over_p50']:.2f} "
                      f"(ideal FIFO {r['ideal_fifo']['p99_over_p50']:.2f})" for r in d["runs"] if r.get("ideal_fifo")]
+            under = under_load_clause(d)
+            tails = f"; half-load p99/p50: {', '.join(tails)}" if tails else "; no half-load runs"
             lines.append(f"- Serving `{d['model']['checkpoint']}` at {clients} clients, share of the raw forward: "
-                         f"{', '.join(figures)}; half-load p99/p50: {', '.join(tails)} ({provenance(path, d)})")
+                         f"{', '.join(figures)}{tails}{under} ({provenance(path, d)})")
+        elif kind(d) == "huge_document":
+            worst = max(d["cases"].items(), key=lambda kv: kv[1]["server_cpu_s_best"])
+            under = under_load_clause(d)
+            lines.append("- One ~15 MB document over REST: server CPU (best of the repeats) "
+                         + ", ".join(f"{n} {c['server_cpu_s_best']:.2f} s" for n, c in d["cases"].items())
+                         + f"; the most: {worst[0]} ({worst[1]['server_cpu_s_best']:.2f} s, target <= "
+                         f"{d['target_cpu_s']:g} s){under} ({provenance_plain(path, d)})")
+        elif kind(d) == "fidelity":
+            lines.append("- " + fidelity_line(path, d))
+        elif kind(d) == "profile":
+            parts = [f"{name}: GEMMs {c['gemm_fraction']:.0%} at {(c['gemm_flops_per_s'] or 0) / 1e9:.0f} GFLOP/s, "
+                     f"attention {c['attention_fraction']:.0%} at {(c['attention_flops_per_s'] or 0) / 1e9:.0f} GFLOP/s"
+                     for name, c in d["cases"].items()]
+            under = under_load_clause(d)
+            lines.append(f"- Profile of the CPU forward ({d['model']['layers']} layers at full width): "
+                         f"{'; '.join(parts)}{under} ({provenance(path, d)})")
     return "\n".join(lines) or "No results yet."
 
 
@@ -181,11 +387,17 @@ def render() -> str:
         if d.get("quick"):
             continue
         if d.get("benchmark") == "forward":
-            sections.append(forward_section(path, d))
+            sections.append(forward_section(path, d) + "\n\n" + load_note(d))
         elif d.get("benchmark") == "load":
             sections.append(load_section(path, d))
         elif d.get("benchmark") == "rest_e2e":
-            sections.append(rest_e2e_line(path, d))
+            sections.append(rest_e2e_line(path, d) + "\n\n" + load_note(d))
+        elif kind(d) == "huge_document":
+            sections.append(huge_document_section(path, d))
+        elif kind(d) == "fidelity":
+            sections.append(fidelity_line(path, d) + "\n\n" + load_note(d))
+        elif kind(d) == "profile":
+            sections.append(profile_section(path, d))
     return "\n\n".join(sections) or "No results yet."
 
 
@@ -198,6 +410,7 @@ def main() -> None:
         print(text)
         return
     replace_between(ROOT / "benchmarks" / "README.md", START, END, text)
+    replace_between(ROOT / "benchmarks" / "README.md", INDEX_START, INDEX_END, index_table())
     replace_between(ROOT / "README.md", SUMMARY_START, SUMMARY_END, summary())
     print("benchmarks/README.md tables and README.md summary rewritten")
 

@@ -1,7 +1,10 @@
-"""The load benchmark's ideal FIFO server, the reference its half-load tail is judged against."""
+"""The load benchmark's ideal FIFO server, the reference its half-load tail is judged against, and
+its record of how busy the rest of the machine was."""
+import os
+
 import pytest
 
-from benchmarks.load import Workload, arrival_gaps, ideal_fifo_latencies
+from benchmarks.load import Workload, arrival_gaps, ideal_fifo_latencies, machine_load
 
 
 def workload(*requests: list[int]) -> Workload:
@@ -47,3 +50,16 @@ def test_paced_at_half_load_the_ideal_server_never_queues():
         sent.append((t, k))
         t += next(gaps)
     assert ideal_fifo_latencies(sent, wl, 100, 1000) == pytest.approx([n / 100 for n in sizes])
+
+
+def test_machine_load_names_the_runs_that_other_processes_contended():
+    def run(mode, foreign):
+        return {"transport": "rest", "batching": True, "mode": mode, "cpus": {"foreign": foreign}}
+    cpus = os.cpu_count() or 1
+    quiet, busy = 0.01 * cpus, 0.5 * cpus
+    load = machine_load([run("1 clients", quiet), run("64 clients", busy), run("8 clients", None)],
+                        [{"foreign_cpus_max": quiet}])
+    assert load["contended"] and load["contended_runs"] == ["rest on 64 clients"]
+    assert load["foreign_cpus_max"] == busy
+    assert not machine_load([run("1 clients", quiet)], [{"foreign_cpus_max": quiet}])["contended"]
+    assert machine_load([run("1 clients", quiet)], [{"foreign_cpus_max": busy}])["contended"]  # the raw forward's

@@ -21,7 +21,7 @@ from helpers import QUEUED, body, grpc_request, poll, post, scrape, sentence, st
 
 pytestmark = [pytest.mark.serving, pytest.mark.slow]
 
-GRACE = 2.0
+GRACE = 4.0  # against the quick request's 0.8 s of forwards: room for a loaded machine's slower ones
 PAIR = 256  # --max-length: every document below is cut to it; two pairs fill a batch
 
 
@@ -60,8 +60,8 @@ def forwards_for(server, seconds: float) -> int:
 def test_requests_outliving_the_grace_are_answered_unavailable_and_the_process_exits_0(small_checkpoint, tmp_path):
     server = start(small_checkpoint, tmp_path / "server.log", "--shutdown-grace", str(GRACE))
     try:
-        k = forwards_for(server, 4 * GRACE)  # each slow request: about twice the grace of forwards
-        k_quick = forwards_for(server, 0.4 * GRACE)  # first in the queue: done within the grace
+        k = forwards_for(server, 4 * GRACE)  # each slow request: four graces of forwards
+        k_quick = forwards_for(server, 0.8)  # first in the queue: done within the grace
         channel, client = stub(server)
         health = health_pb2_grpc.HealthStub(channel)
         with channel, ThreadPoolExecutor(3) as pool:
@@ -96,8 +96,9 @@ def test_requests_outliving_the_grace_are_answered_unavailable_and_the_process_e
             answered = time.monotonic() - signalled
         assert server.process.wait(30) == 0, server.log()
         exited = time.monotonic() - signalled
-        assert answered < GRACE + 3, answered
-        assert exited < GRACE + 8, exited  # the grace plus a few seconds, not a whole forward queue
+        # the grace plus slack for a loaded machine, not the 8 graces of queued forwards
+        assert answered < GRACE + 6, answered
+        assert exited < GRACE + 12, exited
         log = server.log()
         assert re.search(r"drained: 1 of 3 accepted requests finished, 2 cut at the end of the grace", log), log
         assert "Traceback" not in log, log
@@ -119,8 +120,8 @@ def test_a_second_signal_exits_at_once(small_checkpoint, tmp_path):
                  what="the drain to begin")
             started = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
-            code = server.process.wait(10)
-            assert time.monotonic() - started < 5
+            code = server.process.wait(30)
+            assert time.monotonic() - started < 15  # at once, with slack for a loaded machine: not the 30 s of work
             assert code == 128 + signal.SIGTERM, server.log()
             try:
                 slow.result()
