@@ -38,6 +38,7 @@ from rerank_server.openapi import GRPC_TIMEOUT_PATTERN, docs_page, openapi_docum
 from rerank_server.schema import http_bindings, pb
 from rerank_server.service import (
     ApiError,
+    Call,
     Deadline,
     Reason,
     RerankService,
@@ -82,9 +83,9 @@ SPEC = web.AppKey("spec", dict)
 BODY_TIMEOUT = web.AppKey("body_timeout", float)  # seconds to receive a body
 DOCS_PAGE = web.AppKey("docs_page", str)
 # What a request carries from handler to middleware.
-CALL = "call"
+CALL = web.RequestKey("call", Call)
 GRPC_CODE = "grpc_code"  # on a response: its gRPC status, for the metrics' `code` label
-IGNORED = "ignored_fields"  # on a request: the body's unknown fields
+IGNORED = web.RequestKey("ignored_fields", list)  # on a request: the body's unknown fields
 
 SERVICE_CALLS = {"Rerank": RerankService.rerank, "Score": RerankService.score}
 
