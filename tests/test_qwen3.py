@@ -101,8 +101,8 @@ def card_scores(path: Path, ids: list[list[int]], dtype: torch.dtype = torch.flo
             logit = model(**inputs).logits[:, 0].double()
         return logit, torch.sigmoid(logit)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    with torch.no_grad():
-        last = model(**inputs).logits[:, -1, :]
+    with torch.no_grad():  # the card takes logits[:, -1, :]: only that position's are computed
+        last = model(**inputs, logits_to_keep=1).logits[:, -1, :]
     yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
     pair = torch.stack([last[:, no], last[:, yes]], dim=1).double()
     return pair[:, 1] - pair[:, 0], torch.log_softmax(pair, dim=1)[:, 1].exp()
