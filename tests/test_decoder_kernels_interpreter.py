@@ -53,7 +53,8 @@ def cases() -> dict[str, tuple[str, tuple]]:
             found[f"rmsnorm-{name}-{rows}x{hidden}"] = ("rmsnorm", (x, residual, weight, 1e-6))
             found[f"rmsnorm-{name}-{rows}x{hidden}-first"] = ("rmsnorm", (x, None, weight, 1e-6))
         for rows, ffn in ((1, 24), (7, 80), (3, 300)):
-            found[f"swiglu-{name}-{rows}x{ffn}"] = ("swiglu", ((2 * torch.randn(rows, 2 * ffn, generator=g)).to(dtype),))
+            gate_up = (2 * torch.randn(rows, 2 * ffn, generator=g)).to(dtype)
+            found[f"swiglu-{name}-{rows}x{ffn}"] = ("swiglu", (gate_up,))
         # q and k as views of one fused projection, as the model passes them; positions restart per pair
         for rows, heads in ((1, 1), (6, 3)):
             fused = torch.randn(rows, heads + 2, 16, generator=g).to(dtype)
