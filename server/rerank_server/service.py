@@ -164,6 +164,7 @@ class RerankService:
     def attach(self, engine: Engine, scheduler: Scheduler) -> None:
         """Called once the model is loaded and warmed: from here on requests are served."""
         self.engine, self.scheduler = engine, scheduler
+        engine.on_shared_tokens = self.metrics.shared_prefix_tokens.inc
 
     def cut_off(self, reason: str) -> None:
         """End of the shutdown grace: every request still running is answered UNAVAILABLE."""
