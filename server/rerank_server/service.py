@@ -188,7 +188,7 @@ class RerankService:
                         kernel_choices=model.ops.choices,  # load-time measurements (CUDA), with timings
                         model_dir=str(self.engine.model_dir), layers=model.config.num_layers,
                         hidden_size=model.config.hidden_size, family=model.config.family)
-            if hasattr(self.engine.tokenizer, "template"):  # an LLM reranker's prompt
+            if getattr(self.engine.tokenizer, "takes_instruction", False):  # an LLM reranker's prompt
                 info["template"] = self.engine.tokenizer.describe()
         if self.scheduler:
             info.update(max_batch_tokens=self.scheduler.max_batch_tokens,
