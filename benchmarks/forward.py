@@ -117,7 +117,7 @@ from benchmarks.workloads import (
 )
 from rerank_kernels import ATTENTION_BACKENDS, Ops, available_attention_backends, select_ops
 from rerank_server.engine import model_shapes
-from rerank_server.model import CrossEncoder, EncoderConfig, load_cross_encoder
+from rerank_server.models.encoder import CrossEncoder, EncoderConfig, load_cross_encoder
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from benchmarks.measure import best_layer_mix, fmt_rate, gemm_rate
 from benchmarks.onnx_baseline import matmul_calls, onnx_unavailable_reason
-from rerank_server.model import EncoderConfig
+from rerank_server.models.encoder import EncoderConfig
 
 # A candidate builds its inputs for (k, n, m, dtype, device, generator) -> a callable that runs
 # the (m, k) x (k, n) GEMM with bias once.

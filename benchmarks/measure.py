@@ -16,7 +16,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from rerank_server.model import EncoderConfig
+from rerank_server.models.encoder import EncoderConfig
 
 REPO = Path(__file__).resolve().parent.parent
 GiB = 2 ** 30

@@ -17,7 +17,7 @@ import torch
 from benchmarks.measure import GiB, MachineLoad, PeakMemory, fmt_s, sync
 from benchmarks.workloads import lengths_summing_to, make_docs, make_workloads, pack_ours
 from rerank_kernels import Ops, select_ops
-from rerank_server.model import CrossEncoder, load_cross_encoder
+from rerank_server.models.encoder import CrossEncoder, load_cross_encoder
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_MEMORY_HEADROOM = 2 * GiB  # CUDA: peak allocated for --memory-tokens <= weights + this

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rerank_server.model import EncoderConfig
+from rerank_server.models.encoder import EncoderConfig
 from rerank_server.scheduler import MAX_BATCH_PAIRS
 
 MIXED_MEDIAN, MIXED_SIGMA, MIN_LEN, MAX_LEN = 192, 0.9, 16, 2048

@@ -2,6 +2,7 @@
 queued, logs that cannot be forged, refusals without 500s (issue 25). The live-server side is
 in test_abuse_serving.py."""
 import asyncio
+import gzip
 import logging
 import random
 import sys
@@ -11,8 +12,11 @@ import pytest
 from google.protobuf import struct_pb2
 from helpers import WORDS
 
+from rerank_server.checkpoint import QWEN3_TOKENIZER
 from rerank_server.logs import PlainFormatter, RequestIdFilter
 from rerank_server.metrics import Metrics
+from rerank_server.models.registry import QWEN3_RERANKER
+from rerank_server.prompts import PromptTokenizer
 from rerank_server.rest import check_sizes, parse_message
 from rerank_server.scheduler import QueueFullError, Scheduler, ShuttingDownError, launch_now
 from rerank_server.schema import pb
@@ -206,3 +210,23 @@ def test_a_traceback_cannot_start_a_line_of_its_own():
     head, *rest = line.splitlines()
     assert head.endswith("failed") and rest and all(r.startswith("    ") for r in rest)
     assert not any(r.startswith("FAKE") for r in line.splitlines())
+
+
+@pytest.fixture(scope="module")
+def prompt_tokenizer(tmp_path_factory):
+    """The Qwen3-Reranker prompt tokenizer around the shipped Qwen3 tokenizer, at a small max length."""
+    path = tmp_path_factory.mktemp("qwen3-tok") / "tokenizer.json"
+    path.write_bytes(gzip.decompress(QWEN3_TOKENIZER.read_bytes()))
+    return PromptTokenizer(path, 256, QWEN3_RERANKER)
+
+
+@pytest.mark.parametrize("chunks,keep_end", [(1, False), (4, False), (4, True)])
+def test_the_token_cap_is_exact_for_an_llm_reranker(prompt_tokenizer, chunks, keep_end):
+    rng = random.Random(10 + chunks)
+    query, docs = text(rng, 12), [text(rng, rng.randint(1, 700)) for _ in range(6)]
+    pairs, owner = prompt_tokenizer.encode_chunked(query, docs, None, chunks, keep_end=keep_end)
+    total = sum(map(len, pairs))
+    capped = prompt_tokenizer.encode_chunked(query, docs, None, chunks, keep_end=keep_end, max_tokens=total)
+    assert capped == (pairs, owner)
+    with pytest.raises(RequestTooLargeError):
+        prompt_tokenizer.encode_chunked(query, docs, None, chunks, keep_end=keep_end, max_tokens=total - 1)

@@ -30,7 +30,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification
 from rerank_kernels import TORCH_OPS
 from rerank_server.checkpoint import BERT_TOKENIZER_FIXTURE, TOKENIZER_FIXTURE, write_random_checkpoint
 from rerank_server.engine import Engine, ModelNotFoundError, resolve_model_dir
-from rerank_server.model import EncoderConfig, load_cross_encoder
+from rerank_server.models.encoder import EncoderConfig, load_cross_encoder
 from rerank_server.tokenization import EncodedPair, PairTemplate, PairTokenizer, longest_first
 
 # starts servers, runs the Triton interpreter and transformers' reference on trained weights (~3-4 min)
@@ -349,7 +349,7 @@ import sys
 from pathlib import Path
 import torch
 from rerank_kernels import triton_ops
-from rerank_server.model import load_cross_encoder
+from rerank_server.models.encoder import load_cross_encoder
 checkpoint, out = Path(sys.argv[1]), Path(sys.argv[2])
 ids, cu_seqlens, max_seqlen, types = torch.load(checkpoint / "batch.pt")
 results = {}

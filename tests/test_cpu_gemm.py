@@ -229,7 +229,7 @@ import json, re, sys
 from pathlib import Path
 import psutil, torch
 import rerank_kernels
-from rerank_server.model import EncoderConfig, load_cross_encoder
+from rerank_server.models.encoder import EncoderConfig, load_cross_encoder
 path = Path(sys.argv[1])
 c = EncoderConfig.from_hf(json.loads((path / "config.json").read_text()))
 ops = rerank_kernels.select_ops("cpu", dtype=torch.float32, cpu_gemm=sys.argv[2],

@@ -9,10 +9,10 @@ import pytest
 import torch
 from tensor_checks import assert_close, run_interpreted
 
-import rerank_server.model as model_module
+import rerank_server.models.encoder as model_module
 from rerank_kernels import TORCH_OPS
 from rerank_server.checkpoint import write_random_checkpoint
-from rerank_server.model import load_cross_encoder
+from rerank_server.models.encoder import load_cross_encoder
 
 pytestmark = [pytest.mark.interpreter, pytest.mark.slow]
 
@@ -61,7 +61,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 import torch
-import rerank_server.model as model_module
+import rerank_server.models.encoder as model_module
 from rerank_kernels import triton_ops
 from rerank_kernels.linear_gelu import linear_gelu_triton
 checkpoint, out = Path(sys.argv[1]), Path(sys.argv[2])

@@ -25,7 +25,7 @@ from rerank_kernels.gelu import bias_gelu_torch, bias_gelu_triton
 from rerank_kernels.layernorm import add_layernorm_torch, add_layernorm_triton
 from rerank_server.checkpoint import write_random_checkpoint
 from rerank_server.engine import Engine
-from rerank_server.model import load_cross_encoder
+from rerank_server.models.encoder import load_cross_encoder
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(),

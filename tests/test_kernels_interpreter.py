@@ -353,7 +353,7 @@ from pathlib import Path
 import torch
 from rerank_kernels import triton_ops
 from rerank_kernels.linear_gelu import linear_gelu_triton
-from rerank_server.model import load_cross_encoder
+from rerank_server.models.encoder import load_cross_encoder
 checkpoint, out = Path(sys.argv[1]), Path(sys.argv[2])
 ids, cu_seqlens, max_seqlen = torch.load(checkpoint / "batch.pt")
 # the CUDA op set as selected at load: the FFN up-projection unfused (GEMM + bias_gelu) or

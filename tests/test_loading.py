@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from rerank_kernels import TORCH_OPS
 from rerank_server.checkpoint import write_random_checkpoint
 from rerank_server.engine import Engine, ModelNotFoundError, resolve_model_dir
-from rerank_server.model import EncoderConfig, UnsupportedModelError, load_cross_encoder
+from rerank_server.models.encoder import EncoderConfig, UnsupportedModelError, load_cross_encoder
 
 CPU = torch.device("cpu")
 

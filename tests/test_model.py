@@ -8,7 +8,7 @@ import torch
 
 from rerank_kernels import TORCH_OPS
 from rerank_server.checkpoint import write_random_checkpoint
-from rerank_server.model import load_cross_encoder
+from rerank_server.models.encoder import load_cross_encoder
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from transformers import XLMRobertaForSequenceClassification
 import rerank_kernels
 from rerank_kernels import ModelShapes, select_ops
 from rerank_server.checkpoint import write_random_checkpoint
-from rerank_server.model import EncoderConfig, load_cross_encoder
+from rerank_server.models.encoder import EncoderConfig, load_cross_encoder
 
 NATIVE_BF16 = rerank_kernels.native_bf16_missing() is None
 

@@ -156,14 +156,15 @@ def to_value(document: Any) -> struct_pb2.Value:
 def build_request(query: str, documents: Sequence[Document], *, model: str = DEFAULT_MODEL,
                   top_n: int | None = None, return_documents: bool = False, raw_scores: bool = False,
                   rank_fields: Sequence[str] | None = None, max_tokens_per_doc: int | None = None,
-                  max_chunks_per_doc: int | None = None) -> pb.RerankRequest:
-    """The ``pb.RerankRequest``; its protobuf JSON mapping is the REST body."""
+                  max_chunks_per_doc: int | None = None, instruction: str | None = None) -> pb.RerankRequest:
+    """The ``pb.RerankRequest``; its protobuf JSON mapping is the REST body. ``instruction``:
+    an LLM reranker's task instruction (cross-encoders refuse it)."""
     if isinstance(documents, (str, bytes)):
         raise TypeError("documents must be a list of documents, not a single string")
     request = pb.RerankRequest(model=model, query=query, documents=[to_value(d) for d in documents],
                                rank_fields=list(rank_fields or ()))
     for name, value in (("top_n", top_n), ("max_tokens_per_doc", max_tokens_per_doc),
-                        ("max_chunks_per_doc", max_chunks_per_doc)):
+                        ("max_chunks_per_doc", max_chunks_per_doc), ("instruction", instruction)):
         if value is not None:
             setattr(request, name, value)
     if return_documents:
@@ -174,7 +175,8 @@ def build_request(query: str, documents: Sequence[Document], *, model: str = DEF
 
 
 def build_score_request(text_1: str | Sequence[str], text_2: str | Sequence[str], *, model: str = DEFAULT_MODEL,
-                        raw_scores: bool = False, truncate: bool | None = None) -> pb.ScoreRequest:
+                        raw_scores: bool = False, truncate: bool | None = None,
+                        instruction: str | None = None) -> pb.ScoreRequest:
     """The ``pb.ScoreRequest`` (vLLM's pair scoring): ``text_1`` one string paired with every
     ``text_2``, or a list as long as ``text_2``."""
     request = pb.ScoreRequest(model=model, text_1=to_value(text_1 if isinstance(text_1, str) else list(text_1)),
@@ -183,6 +185,8 @@ def build_score_request(text_1: str | Sequence[str], text_2: str | Sequence[str]
         request.raw_scores = True
     if truncate is not None:
         request.truncate = truncate
+    if instruction is not None:
+        request.instruction = instruction
     return request
 
 
@@ -263,14 +267,16 @@ class RerankClient(_Base):
     def rerank(self, query: str, documents: Sequence[Document], *, model: str = DEFAULT_MODEL,
                top_n: int | None = None, return_documents: bool = False, raw_scores: bool = False,
                rank_fields: Sequence[str] | None = None, max_tokens_per_doc: int | None = None,
-               max_chunks_per_doc: int | None = None, timeout: float | None = None) -> RerankResponse:
+               max_chunks_per_doc: int | None = None, timeout: float | None = None,
+               instruction: str | None = None) -> RerankResponse:
         """Rank ``documents`` (strings or ``{"text": ...}`` dicts) by relevance to ``query``.
         With ``return_documents``, object documents come back with every number a float
         (gRPC carries them as ``google.protobuf.Value``: see :class:`RerankResult`).
         Raises :class:`RerankError`."""
         request = build_request(query, documents, model=model, top_n=top_n, return_documents=return_documents,
                                 raw_scores=raw_scores, rank_fields=rank_fields,
-                                max_tokens_per_doc=max_tokens_per_doc, max_chunks_per_doc=max_chunks_per_doc)
+                                max_tokens_per_doc=max_tokens_per_doc, max_chunks_per_doc=max_chunks_per_doc,
+                                instruction=instruction)
         return RerankResponse.from_proto(self.rerank_pb(request, timeout=timeout))
 
     def rerank_pb(self, request: pb.RerankRequest, *, timeout: float | None = None) -> pb.RerankResponse:
@@ -278,10 +284,12 @@ class RerankClient(_Base):
         return self._call(self._stub.Rerank, request, timeout)
 
     def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str], *, model: str = DEFAULT_MODEL,
-              raw_scores: bool = False, truncate: bool | None = None, timeout: float | None = None) -> list[float]:
+              raw_scores: bool = False, truncate: bool | None = None, timeout: float | None = None,
+              instruction: str | None = None) -> list[float]:
         """One score per (text_1, text_2[i]) pair, in ``text_2``'s order (the ``Score`` RPC,
         vLLM's pair scoring; sigmoid scores unless ``raw_scores``). Raises :class:`RerankError`."""
-        request = build_score_request(text_1, text_2, model=model, raw_scores=raw_scores, truncate=truncate)
+        request = build_score_request(text_1, text_2, model=model, raw_scores=raw_scores, truncate=truncate,
+                                      instruction=instruction)
         return _scores(self._call(self._stub.Score, request, timeout))
 
     def _call(self, method, request, timeout: float | None):
@@ -345,11 +353,13 @@ class AsyncRerankClient(_Base):
     async def rerank(self, query: str, documents: Sequence[Document], *, model: str = DEFAULT_MODEL,
                      top_n: int | None = None, return_documents: bool = False, raw_scores: bool = False,
                      rank_fields: Sequence[str] | None = None, max_tokens_per_doc: int | None = None,
-                     max_chunks_per_doc: int | None = None, timeout: float | None = None) -> RerankResponse:
+                     max_chunks_per_doc: int | None = None, timeout: float | None = None,
+               instruction: str | None = None) -> RerankResponse:
         """See :meth:`RerankClient.rerank`."""
         request = build_request(query, documents, model=model, top_n=top_n, return_documents=return_documents,
                                 raw_scores=raw_scores, rank_fields=rank_fields,
-                                max_tokens_per_doc=max_tokens_per_doc, max_chunks_per_doc=max_chunks_per_doc)
+                                max_tokens_per_doc=max_tokens_per_doc, max_chunks_per_doc=max_chunks_per_doc,
+                                instruction=instruction)
         return RerankResponse.from_proto(await self.rerank_pb(request, timeout=timeout))
 
     async def rerank_pb(self, request: pb.RerankRequest, *, timeout: float | None = None) -> pb.RerankResponse:
@@ -358,9 +368,10 @@ class AsyncRerankClient(_Base):
 
     async def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str], *, model: str = DEFAULT_MODEL,
                     raw_scores: bool = False, truncate: bool | None = None,
-                    timeout: float | None = None) -> list[float]:
+                    timeout: float | None = None, instruction: str | None = None) -> list[float]:
         """See :meth:`RerankClient.score`."""
-        request = build_score_request(text_1, text_2, model=model, raw_scores=raw_scores, truncate=truncate)
+        request = build_score_request(text_1, text_2, model=model, raw_scores=raw_scores, truncate=truncate,
+                                      instruction=instruction)
         return _scores(await self._call(self._stub.Score, request, timeout))
 
     async def _call(self, method, request, timeout: float | None):

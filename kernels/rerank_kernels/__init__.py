@@ -18,11 +18,15 @@ from rerank_kernels.attention import (
     varlen_attention_torch,
     varlen_attention_triton,
 )
+from rerank_kernels.causal_attention import causal_attention_torch, select_causal_attention
 from rerank_kernels.embeddings import embed_layernorm_torch, embed_layernorm_triton
 from rerank_kernels.gelu import bias_gelu_inplace, bias_gelu_torch, bias_gelu_triton
 from rerank_kernels.layernorm import add_layernorm_inplace, add_layernorm_torch, add_layernorm_triton
-from rerank_kernels.linear import FFN_UP, PlainLinear, choose_cpu_gemms, gemm_shapes
+from rerank_kernels.linear import FFN_UP, GemmShape, PlainLinear, choose_cpu_gemms, gemm_shapes
 from rerank_kernels.linear_gelu import linear_gelu_unfused
+from rerank_kernels.rmsnorm import add_rmsnorm_torch, add_rmsnorm_triton
+from rerank_kernels.rotary import norm_rope_torch, norm_rope_triton
+from rerank_kernels.swiglu import swiglu_inplace, swiglu_torch, swiglu_triton
 
 __all__ = ["ATTENTION_BACKENDS", "DTYPES", "ModelShapes", "Ops", "TORCH_OPS", "UnsupportedDtypeError",
            "available_attention_backends", "resolve_dtype", "select_ops", "triton_ops"]
@@ -44,6 +48,12 @@ class Ops:
     choices: dict = field(default_factory=dict, compare=False)
     # GEMM kind (rerank_kernels.linear) -> packer(weight, bias) -> linear(x), where measured (CPU).
     gemms: dict = field(default_factory=dict, compare=False)
+    # Decoders (Qwen3): pre-norm RMSNorm with the residual, per-head q/k RMSNorm + RoPE, SwiGLU,
+    # causal varlen attention with grouped-query heads.
+    add_rmsnorm: Callable = add_rmsnorm_torch
+    norm_rope: Callable = norm_rope_torch
+    swiglu: Callable = swiglu_inplace
+    causal_attention: Callable = causal_attention_torch
 
     def linear_gelu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """x (rows, in), weight (out, in), bias (out,) -> gelu_erf(x @ weight^T + bias) (rows, out):
@@ -68,6 +78,8 @@ class ModelShapes:
     intermediate: int
     heads: int
     ffn_rows: int = 4096
+    # The GEMM kinds to measure on the CPU (default: the encoder's, rerank_kernels.linear.gemm_shapes).
+    gemms: tuple[GemmShape, ...] | None = None
 
 
 # The CPU path: the references, with the two glue ops writing into their (fresh) input.
@@ -83,7 +95,9 @@ TORCH_OPS = Ops(
 def triton_ops(attention: Callable = varlen_attention_triton, attention_backend: str = "triton") -> Ops:
     """The CUDA op set: the Triton glue kernels with ``attention`` (default: the Triton kernel;
     under TRITON_INTERPRET=1 every op of it runs on CPU tensors, as the whole-model test does)."""
-    return Ops(embed_layernorm_triton, add_layernorm_triton, bias_gelu_triton, attention, attention_backend)
+    return Ops(embed_layernorm_triton, add_layernorm_triton, bias_gelu_triton, attention, attention_backend,
+               add_rmsnorm=add_rmsnorm_triton, norm_rope=norm_rope_triton, swiglu=swiglu_triton,
+               causal_attention=select_causal_attention(attention_backend))
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -135,15 +149,17 @@ def select_ops(device: torch.device | str, attention: str | None = None, *, dtyp
     if device.type != "cuda":
         if shapes is None:
             return TORCH_OPS
-        gemms, report = choose_cpu_gemms(gemm_shapes(shapes.hidden, shapes.intermediate), dtype,
+        kinds = list(shapes.gemms) if shapes.gemms else gemm_shapes(shapes.hidden, shapes.intermediate)
+        gemms, report = choose_cpu_gemms(kinds, dtype,
                                          TORCH_OPS.bias_gelu, pinned=cpu_gemm,
                                          **({"timer": timer} if timer else {}))
         return replace(TORCH_OPS, gemms=gemms, choices={"cpu_gemm": report})
     if not HAS_TRITON:
         log.warning("triton is not installed: CUDA runs the PyTorch reference LayerNorm/GELU/embedding ops")
-        return Ops(embed_layernorm_torch, add_layernorm_torch, bias_gelu_torch, attn, name)
+        return Ops(embed_layernorm_torch, add_layernorm_torch, bias_gelu_torch, attn, name, swiglu=swiglu_torch,
+                   causal_attention=select_causal_attention(name))
     ops = triton_ops(attn, name)
-    if shapes is None:
+    if shapes is None or shapes.gemms:  # a decoder: nothing of the encoder's to tune
         return ops
     return tuning.measure_cuda_ops(ops, shapes.hidden, shapes.intermediate, shapes.heads, dtype, device,
                                    max_rows=shapes.ffn_rows, timer=timer)

@@ -1,4 +1,4 @@
-"""Writes random-weight reranker checkpoints (XLM-RoBERTa, or BERT) around real tokenizers.
+"""Writes random-weight reranker checkpoints (XLM-RoBERTa, BERT or Qwen3) around real tokenizers.
 
 Real weights cannot be downloaded everywhere; tests, benchmarks and offline trials use
 these. The directory is a normal Hugging Face checkpoint (config.json, model.safetensors,
@@ -8,6 +8,7 @@ tokenizer.json), loadable by this server and by ``transformers`` alike.
     rerank-server checkpoint --size small --out checkpoints/small  # 6 x 384, for CPU load tests
     rerank-server checkpoint --size full --out checkpoints/full    # bge-reranker-v2-m3 shapes
     rerank-server checkpoint --family bert --size small --out checkpoints/bert-small  # ms-marco-MiniLM-L-6-v2 shapes
+    rerank-server checkpoint --family qwen3 --size full --out checkpoints/qwen3  # Qwen3-Reranker-0.6B shapes
 
 (``python -m rerank_server.checkpoint`` is the same.)
 """
@@ -125,10 +126,90 @@ def random_state_dict(config: dict, seed: int, dtype: torch.dtype = torch.float3
     return sd
 
 
+# Qwen3-Reranker (Qwen3ForCausalLM scored by its answer tokens) around the real Qwen3 tokenizer
+# (Apache-2.0, Qwen's; see assets/NOTICE.md). full: Qwen3-Reranker-0.6B's config.json shapes.
+QWEN3_TOKENIZER = ASSETS / "qwen3-tokenizer.json.gz"
+QWEN3_TOKENIZER_CONFIG = ASSETS / "qwen3-tokenizer_config.json"
+QWEN3_SIZES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 intermediate_size=128),
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+                  intermediate_size=768),
+    "full": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                 head_dim=128, intermediate_size=3072),
+}
+
+
+def qwen3_config(size: str = "tiny", **overrides) -> dict:
+    """A Qwen3ForCausalLM config.json (Qwen3-Reranker-0.6B's fields at ``size``'s shapes)."""
+    config = {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
+        **QWEN3_SIZES[size], "hidden_act": "silu", "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0,
+        "use_sliding_window": False, "sliding_window": None, "tie_word_embeddings": True,
+        "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "float32", "initializer_range": 0.02,
+    }
+    config.update(overrides)
+    if config["architectures"] == ["Qwen3ForSequenceClassification"]:
+        config.setdefault("id2label", {"0": "LABEL_0"})
+        config.setdefault("label2id", {"LABEL_0": 0})
+        config.setdefault("pad_token_id", 151643)
+    return config
+
+
+def qwen3_state_dict(config: dict, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Hugging Face tensor names -> random tensors; the RMSNorm weights scatter around 1."""
+    g = torch.Generator().manual_seed(seed)
+    H, FF, V, D = config["hidden_size"], config["intermediate_size"], config["vocab_size"], config["head_dim"]
+    q, kv = config["num_attention_heads"] * D, config["num_key_value_heads"] * D
+
+    def randn(*shape: int, mean: float = 0.0, std: float = 0.02) -> torch.Tensor:
+        return (torch.randn(shape, generator=g) * std + mean).to(dtype)
+
+    sd = {"model.embed_tokens.weight": randn(V, H, std=0.5), "model.norm.weight": randn(H, mean=1.0, std=0.1)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        sd.update({
+            f"{p}.input_layernorm.weight": randn(H, mean=1.0, std=0.1),
+            f"{p}.post_attention_layernorm.weight": randn(H, mean=1.0, std=0.1),
+            f"{p}.self_attn.q_proj.weight": randn(q, H, std=0.05),
+            f"{p}.self_attn.k_proj.weight": randn(kv, H, std=0.05),
+            f"{p}.self_attn.v_proj.weight": randn(kv, H), f"{p}.self_attn.o_proj.weight": randn(H, q),
+            f"{p}.self_attn.q_norm.weight": randn(D, mean=1.0, std=0.1),
+            f"{p}.self_attn.k_norm.weight": randn(D, mean=1.0, std=0.1),
+            f"{p}.mlp.gate_proj.weight": randn(FF, H), f"{p}.mlp.up_proj.weight": randn(FF, H),
+            f"{p}.mlp.down_proj.weight": randn(H, FF),
+        })
+    if config["architectures"] == ["Qwen3ForSequenceClassification"]:
+        sd["score.weight"] = randn(1, H, std=0.1)
+    elif not config["tie_word_embeddings"]:
+        sd["lm_head.weight"] = randn(V, H, std=0.1)
+    return sd
+
+
+def write_qwen3_checkpoint(out: Path, size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
+                           **overrides) -> Path:
+    """A random-weight Qwen3-Reranker checkpoint: config.json, model.safetensors, the real Qwen3
+    tokenizer.json and tokenizer_config.json; ``overrides`` go into config.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = qwen3_config(size, **overrides, torch_dtype=str(dtype).removeprefix("torch."))
+    save_file(qwen3_state_dict(config, seed, dtype), out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    with gzip.open(QWEN3_TOKENIZER, "rb") as src, open(out / "tokenizer.json", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    shutil.copyfile(QWEN3_TOKENIZER_CONFIG, out / "tokenizer_config.json")
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
+        os.chmod(out / name, 0o644)
+    return out
+
+
 def write_random_checkpoint(out: Path, size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
                             family: str = "xlm-roberta", **overrides) -> Path:
     """Writes config.json, model.safetensors and the tokenizer files into ``out``;
     ``family`` "xlm-roberta" or "bert"; ``overrides`` go into config.json."""
+    if family == "qwen3":
+        return write_qwen3_checkpoint(out, size, seed, dtype, **overrides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     family_config, tokenizer_fixture, tokenizer_config = FAMILIES[family]
@@ -152,10 +233,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rerank-server checkpoint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="directory to write")
-    parser.add_argument("--family", choices=tuple(FAMILIES), default="xlm-roberta",
+    parser.add_argument("--family", choices=(*FAMILIES, "qwen3"), default="xlm-roberta",
                         help="xlm-roberta: bge-reranker-v2-m3's architecture and tokenizer (8192 positions); "
                              "bert: BertForSequenceClassification with the uncased WordPiece tokenizer "
-                             "(512 positions), as cross-encoder/ms-marco-MiniLM-L-6-v2")
+                             "(512 positions), as cross-encoder/ms-marco-MiniLM-L-6-v2; qwen3: Qwen3ForCausalLM "
+                             "scored as Qwen3-Reranker, with the real Qwen3 tokenizer (full: the 0.6B's shapes)")
     parser.add_argument("--size", choices=tuple(SIZES), default="tiny",
                         help="tiny: 2 layers, hidden 64; small: 6 layers, hidden 384 (MiniLM-L6 shapes); "
                              "full: bge-reranker-v2-m3 shapes (568M parameters with its vocabulary)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate, chain
 from pathlib import Path
@@ -18,7 +19,10 @@ import torch
 
 from rerank_kernels import ModelShapes, resolve_dtype, select_ops
 from rerank_kernels.attention import QUERY_TIERS
-from rerank_server.model import FFN_ROWS, CrossEncoder, EncoderConfig, load_cross_encoder
+from rerank_server.models.encoder import FFN_ROWS, CrossEncoder
+from rerank_server.models.qwen3 import Qwen3Reranker, build_batch
+from rerank_server.models.registry import config_from_hf, model_class
+from rerank_server.prompts import PromptTokenizer
 from rerank_server.scheduler import Wait, launch_now
 from rerank_server.tokenization import PairTokenizer, check_max_length, token_type_start
 
@@ -96,9 +100,10 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def model_shapes(config: EncoderConfig) -> ModelShapes:
-    """What ``select_ops`` measures kernels at for this model."""
-    return ModelShapes(config.hidden_size, config.intermediate_size, config.num_heads, FFN_ROWS)
+def model_shapes(config) -> ModelShapes:
+    """What ``select_ops`` measures kernels at for this model (a decoder names its GEMM kinds)."""
+    gemms = config.gemm_shapes() if config.architecture == "decoder" else None
+    return ModelShapes(config.hidden_size, config.intermediate_size, config.num_heads, FFN_ROWS, gemms)
 
 
 def describe_choices(choices: dict) -> str:
@@ -120,22 +125,26 @@ def token_type_ids(pairs: list[list[int]], lengths: list[int]) -> torch.Tensor:
 
 @dataclass
 class Engine:
-    model: CrossEncoder
-    tokenizer: PairTokenizer
+    model: CrossEncoder | Qwen3Reranker
+    tokenizer: PairTokenizer | PromptTokenizer
     model_dir: Path
+    # called with the pair tokens a shared prefix spared in each decoder batch (the service's metric)
+    on_shared_tokens: Callable[[int], None] | None = None
 
     @staticmethod
     def load_tokenizer(model_dir: Path, max_length: int | None = None) -> PairTokenizer:
         """The pair tokenizer of a checkpoint directory, cut at ``max_length`` (default: the
         model's limit). Parsing tokenizer.json holds the GIL for about a second (tokenizers
         does not release it), so a server does this before its listeners answer health."""
-        config = EncoderConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+        config = config_from_hf(json.loads((model_dir / "config.json").read_text()))
         limit = config.max_tokens
         if max_length is not None:
             check_max_length(max_length, limit)
         tokenizer_file = model_dir / "tokenizer.json"
         if not tokenizer_file.exists():
             raise ModelNotFoundError(f"{model_dir} has no tokenizer.json (the fast tokenizer is required)")
+        if config.architecture == "decoder":
+            return PromptTokenizer(tokenizer_file, max_length or limit, config.template)
         return PairTokenizer(tokenizer_file, max_length or limit, truncation=config.truncation)
 
     @classmethod
@@ -150,9 +159,10 @@ class Engine:
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dev, dtype)
         tokenizer = tokenizer or cls.load_tokenizer(model_dir, max_length)  # checks max_length before the weights
-        c = EncoderConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+        hf = json.loads((model_dir / "config.json").read_text())
+        c = config_from_hf(hf)
         ops = select_ops(dev, attention, dtype=torch_dtype, shapes=model_shapes(c), cpu_gemm=cpu_gemm)
-        encoder = load_cross_encoder(model_dir, ops, dev, torch_dtype)
+        encoder = model_class(hf).load(model_dir, ops, dev, torch_dtype)
         log.info("loaded %s from %s: %d layers, hidden %d, %.0fM parameters, %s on %s, attention %s, "
                  "max length %d, in %.1fs; kernels: %s", model, model_dir, c.num_layers, c.hidden_size,
                  encoder.num_parameters / 1e6, str(torch_dtype).removeprefix("torch."), dev, ops.attention_backend,
@@ -174,19 +184,30 @@ class Engine:
         ``cu_seqlens`` is built on the host, so nothing waits on the device before or during
         the forward: on CUDA this queues the copies and kernels and returns; the logits come
         back to pinned memory behind an event, and only the returned wait blocks on it."""
+        device = self.model.device
+        if self.model.config.architecture == "decoder":
+            batch = build_batch(pairs)
+            if self.on_shared_tokens:
+                self.on_shared_tokens(batch.shared_rows)
+            if device.type == "cpu":
+                return launch_now(lambda _: self.model(batch).tolist())(pairs)
+            return self._wait_for(self.model(batch.to(device)))
         lengths = [len(p) for p in pairs]
         total = sum(lengths)
         ids = torch.from_numpy(np.fromiter(chain.from_iterable(pairs), dtype=np.int64, count=total))
         cu_seqlens = torch.tensor([0, *accumulate(lengths)], dtype=torch.int32)
         types = token_type_ids(pairs, lengths) if self.model.config.uses_token_types else None
-        device = self.model.device
         if device.type == "cpu":  # computes now; the wait hands the logits over
             return launch_now(lambda _: self.model(ids, cu_seqlens, max(lengths), types).tolist())(pairs)
         ids = ids.pin_memory().to(device, non_blocking=True)
         cu_seqlens = cu_seqlens.pin_memory().to(device, non_blocking=True)
         if types is not None:
             types = types.pin_memory().to(device, non_blocking=True)
-        on_device = self.model(ids, cu_seqlens, max(lengths), types)
+        return self._wait_for(self.model(ids, cu_seqlens, max(lengths), types))
+
+    @staticmethod
+    def _wait_for(on_device: torch.Tensor) -> Wait:
+        """The logits queued back to pinned host memory behind an event, and the wait for them."""
         on_host = torch.empty(on_device.shape, dtype=on_device.dtype, pin_memory=True)
         on_host.copy_(on_device, non_blocking=True)
         # blocking: the wait sleeps in the driver instead of spinning a core

@@ -37,6 +37,10 @@ class Metrics:
         self.malformed_http = Counter("rerank_malformed_http_requests",
                                       "HTTP requests aiohttp could not parse, and connections cut by a timeout or "
                                       "the connection limit", ["reason"], registry=r)
+        # LLM rerankers: pair tokens not computed because a shared prefix (instruction + query) was
+        # computed once for the pairs of a batch (usage still counts every pair's tokens)
+        self.shared_prefix_tokens = Counter("rerank_shared_prefix_tokens",
+                                            "Pair tokens spared by computing a shared prefix once", registry=r)
 
     def observe_batch(self, pairs: int, tokens: int) -> None:
         self.batch_pairs.observe(pairs)

@@ -207,6 +207,7 @@ class RerankService:
             self.max_request_tokens = default_max_request_tokens(
                 scheduler.max_queued_tokens, scheduler.max_batch_tokens, engine.tokenizer.max_length)
         self.engine, self.scheduler = engine, scheduler
+        engine.on_shared_tokens = self.metrics.shared_prefix_tokens.inc
 
     async def off_loop(self, function, *args, **kwargs):
         """Runs CPU work on the request pool, with this request's context (its id in the log)."""
@@ -236,6 +237,9 @@ class RerankService:
                         kernel_choices=model.ops.choices,  # load-time measurements (CUDA), with timings
                         model_dir=str(self.engine.model_dir), layers=model.config.num_layers,
                         hidden_size=model.config.hidden_size, family=model.config.family)
+            tokenizer = getattr(self.engine, "tokenizer", None)
+            if getattr(tokenizer, "takes_instruction", False):  # an LLM reranker's prompt
+                info["template"] = tokenizer.describe()
         if self.scheduler:
             info.update(max_batch_tokens=self.scheduler.max_batch_tokens,
                         max_queued_tokens=self.scheduler.max_queued_tokens,
@@ -329,7 +333,16 @@ class RerankService:
             if len(request.documents) * request.max_chunks_per_doc > MAX_TOTAL_CHUNKS:
                 raise invalid(f"documents x max_chunks_per_doc must be at most {MAX_TOTAL_CHUNKS}, got "
                               f"{len(request.documents)} x {request.max_chunks_per_doc}")
+        self.check_instruction(request)
         return [document_text(d, i, request.rank_fields) for i, d in enumerate(request.documents)]
+
+    def check_instruction(self, request: pb.RerankRequest | pb.ScoreRequest) -> None:
+        """``instruction`` is for LLM rerankers (a prompt template); a cross-encoder refuses it."""
+        tokenizer = getattr(self.engine, "tokenizer", None)
+        if request.HasField("instruction") and tokenizer is not None and not getattr(
+                tokenizer, "takes_instruction", False):
+            raise invalid(f"instruction is only taken by LLM rerankers (a prompt template); the served model is a "
+                          f"{self.engine.model.config.family} cross-encoder: omit instruction")
 
     def validate_score(self, request: pb.ScoreRequest) -> list[tuple[str, str]]:
         """-> the (text_1, text_2) pairs in order; raises ApiError naming the offending field."""
@@ -337,6 +350,7 @@ class RerankService:
             self.check_model(request.model)
         if not request.HasField("text_1") or not request.HasField("text_2"):
             raise invalid("text_1 and text_2 are required: a string or a list of strings each")
+        self.check_instruction(request)
         first, second = _texts(request.text_1, "text_1"), _texts(request.text_2, "text_2")
         self.check_count("text_2", len(second))
         if len(first) not in (1, len(second)):
@@ -371,7 +385,8 @@ class RerankService:
             [(request.query, texts)], call, chunks=chunks,
             max_doc_tokens=request.max_tokens_per_doc if request.HasField("max_tokens_per_doc") else None,
             keep_end=request.truncation_direction == pb.RerankRequest.LEFT,
-            truncate=not request.HasField("truncate") or request.truncate), deadline)
+            truncate=not request.HasField("truncate") or request.truncate,
+            instruction=request.instruction if request.HasField("instruction") else None), deadline)
         scores = logits if request.raw_scores else [sigmoid(x) for x in logits]
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
         if request.HasField("top_n"):
@@ -402,7 +417,8 @@ class RerankService:
             groups.setdefault(first, []).append(i)
         logits, _, tokens = await self._within(self._score_groups(
             [(first, [pairs[i][1] for i in members]) for first, members in groups.items()], call,
-            truncate=not request.HasField("truncate") or request.truncate), deadline)
+            truncate=not request.HasField("truncate") or request.truncate,
+            instruction=request.instruction if request.HasField("instruction") else None), deadline)
         by_pair = [0.0] * len(pairs)
         for logit, i in zip(logits, (i for members in groups.values() for i in members), strict=True):
             by_pair[i] = logit
@@ -415,16 +431,19 @@ class RerankService:
 
     async def _score_groups(self, groups: list[tuple[str, list[str]]], call: Call, chunks: int = 1,
                             max_doc_tokens: int | None = None, keep_end: bool = False,
-                            truncate: bool = True) -> tuple[list[float], list[int], int]:
+                            truncate: bool = True, instruction: str | None = None,
+                            ) -> tuple[list[float], list[int], int]:
         """(query, documents) groups -> (one logit per document, in group order; the best
-        window of each; the tokens fed to the model). The one scoring path of every route."""
+        window of each; the tokens fed to the model). The one scoring path of every route.
+        ``instruction``: an LLM reranker's (validated: cross-encoders never get one)."""
+        extra = {} if instruction is None else {"instruction": instruction}
         t0 = time.perf_counter()
         pairs, owner, n_documents, tokens = [], [], 0, 0
         for query, documents in groups:
             try:
                 group_pairs, group_owner = await self.off_loop(
                     self.engine.tokenizer.encode_chunked, query, documents, max_doc_tokens, chunks,
-                    keep_end=keep_end, truncate=truncate, max_tokens=self.max_request_tokens - tokens)
+                    keep_end=keep_end, truncate=truncate, max_tokens=self.max_request_tokens - tokens, **extra)
             except PairTooLongError as e:
                 raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(e), Reason.TOO_LONG) from None
             except RequestTooLargeError:

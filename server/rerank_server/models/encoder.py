@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,44 +33,12 @@ from rerank_kernels.linear import (
     KEY_VALUE,
     QKV,
 )
+from rerank_server.models.registry import ROBERTA, EncoderFamily, UnsupportedModelError, architecture_of
+from rerank_server.models.weights import read_safetensors
 
 log = logging.getLogger(__name__)
 
 FFN_ROWS = 4096  # tokens per FFN slice (see CrossEncoder._block)
-
-
-@dataclass(frozen=True)
-class Family:
-    """What a ``model_type`` brings beyond the sizes its config.json states."""
-
-    architectures: tuple[str, ...]  # the config.json architectures it runs
-    # How a pair too long for the model is cut (rerank_server.tokenization.PairTokenizer):
-    # "only_second" (the document; a query leaving no room is capped at 3/4: FlagEmbedding's
-    # rule for bge-reranker) or "longest_first" (sentence-transformers' CrossEncoder).
-    truncation: str
-    positions_from_padding: bool  # RoBERTa numbers positions from padding_idx + 1, BERT from 0
-    layer_norm_eps: float  # when config.json omits it
-    # checkpoint name -> the RoBERTa name ``CrossEncoder.destination`` reads (regexes, in order)
-    name_remaps: tuple[tuple[str, str], ...] = ()
-
-
-_ROBERTA = ("XLMRobertaForSequenceClassification", "RobertaForSequenceClassification")  # one model in two names
-FAMILIES = {
-    "xlm-roberta": Family(_ROBERTA, "only_second", True, 1e-5),
-    "roberta": Family(_ROBERTA, "only_second", True, 1e-5),
-    # BERT's head is the pooler (dense + tanh on the first token) then a one-output Linear:
-    # RoBERTa's classifier.dense -> tanh -> classifier.out_proj in other names.
-    "bert": Family(("BertForSequenceClassification",), "longest_first", False, 1e-12, name_remaps=(
-        (r"^classifier\.(weight|bias)$", r"classifier.out_proj.\1"),
-        (r"^(?:bert\.)?pooler\.dense\.", "classifier.dense."),
-        (r"^bert\.", ""),
-    )),
-}
-SUPPORTED_ARCHITECTURES = tuple(dict.fromkeys(a for f in FAMILIES.values() for a in f.architectures))
-
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint is not a one-label (XLM-)RoBERTa or BERT sequence classifier."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +54,10 @@ class EncoderConfig:
     pad_token_id: int
     # RoBERTa numbers positions from padding_idx + 1; BERT from 0.
     position_offset: int
-    family: str  # a key of FAMILIES
+    family: str  # the config's model_type (GET /info)
+    family_data: EncoderFamily = ROBERTA  # the registry row's data: truncation, checkpoint names
+
+    architecture = "encoder"  # what the engine builds pairs for (rerank_server.models.registry)
 
     @property
     def uses_token_types(self) -> bool:
@@ -97,7 +67,7 @@ class EncoderConfig:
 
     @property
     def truncation(self) -> str:
-        return FAMILIES[self.family].truncation
+        return self.family_data.truncation
 
     @property
     def head_dim(self) -> int:
@@ -111,13 +81,9 @@ class EncoderConfig:
     @classmethod
     def from_hf(cls, hf: dict) -> EncoderConfig:
         """Reads a Hugging Face ``config.json`` dict; refuses what this forward cannot run."""
-        archs = hf.get("architectures") or []
-        family = FAMILIES.get(hf.get("model_type"))
-        if family is None or not set(family.architectures) & set(archs):
-            raise UnsupportedModelError(
-                f"unsupported model (architectures={archs}, model_type={hf.get('model_type')!r}): "
-                f"this server runs one-label {' / '.join(SUPPORTED_ARCHITECTURES)} cross-encoders"
-            )
+        family = architecture_of(hf)[1].data
+        if family is None:
+            raise UnsupportedModelError(f"{hf.get('architectures')} is not a cross-encoder")
         num_labels = len(hf["id2label"]) if "id2label" in hf else hf.get("num_labels", 2)
         if num_labels != 1:
             raise UnsupportedModelError(f"a reranker has one output label; this checkpoint has {num_labels}")
@@ -140,6 +106,7 @@ class EncoderConfig:
             pad_token_id=pad,
             position_offset=pad + 1 if family.positions_from_padding else 0,
             family=hf["model_type"],
+            family_data=family,
         )
 
 
@@ -170,6 +137,12 @@ class Layer:
 
 class CrossEncoder:
     """``forward(input_ids, cu_seqlens, max_seqlen, token_type_ids=None) -> logits (batch,) float32``."""
+
+    Config = EncoderConfig
+
+    @classmethod
+    def load(cls, model_dir: Path, ops: Ops, device: torch.device, dtype: torch.dtype) -> CrossEncoder:
+        return load_cross_encoder(model_dir, ops, device, dtype)
 
     def __init__(self, config: EncoderConfig, ops: Ops, device: torch.device, dtype: torch.dtype):
         c, self.config, self.ops, self.device, self.dtype = config, config, ops, device, dtype
@@ -289,7 +262,7 @@ class CrossEncoder:
 
     def destination(self, name: str) -> torch.Tensor | None:
         """The slice of our weights that the Hugging Face tensor ``name`` fills (None: unused)."""
-        for pattern, replacement in FAMILIES[self.config.family].name_remaps:
+        for pattern, replacement in self.config.family_data.name_remaps:
             name = re.sub(pattern, replacement, name)
         m = re.fullmatch(r"(?:roberta\.)?encoder\.layer\.(\d+)\.(.+)\.(weight|bias)", name)
         if m:
@@ -320,58 +293,12 @@ class CrossEncoder:
         return getattr(self, field) if field else None
 
 
-# safetensors dtype names -> torch dtypes
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
-
-
 def load_cross_encoder(model_dir: Path, ops: Ops, device: torch.device, dtype: torch.dtype) -> CrossEncoder:
-    """Builds the model from ``config.json`` and fills it from ``*.safetensors``.
-
-    Each tensor is read from the file straight into its destination slice (through one
-    per-tensor staging buffer when the dtype or device differs), so peak memory is the
-    weights plus the largest single tensor: no second copy of the model, no mmap of the
-    whole file (which would keep its pages resident beside the weights). Then each GEMM's
-    weight is packed by ``ops`` (``select_ops`` for this device, dtype and shapes)."""
+    """Builds the model from ``config.json``, fills it from ``*.safetensors``
+    (``weights.read_safetensors``), then packs each GEMM's weight through ``ops`` (``select_ops``
+    for this device, dtype and shapes)."""
     config = EncoderConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
-    started = time.perf_counter()
     model = CrossEncoder(config, ops, device, dtype)
-    source_dtypes, read_bytes = set(), 0
-    filled: dict[int, int] = {}  # id(weight) -> elements written (Q, K and V each fill a third)
-    for file in files:
-        with open(file, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-            header.pop("__metadata__", None)
-            for name, meta in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-                dest = model.destination(name)
-                if dest is None:
-                    log.debug("ignoring checkpoint tensor %s", name)
-                    continue
-                shape, (begin, end) = tuple(meta["shape"]), meta["data_offsets"]
-                if shape != tuple(dest.shape):
-                    raise UnsupportedModelError(f"{name}: checkpoint shape {shape} != expected {tuple(dest.shape)}")
-                src_dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
-                source_dtypes.add(meta["dtype"])
-                read_bytes += end - begin
-                direct = src_dtype == dest.dtype and dest.device.type == "cpu"
-                staging = dest if direct else torch.empty(shape, dtype=src_dtype)
-                f.seek(8 + header_len + begin)
-                if f.readinto(memoryview(staging.view(torch.uint8).numpy()).cast("B")) != end - begin:
-                    raise ValueError(f"{file}: truncated data for {name}")
-                if not direct:
-                    dest.copy_(staging)
-                owner = dest if dest._base is None else dest._base
-                filled[id(owner)] = filled.get(id(owner), 0) + dest.numel()
-    missing = [name for name, t in model.named_weights() if filled.get(id(t), 0) != t.numel()]
-    if missing:
-        raise UnsupportedModelError(f"checkpoint in {model_dir} lacks tensors for: {', '.join(missing[:8])}")
-    del dest, staging  # the last tensor read: pack_gemms may free it
+    read_safetensors(model, model_dir, dtype)
     model.pack_gemms()
-    log.info("read %.2f GB of %s weights from %s (%s) into %s on %s in %.1fs", read_bytes / 1e9,
-             "/".join(sorted(source_dtypes)), model_dir, ", ".join(f.name for f in files),
-             str(dtype).removeprefix("torch."), device, time.perf_counter() - started)
     return model
