@@ -24,6 +24,7 @@ from rerank_kernels.gelu import bias_gelu_inplace, bias_gelu_torch, bias_gelu_tr
 from rerank_kernels.layernorm import add_layernorm_inplace, add_layernorm_torch, add_layernorm_triton
 from rerank_kernels.linear import FFN_UP, GemmShape, PlainLinear, choose_cpu_gemms, gemm_shapes
 from rerank_kernels.linear_gelu import linear_gelu_unfused
+from rerank_kernels.local_attention import local_attention_torch, select_local_attention
 from rerank_kernels.rmsnorm import add_rmsnorm_torch, add_rmsnorm_triton
 from rerank_kernels.rotary import norm_rope_torch, norm_rope_triton
 from rerank_kernels.swiglu import swiglu_inplace, swiglu_torch, swiglu_triton
@@ -54,6 +55,8 @@ class Ops:
     norm_rope: Callable = norm_rope_torch
     swiglu: Callable = swiglu_inplace
     causal_attention: Callable = causal_attention_torch
+    # ModernBERT's local layers: varlen attention within a window, (q, k, v, cu_seqlens, max_seqlen, window, scale)
+    local_attention: Callable = local_attention_torch
 
     def linear_gelu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """x (rows, in), weight (out, in), bias (out,) -> gelu_erf(x @ weight^T + bias) (rows, out):
@@ -97,7 +100,8 @@ def triton_ops(attention: Callable = varlen_attention_triton, attention_backend:
     under TRITON_INTERPRET=1 every op of it runs on CPU tensors, as the whole-model test does)."""
     return Ops(embed_layernorm_triton, add_layernorm_triton, bias_gelu_triton, attention, attention_backend,
                add_rmsnorm=add_rmsnorm_triton, norm_rope=norm_rope_triton, swiglu=swiglu_triton,
-               causal_attention=select_causal_attention(attention_backend))
+               causal_attention=select_causal_attention(attention_backend),
+               local_attention=select_local_attention(attention_backend))
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -157,7 +161,7 @@ def select_ops(device: torch.device | str, attention: str | None = None, *, dtyp
     if not HAS_TRITON:
         log.warning("triton is not installed: CUDA runs the PyTorch reference LayerNorm/GELU/embedding ops")
         return Ops(embed_layernorm_torch, add_layernorm_torch, bias_gelu_torch, attn, name, swiglu=swiglu_torch,
-                   causal_attention=select_causal_attention(name))
+                   causal_attention=select_causal_attention(name), local_attention=select_local_attention(name))
     ops = triton_ops(attn, name)
     if shapes is None or shapes.gemms:  # a decoder: nothing of the encoder's to tune
         return ops

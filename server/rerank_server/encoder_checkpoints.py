@@ -1,0 +1,109 @@
+"""Random-weight ModernBERT and DeBERTa-v2 cross-encoder checkpoints (``rerank-server checkpoint
+--family modernbert|deberta-v2``), loadable by this server and by transformers alike.
+
+full: gte-reranker-modernbert-base's shapes (ModernBERT); mxbai-rerank-base-v1's (DeBERTa-v2),
+small: mxbai-rerank-xsmall-v1's. The tokenizer is a stand-in of the same pair template: the uncased
+BERT WordPiece tokenizer shipped as package data (``[CLS] query [SEP] document [SEP]``, the template
+both families' tokenizers apply); the vocabulary size in config.json is that tokenizer's.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+MODERNBERT_SIZES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=96,
+                 local_attention=16),
+    "small": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=384),
+    # gte-reranker-modernbert-base (ModernBERT-base)
+    "full": dict(hidden_size=768, num_hidden_layers=22, num_attention_heads=12, intermediate_size=1152),
+}
+STAND_IN_VOCAB = 30522  # the BERT tokenizer's
+
+
+def modernbert_config(size: str = "tiny", **overrides) -> dict:
+    """A ModernBertForSequenceClassification config.json (gte-reranker-modernbert-base's fields)."""
+    config = {
+        "architectures": ["ModernBertForSequenceClassification"], "model_type": "modernbert",
+        "vocab_size": STAND_IN_VOCAB, **MODERNBERT_SIZES[size], "hidden_activation": "gelu",
+        "max_position_embeddings": 8192, "norm_eps": 1e-5, "norm_bias": False, "global_rope_theta": 160000.0,
+        "local_rope_theta": 10000.0, "local_attention": 128, "global_attn_every_n_layers": 3,
+        "attention_bias": False, "mlp_bias": False, "classifier_bias": False, "classifier_activation": "gelu",
+        "classifier_pooling": "mean", "pad_token_id": 0, "cls_token_id": 101, "sep_token_id": 102,
+        "bos_token_id": 101, "eos_token_id": 102, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
+        "initializer_range": 0.02,
+    }
+    if size == "tiny":
+        config["local_attention"] = MODERNBERT_SIZES["tiny"]["local_attention"]
+    config.update(overrides)
+    return config
+
+
+def modernbert_state_dict(config: dict, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Hugging Face tensor names -> random tensors; norms scatter around 1, biases (where the
+    config has them) around 0, so a forward that drops one fails parity."""
+    g = torch.Generator().manual_seed(seed)
+    H, FF, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+
+    def randn(*shape: int, mean: float = 0.0, std: float = 0.05) -> torch.Tensor:
+        return (torch.randn(shape, generator=g) * std + mean).to(dtype)
+
+    def norm(prefix: str) -> dict[str, torch.Tensor]:
+        sd = {f"{prefix}.weight": randn(H, mean=1.0, std=0.1)}
+        if config["norm_bias"]:
+            sd[f"{prefix}.bias"] = randn(H, std=0.1)
+        return sd
+
+    def linear(prefix: str, out_features: int, in_features: int, bias: bool) -> dict[str, torch.Tensor]:
+        sd = {f"{prefix}.weight": randn(out_features, in_features)}
+        if bias:
+            sd[f"{prefix}.bias"] = randn(out_features, std=0.05)
+        return sd
+
+    sd = {"model.embeddings.tok_embeddings.weight": randn(V, H, std=0.5), **norm("model.embeddings.norm"),
+          **norm("model.final_norm"), **norm("head.norm"),
+          **linear("head.dense", H, H, config["classifier_bias"]), **linear("classifier", 1, H, True)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        if i:
+            sd.update(norm(f"{p}.attn_norm"))
+        sd.update({**norm(f"{p}.mlp_norm"), **linear(f"{p}.attn.Wqkv", 3 * H, H, config["attention_bias"]),
+                   **linear(f"{p}.attn.Wo", H, H, config["attention_bias"]),
+                   **linear(f"{p}.mlp.Wi", 2 * FF, H, config["mlp_bias"]),
+                   **linear(f"{p}.mlp.Wo", H, FF, config["mlp_bias"])})
+    sd["classifier.weight"] = randn(1, H, std=0.5)
+    return sd
+
+
+def write_stand_in_tokenizer(out: Path, max_length: int) -> None:
+    """The uncased BERT WordPiece tokenizer (``[CLS] q [SEP] d [SEP]``) and its tokenizer_config.json."""
+    from rerank_server.checkpoint import BERT_TOKENIZER_FIXTURE, FAMILIES
+    with gzip.open(BERT_TOKENIZER_FIXTURE, "rb") as src, open(out / "tokenizer.json", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    (out / "tokenizer_config.json").write_text(json.dumps({**FAMILIES["bert"][2], "model_max_length": max_length},
+                                                          indent=2))
+
+
+FAMILY_WRITERS = {"modernbert": (modernbert_config, modernbert_state_dict)}
+
+
+def write_encoder_checkpoint(out: Path, family: str, size: str = "tiny", seed: int = 0,
+                             dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    """config.json, model.safetensors and the stand-in tokenizer of a random ``family`` checkpoint."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    make_config, make_state = FAMILY_WRITERS[family]
+    config = make_config(size, **overrides)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    save_file(make_state(config, seed, dtype), out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_stand_in_tokenizer(out, config["max_position_embeddings"])
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
+        os.chmod(out / name, 0o644)
+    return out
