@@ -72,6 +72,20 @@ class Ops:
             return self.gemms[kind](weight, bias)
         return PlainLinear(weight, bias, self.linear_gelu if kind == FFN_UP else F.linear)
 
+    def pack_gelu(self, kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                  approximate: str = "none") -> Callable:
+        """``linear(x) -> gelu(x @ weight^T + bias)`` for a kind measured with ``GemmShape.gelu``
+        (ModernBERT's and DeBERTa-v2's kinds). PyTorch's elementwise erf GELU on the CPU is not
+        batch-invariant (its vector and scalar erf differ in the last bit, and which elements take
+        the scalar tail depends on the tensor's size), so a measured GEMM computes it per row in
+        its epilogue; elsewhere (CUDA, the tanh form) the GELU follows the GEMM."""
+        if approximate == "none" and kind in self.gemms:
+            if bias is None:
+                bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            return self.gemms[kind](weight, bias)
+        linear = self.pack(kind, weight, bias)
+        return lambda x: F.gelu(linear(x), approximate=approximate)
+
 
 @dataclass(frozen=True)
 class ModelShapes:

@@ -10,6 +10,7 @@ tokenizer.json), loadable by this server and by ``transformers`` alike.
     rerank-server checkpoint --family bert --size small --out checkpoints/bert-small  # ms-marco-MiniLM-L-6-v2 shapes
     rerank-server checkpoint --family qwen3 --size full --out checkpoints/qwen3  # Qwen3-Reranker-0.6B shapes
     rerank-server checkpoint --family modernbert --size full --out checkpoints/mb  # gte-reranker-modernbert-base
+    rerank-server checkpoint --family deberta-v2 --size small --out checkpoints/mxbai  # mxbai-rerank-xsmall-v1
 
 (``python -m rerank_server.checkpoint`` is the same.)
 """
@@ -244,7 +245,9 @@ def main(argv: list[str] | None = None) -> None:
                              "(512 positions), as cross-encoder/ms-marco-MiniLM-L-6-v2; qwen3: Qwen3ForCausalLM "
                              "scored as Qwen3-Reranker, with the real Qwen3 tokenizer (full: the 0.6B's shapes); "
                              "modernbert: gte-reranker-modernbert-base's architecture (full: its shapes), with "
-                             "the BERT tokenizer as a stand-in (see rerank_server.encoder_checkpoints)")
+                             "the BERT tokenizer as a stand-in (see rerank_server.encoder_checkpoints); deberta-v2: "
+                             "mxbai-rerank-v1's architecture (small: xsmall's shapes, full: base's), the same "
+                             "stand-in tokenizer")
     parser.add_argument("--size", choices=tuple(SIZES), default="tiny",
                         help="tiny: 2 layers, hidden 64; small: 6 layers, hidden 384 (MiniLM-L6 shapes); "
                              "full: bge-reranker-v2-m3 shapes (568M parameters with its vocabulary)")

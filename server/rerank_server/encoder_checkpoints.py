@@ -90,7 +90,81 @@ def write_stand_in_tokenizer(out: Path, max_length: int) -> None:
                                                           indent=2))
 
 
-FAMILY_WRITERS = {"modernbert": (modernbert_config, modernbert_state_dict)}
+DEBERTA_SIZES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+    # mxbai-rerank-xsmall-v1 (DeBERTa-v3-xsmall)
+    "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
+    # mxbai-rerank-base-v1 (DeBERTa-v3-base)
+    "full": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+}
+
+
+def deberta_v2_config(size: str = "tiny", **overrides) -> dict:
+    """A DebertaV2ForSequenceClassification config.json (mxbai-rerank-*-v1's fields)."""
+    config = {
+        "architectures": ["DebertaV2ForSequenceClassification"], "model_type": "deberta-v2",
+        "vocab_size": STAND_IN_VOCAB, **DEBERTA_SIZES[size], "hidden_act": "gelu", "max_position_embeddings": 512,
+        "type_vocab_size": 0, "layer_norm_eps": 1e-7, "relative_attention": True, "max_relative_positions": -1,
+        "position_buckets": 256, "norm_rel_ebd": "layer_norm", "share_att_key": True, "pos_att_type": ["p2c", "c2p"],
+        "position_biased_input": False, "pooler_hidden_size": DEBERTA_SIZES[size]["hidden_size"],
+        "pooler_hidden_act": "gelu", "pooler_dropout": 0, "pad_token_id": 0, "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
+        "initializer_range": 0.02,
+    }
+    config.update(overrides)
+    if "hidden_size" in overrides:
+        config["pooler_hidden_size"] = overrides.get("pooler_hidden_size", config["hidden_size"])
+    return config
+
+
+def deberta_v2_state_dict(config: dict, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Hugging Face tensor names -> random tensors (norms around 1, biases around 0)."""
+    g = torch.Generator().manual_seed(seed)
+    H, FF, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    E = config.get("embedding_size") or H
+
+    def randn(*shape: int, mean: float = 0.0, std: float = 0.05) -> torch.Tensor:
+        return (torch.randn(shape, generator=g) * std + mean).to(dtype)
+
+    def norm(prefix: str, size: int = H) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.weight": randn(size, mean=1.0, std=0.1), f"{prefix}.bias": randn(size, std=0.1)}
+
+    def linear(prefix: str, out_features: int, in_features: int) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.weight": randn(out_features, in_features), f"{prefix}.bias": randn(out_features)}
+
+    sd = {"deberta.embeddings.word_embeddings.weight": randn(V, E, std=0.5), **norm("deberta.embeddings.LayerNorm"),
+          **linear("pooler.dense", H, H), **linear("classifier", 1, H)}
+    if config.get("position_biased_input", True):
+        sd["deberta.embeddings.position_embeddings.weight"] = randn(config["max_position_embeddings"], E, std=0.5)
+    if config.get("type_vocab_size", 0) > 0:
+        sd["deberta.embeddings.token_type_embeddings.weight"] = randn(config["type_vocab_size"], E, std=0.5)
+    if E != H:
+        sd["deberta.embeddings.embed_proj.weight"] = randn(H, E)
+    kinds = config.get("pos_att_type") or []
+    if config.get("relative_attention"):
+        buckets, max_relative = config.get("position_buckets", -1), config.get("max_relative_positions", -1)
+        span = buckets if buckets > 0 else max_relative if max_relative >= 1 else config["max_position_embeddings"]
+        sd["deberta.encoder.rel_embeddings.weight"] = randn(2 * span, H, std=0.5)
+        if "layer_norm" in config.get("norm_rel_ebd", "none"):
+            sd.update(norm("deberta.encoder.LayerNorm"))
+    for i in range(config["num_hidden_layers"]):
+        p = f"deberta.encoder.layer.{i}"
+        for name in ("query_proj", "key_proj", "value_proj"):
+            sd.update(linear(f"{p}.attention.self.{name}", H, H))
+        if config.get("relative_attention") and not config.get("share_att_key"):
+            if "c2p" in kinds:
+                sd.update(linear(f"{p}.attention.self.pos_key_proj", H, H))
+            if "p2c" in kinds:
+                sd.update(linear(f"{p}.attention.self.pos_query_proj", H, H))
+        sd.update({**linear(f"{p}.attention.output.dense", H, H), **norm(f"{p}.attention.output.LayerNorm"),
+                   **linear(f"{p}.intermediate.dense", FF, H), **linear(f"{p}.output.dense", H, FF),
+                   **norm(f"{p}.output.LayerNorm")})
+    sd["classifier.weight"] = randn(1, H, std=0.5)
+    return sd
+
+
+FAMILY_WRITERS = {"modernbert": (modernbert_config, modernbert_state_dict),
+                  "deberta-v2": (deberta_v2_config, deberta_v2_state_dict)}
 
 
 def write_encoder_checkpoint(out: Path, family: str, size: str = "tiny", seed: int = 0,

@@ -249,17 +249,6 @@ class ModernBertReranker:
             "classifier.bias": self.classifier_bias,
         }.get(".".join(parts))
 
-    def pack_gelu(self, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str):
-        """``x -> gelu(x @ weight^T + bias)``. PyTorch's elementwise GELU on the CPU is not batch
-        invariant (its vector and scalar erf differ in the last bit, and which elements take the
-        scalar tail depends on the tensor's size): the measured GEMMs compute the exact GELU per
-        row inside the GEMM (``GemmShape.gelu``); elsewhere (CUDA, the tanh form) it follows."""
-        if approximate == "none" and kind in self.ops.gemms:
-            return self.ops.pack(kind, weight, torch.zeros(weight.shape[0], dtype=weight.dtype,
-                                                           device=weight.device) if bias is None else bias)
-        linear = self.ops.pack(kind, weight, bias)
-        return lambda x: F.gelu(linear(x), approximate=approximate)
-
     def pack_gemms(self) -> None:
         """Builds every GEMM through ``ops.pack`` and drops the plain weights, layer by layer;
         Wi is packed as two GEMMs (the GELU half, the gate half)."""
@@ -267,11 +256,12 @@ class ModernBertReranker:
         for p in self.layers:
             p.qkv, p.out = pack(QKV, p.qkv_weight, p.qkv_bias), pack(OUT, p.out_weight, p.out_bias)
             halves = (None, None) if p.up_bias is None else (p.up_bias[:FF], p.up_bias[FF:])
-            p.up = self.pack_gelu(UP, p.up_weight[:FF], halves[0], c.hidden_gelu)
+            p.up = self.ops.pack_gelu(UP, p.up_weight[:FF], halves[0], c.hidden_gelu)
             p.gate, p.down = pack(GATE, p.up_weight[FF:], halves[1]), pack(DOWN, p.down_weight, p.down_bias)
             p.qkv_weight = p.qkv_bias = p.out_weight = p.out_bias = None
             p.up_weight = p.up_bias = p.down_weight = p.down_bias = None
-        self.head_dense = self.pack_gelu(HEAD_DENSE, self.head_dense_weight, self.head_dense_bias, c.classifier_gelu)
+        self.head_dense = self.ops.pack_gelu(HEAD_DENSE, self.head_dense_weight, self.head_dense_bias,
+                                             c.classifier_gelu)
         self.classifier = pack(CLASSIFIER, self.classifier_weight, self.classifier_bias)
         self.head_dense_weight = self.head_dense_bias = self.classifier_weight = self.classifier_bias = None
 
