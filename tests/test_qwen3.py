@@ -297,3 +297,13 @@ def test_batch_invariance_through_the_measured_gemms(qwen3_tokenizer_dir, tmp_pa
     together = engine.forward(pairs)
     assert [engine.forward([p])[0] for p in pairs[:4]] == together[:4]
     assert engine.forward(pairs[5:9]) == together[5:9]
+
+
+def test_left_truncation_keeps_the_documents_end(qwen3_tokenizer_dir, tmp_path):
+    path = qwen3_checkpoint(tmp_path, qwen3_tokenizer_dir)
+    engine = Engine.load_tokenizer(path, 100)
+    long = long_documents(1, seed=10, longest=400)[0] + " and the very end"
+    (pair,), _ = engine.encode_chunked(QUERY, [long], keep_end=True)
+    middle = engine.ids(f"<Instruct>: {QWEN3_RERANKER.default_instruction}\n<Query>: {QUERY}\n<Document>: {long}")
+    own = pair[pair.type_start:len(pair) - len(engine.suffix)]
+    assert len(pair) == 100 and own == middle[-len(own):]

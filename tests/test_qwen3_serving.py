@@ -69,6 +69,10 @@ def test_rerank_scores_usage_and_instruction(qwen3_server):
     for r in body["results"]:
         assert abs(r["relevance_score"] - with_instruction[r["index"]]) <= 1e-4
     assert max(abs(a - b) for a, b in zip(with_instruction, margins, strict=True)) > 1e-4
+    metrics = requests.get(server.http_url + "/metrics", timeout=10).text
+    spared = next(float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith("rerank_shared_prefix_tokens_total"))
+    assert spared >= 3 * len(tokenizer.prefix)  # the prefix computed once, not for each of the 4 documents
 
 
 def test_tei_and_score_dialects(qwen3_server):

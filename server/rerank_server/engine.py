@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate, chain
 from pathlib import Path
@@ -128,6 +129,8 @@ class Engine:
     model: CrossEncoder | Qwen3Reranker
     tokenizer: PairTokenizer | PromptTokenizer
     model_dir: Path
+    # called with the pair tokens a shared prefix spared in each decoder batch (the service's metric)
+    on_shared_tokens: Callable[[int], None] | None = None
 
     @staticmethod
     def load_tokenizer(model_dir: Path, max_length: int | None = None) -> PairTokenizer:
@@ -185,6 +188,8 @@ class Engine:
         device = self.model.device
         if self.model.config.architecture == "decoder":
             batch = build_batch(pairs)
+            if self.on_shared_tokens:
+                self.on_shared_tokens(batch.shared_rows)
             if device.type == "cpu":
                 return launch_now(lambda _: self.model(batch).tolist())(pairs)
             return self._wait_for(self.model(batch.to(device)))

@@ -26,6 +26,10 @@ class Metrics:
                                       buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536), registry=r)
         self.queued_tokens = Gauge("rerank_queued_tokens", "Tokens waiting for the model", registry=r)
         self.tokens = Counter("rerank_tokens", "Tokens processed by the model", registry=r)
+        # LLM rerankers: pair tokens not computed because a shared prefix (instruction + query) was
+        # computed once for the pairs of a batch (usage still counts every pair's tokens)
+        self.shared_prefix_tokens = Counter("rerank_shared_prefix_tokens",
+                                            "Pair tokens spared by computing a shared prefix once", registry=r)
 
     def observe_batch(self, pairs: int, tokens: int) -> None:
         self.batch_pairs.observe(pairs)

@@ -164,6 +164,7 @@ class RerankService:
     def attach(self, engine: Engine, scheduler: Scheduler) -> None:
         """Called once the model is loaded and warmed: from here on requests are served."""
         self.engine, self.scheduler = engine, scheduler
+        engine.on_shared_tokens = self.metrics.shared_prefix_tokens.inc
 
     def cut_off(self, reason: str) -> None:
         """End of the shutdown grace: every request still running is answered UNAVAILABLE."""
@@ -187,7 +188,7 @@ class RerankService:
                         kernel_choices=model.ops.choices,  # load-time measurements (CUDA), with timings
                         model_dir=str(self.engine.model_dir), layers=model.config.num_layers,
                         hidden_size=model.config.hidden_size, family=model.config.family)
-            if hasattr(self.engine.tokenizer, "template"):  # an LLM reranker's prompt
+            if getattr(self.engine.tokenizer, "takes_instruction", False):  # an LLM reranker's prompt
                 info["template"] = self.engine.tokenizer.describe()
         if self.scheduler:
             info.update(max_batch_tokens=self.scheduler.max_batch_tokens,

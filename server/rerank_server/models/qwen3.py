@@ -62,11 +62,10 @@ class Qwen3Config:
     architecture = "decoder"
     uses_token_types = False
     truncation = "middle"  # the template's middle is cut from its end (the model card)
-    max_length = 8192  # the model card's
 
     @property
     def max_tokens(self) -> int:
-        return min(self.max_length, self.max_position_embeddings)
+        return min(self.template.max_length, self.max_position_embeddings)
 
     @classmethod
     def from_hf(cls, hf: dict) -> Qwen3Config:

@@ -43,6 +43,7 @@ class PromptTemplate:
     default_instruction: str
     yes: str  # the answer tokens, looked up in the tokenizer (never hard-coded ids)
     no: str
+    max_length: int = 8192  # the model card's (the positions may allow more)
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,7 @@ def architecture_of(hf: dict) -> tuple[str, Architecture]:
 
 def config_from_hf(hf: dict):
     """The model class's config for a config.json dict (its ``Config.from_hf``)."""
-    name, row = architecture_of(hf)
-    return row.model().Config.from_hf(hf)
+    return architecture_of(hf)[1].model().Config.from_hf(hf)
 
 
 def model_class(hf: dict) -> type:
