@@ -26,6 +26,7 @@ from rerank_kernels.linear import FFN_UP, GemmShape, PlainLinear, choose_cpu_gem
 from rerank_kernels.linear_gelu import linear_gelu_unfused
 from rerank_kernels.local_attention import local_attention_torch, select_local_attention
 from rerank_kernels.rmsnorm import add_rmsnorm_torch, add_rmsnorm_triton
+from rerank_kernels.rope import rope_torch, rope_triton
 from rerank_kernels.rotary import norm_rope_torch, norm_rope_triton
 from rerank_kernels.swiglu import swiglu_inplace, swiglu_torch, swiglu_triton
 
@@ -57,6 +58,7 @@ class Ops:
     causal_attention: Callable = causal_attention_torch
     # ModernBERT's local layers: varlen attention within a window, (q, k, v, cu_seqlens, max_seqlen, window, scale)
     local_attention: Callable = local_attention_torch
+    rope: Callable = rope_torch  # rotary embeddings without a norm, in place (ModernBERT's q and k)
 
     def linear_gelu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """x (rows, in), weight (out, in), bias (out,) -> gelu_erf(x @ weight^T + bias) (rows, out):
@@ -115,7 +117,7 @@ def triton_ops(attention: Callable = varlen_attention_triton, attention_backend:
     return Ops(embed_layernorm_triton, add_layernorm_triton, bias_gelu_triton, attention, attention_backend,
                add_rmsnorm=add_rmsnorm_triton, norm_rope=norm_rope_triton, swiglu=swiglu_triton,
                causal_attention=select_causal_attention(attention_backend),
-               local_attention=select_local_attention(attention_backend))
+               local_attention=select_local_attention(attention_backend), rope=rope_triton)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

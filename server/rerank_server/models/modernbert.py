@@ -163,16 +163,6 @@ def positions_in_sequences(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor
     return torch.arange(total, device=cu_seqlens.device) - starts
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (rows, heads, dim) rotated as transformers' ``apply_rotary_pos_emb`` does: in fp32, with
-    cos and sin (rows, dim / 2) rounded to x's dtype first, the result rounded back to it."""
-    half = x.shape[-1] // 2
-    c, s = cos.to(x.dtype).float()[:, None], sin.to(x.dtype).float()[:, None]
-    xf = x.float()
-    first, second = xf[..., :half], xf[..., half:]
-    return torch.cat([first * c - second * s, second * c + first * s], dim=-1).to(x.dtype)
-
-
 class ModernBertReranker:
     """``forward(input_ids, cu_seqlens, max_seqlen, token_type_ids=None) -> logits (batch,) float32``."""
 
@@ -275,10 +265,9 @@ class ModernBertReranker:
         types are ignored (ModernBERT has none)."""
         total = input_ids.shape[0]
         positions = positions_in_sequences(cu_seqlens, total)
-        rope = {kind: (cos[positions], sin[positions]) for kind, (cos, sin) in self.rope.items()}
         x = self._norm(self.embeddings[input_ids], self.embed_norm, self.embed_norm_bias)
         for p in self.layers:
-            x = self._block(p, x, cu_seqlens, max_seqlen, *rope[p.is_global])
+            x = self._block(p, x, cu_seqlens, max_seqlen, positions, *self.rope[p.is_global])
         x = self._norm(x, self.final_norm, self.final_norm_bias)
         return self.head(x, cu_seqlens)
 
@@ -300,14 +289,16 @@ class ModernBertReranker:
         h = self.head_dense(pooled)
         return self.classifier(self._norm(h, self.head_norm, self.head_norm_bias)).squeeze(-1)
 
-    def _block(self, p: Layer, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+    def _block(self, p: Layer, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, positions: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x (total, hidden) -> (total, hidden): x + attention(norm(x)), then + MLP(norm(x))."""
         c, ops = self.config, self.ops
         total, heads, dim = x.shape[0], c.num_heads, c.head_dim
         h = x if p.attn_norm is None else self._norm(x, p.attn_norm, p.attn_norm_bias)
         qkv = p.qkv(h).view(total, 3, heads, dim)
-        q, k, v = rotate(qkv[:, 0], cos, sin), rotate(qkv[:, 1], cos, sin), qkv[:, 2]
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        ops.rope(q, positions, cos, sin)
+        ops.rope(k, positions, cos, sin)
         scale = 1.0 / math.sqrt(dim)
         if p.is_global:
             attn = ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale)
