@@ -47,13 +47,17 @@ def disentangled_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     for s0, s1 in zip(starts[:-1], starts[1:], strict=True):
         n = s1 - s0
         qs, ks, vs = (x[s0:s1].transpose(0, 1) for x in (q, k, v))  # (heads, n, dim)
+        # a bucket is never farther than its distance: only the embedding rows within n - 1 of
+        # the middle are read, so only they are multiplied
+        middle = (pos_key if pos_key is not None else pos_query).shape[0] // 2
+        lo, hi = max(0, middle - n + 1), min(2 * middle, middle + n)
         bias = None
         if pos_key is not None:  # c2p: bias[h, i, j] = q_i . pos_key[c2p[i, j]]
-            c2p = torch.matmul(qs, pos_key.permute(1, 2, 0))  # (heads, n, 2 * span)
-            bias = c2p.gather(-1, c2p_index[:n, :n].expand(qs.shape[0], n, n)) / scale
+            c2p = torch.matmul(qs, pos_key[lo:hi].permute(1, 2, 0))  # (heads, n, rows read)
+            bias = c2p.gather(-1, (c2p_index[:n, :n] - lo).expand(qs.shape[0], n, n)) / scale
         if pos_query is not None:  # p2c: bias[h, i, j] += k_j . pos_query[p2c[j, i]]
-            p2c = torch.matmul(ks, pos_query.permute(1, 2, 0))
-            p2c = p2c.gather(-1, p2c_index[:n, :n].expand(ks.shape[0], n, n)).transpose(-1, -2) / scale
+            p2c = torch.matmul(ks, pos_query[lo:hi].permute(1, 2, 0))
+            p2c = p2c.gather(-1, (p2c_index[:n, :n] - lo).expand(ks.shape[0], n, n)).transpose(-1, -2) / scale
             bias = p2c if bias is None else bias + p2c
         o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=None if bias is None else
                                            bias[None].to(q.dtype), scale=1.0 / scale)
