@@ -60,7 +60,8 @@ def cases() -> dict[str, tuple[str, tuple]]:
             fused = torch.randn(rows, heads + 2, 16, generator=g).to(dtype)
             positions = torch.tensor([0, 1, 2, 40, 41, 63][:rows])
             weight = (1 + 0.1 * torch.randn(16, generator=g)).to(dtype)
-            found[f"rope-{name}-{rows}x{heads}"] = ("rope", (fused[:, :heads], weight, positions, cos, sin, 1e-6))
+            found[f"rope-{name}-{rows}x{heads}"] = ("rope", (fused[:, :heads], weight, cos[positions], sin[positions],
+                                                             1e-6))
     return found
 
 

@@ -8,6 +8,8 @@ token's. The causal mask is aligned bottom-right (query i of n sees keys up to
 q (total_q, heads, dim), k/v (total_k, kv_heads, dim) with heads a multiple of kv_heads,
 cu_seqlens_* (batch + 1,) int32 -> (total_q, heads, dim).
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -29,11 +31,27 @@ def causal_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         len_q, len_k = q1 - q0, k1 - k0
         if len_q == len_k:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
-        else:  # bottom-right: the queries are the sequence's last len_q tokens
-            mask = torch.ones(len_q, len_k, dtype=torch.bool, device=q.device).tril(len_k - len_q)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=bottom_right_mask(len_q, len_k, q.device),
+                                               scale=scale, enable_gqa=True)
         out[q0:q1] = o[0].transpose(0, 1)
     return out
+
+
+# masks up to this many elements are kept (every layer of a forward asks for the same ones)
+CACHED_MASK_ELEMENTS = 1 << 20
+
+
+def bottom_right_mask(len_q: int, len_k: int, device: torch.device) -> torch.Tensor:
+    """(len_q, len_k) bool: the queries are the sequence's last len_q tokens."""
+    if len_q * len_k <= CACHED_MASK_ELEMENTS:
+        return _cached_mask(len_q, len_k, device)
+    return torch.ones(len_q, len_k, dtype=torch.bool, device=device).tril(len_k - len_q)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_mask(len_q: int, len_k: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(len_q, len_k, dtype=torch.bool, device=device).tril(len_k - len_q)
 
 
 def causal_attention_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale):

@@ -1,8 +1,9 @@
 """Per-head RMSNorm of q and k, then rotary embeddings (Qwen3's attention input), in place.
 
 Positions come per row (a pair's tokens from 0; a document after a shared prefix continues at
-the prefix's length), so the cos/sin rows are gathered by position: ``rope_table`` once per
-model, (max_positions, head_dim / 2) fp32 each, as transformers computes them.
+the prefix's length): ``rope_table`` is computed once per model, (max_positions, head_dim / 2) fp32
+each, as transformers computes it, and the model gathers its rows by position once per forward
+(``cos[positions]``), for every layer's q and k.
 """
 import torch
 
@@ -17,30 +18,27 @@ def rope_table(max_positions: int, head_dim: int, theta: float, device=None) -> 
     return angles.cos().to(device), angles.sin().to(device)
 
 
-def _norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               eps: float) -> torch.Tensor:
+def norm_rope_torch(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    eps: float) -> None:
+    """Reference, as transformers' Qwen3Attention does to q and to k: x (rows, heads, dim) (a
+    view of the fused projection allowed), weight (dim,), cos/sin (rows, dim / 2) fp32 (the
+    table's rows at each row's position); each head row RMS-normalized (fp32 statistics, rounded
+    to the dtype, times the weight), then rotated (rotate_half form, cos and sin rounded to the
+    dtype). Written into x."""
     xf = x.float()
     normed = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     half = x.shape[-1] // 2
     c, s = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]  # (rows, 1, half)
     first, second = normed[..., :half], normed[..., half:]
-    return torch.cat([first * c - second * s, second * c + first * s], dim=-1)
-
-
-def norm_rope_torch(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-                    sin: torch.Tensor, eps: float) -> None:
-    """Reference, as transformers' Qwen3Attention does to q and to k: x (rows, heads, dim) (a
-    view of the fused projection allowed), weight (dim,), positions (rows,) int64; each head row
-    RMS-normalized (fp32 statistics, rounded to the dtype, times the weight), then rotated by its
-    row's position (rotate_half form, cos and sin rounded to the dtype). Written into x."""
-    x.copy_(_norm_rope(x, weight, cos[positions], sin[positions], eps))
+    x[..., :half] = first * c - second * s
+    x[..., half:] = second * c + first * s
 
 
 # ----------------------------------------------------------------------------- Triton
 
 
 @triton.jit
-def _norm_rope_kernel(x_ptr, weight_ptr, positions_ptr, cos_ptr, sin_ptr, row_stride, head_stride, eps,
+def _norm_rope_kernel(x_ptr, weight_ptr, cos_ptr, sin_ptr, row_stride, head_stride, eps,
                       HEAD_DIM: tl.constexpr, HALF: tl.constexpr):
     """One program per (row, head): the head's RMSNorm (fp32 statistics, rounded to the dtype,
     times the weight) then the rotation, in the dtype, as the reference."""
@@ -55,15 +53,14 @@ def _norm_rope_kernel(x_ptr, weight_ptr, positions_ptr, cos_ptr, sin_ptr, row_st
     dtype = first.dtype
     n1 = tl.load(weight_ptr + i) * (f1 * rstd).to(dtype)
     n2 = tl.load(weight_ptr + HALF + i) * (f2 * rstd).to(dtype)
-    pos = tl.load(positions_ptr + row)
-    c = tl.load(cos_ptr + pos * HALF + i).to(dtype)
-    s = tl.load(sin_ptr + pos * HALF + i).to(dtype)
+    c = tl.load(cos_ptr + row * HALF + i).to(dtype)
+    s = tl.load(sin_ptr + row * HALF + i).to(dtype)
     tl.store(base + i, n1 * c - n2 * s)
     tl.store(base + HALF + i, n2 * c + n1 * s)
 
 
-def norm_rope_triton(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor, eps: float) -> None:
+def norm_rope_triton(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     eps: float) -> None:
     """Fused kernel, same contract as ``norm_rope_torch`` (each head's dim contiguous)."""
     require_triton()
     rows, heads, dim = x.shape
@@ -72,5 +69,5 @@ def norm_rope_triton(x: torch.Tensor, weight: torch.Tensor, positions: torch.Ten
     if dim != next_power_of_2(dim) or x.stride(-1) != 1:
         raise ValueError(f"norm_rope: head_dim must be a power of two with dense heads, got {dim}, {x.stride()}")
     _norm_rope_kernel[cuda_grid(rows, heads)](
-        x, weight.contiguous(), positions.contiguous(), cos.contiguous(), sin.contiguous(), x.stride(0),
+        x, weight.contiguous(), cos.contiguous(), sin.contiguous(), x.stride(0),
         x.stride(1), eps, HEAD_DIM=dim, HALF=dim // 2, num_warps=1)

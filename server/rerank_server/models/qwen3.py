@@ -322,9 +322,10 @@ class Qwen3Reranker:
     def forward(self, b: DecoderBatch) -> torch.Tensor:
         c, ops = self.config, self.ops
         x, residual = self.embed_tokens[b.input_ids], None
+        rope = self.cos[b.positions], self.sin[b.positions]  # every layer's rotation of each row
         for layer in self.layers[:-1]:
-            x, residual = self._block(layer, x, residual, b)
-        x, residual = self._last_block(self.layers[-1], x, residual, b)
+            x, residual = self._block(layer, x, residual, b, rope)
+        x, residual = self._last_block(self.layers[-1], x, residual, b, rope)
         x, _ = ops.add_rmsnorm(x, residual, self.final_norm, c.rms_norm_eps)
         return self.head(x.float()).squeeze(-1)
 
@@ -333,10 +334,10 @@ class Qwen3Reranker:
     def _attention_inputs(self, x: torch.Tensor, key_rows: torch.Tensor | None) -> torch.Tensor:
         return x if key_rows is None else x.index_select(0, key_rows)
 
-    def _block(self, p: Layer, x: torch.Tensor, residual: torch.Tensor | None,
-               b: DecoderBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _block(self, p: Layer, x: torch.Tensor, residual: torch.Tensor | None, b: DecoderBatch,
+               rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """x (rows, hidden): the previous block's output, and the residual stream before it
-        (None before the first block) -> the same after this block."""
+        (None before the first block); rope: (cos, sin) (rows, head_dim / 2) -> the same after this block."""
         c, ops = self.config, self.ops
         rows, D, q = x.shape[0], c.head_dim, c.num_heads * c.head_dim
         h, residual = ops.add_rmsnorm(x, residual, p.attn_norm, c.rms_norm_eps)
@@ -344,8 +345,8 @@ class Qwen3Reranker:
         queries = qkv[:, :q].view(rows, c.num_heads, D)
         keys = qkv[:, q:q + c.num_kv_heads * D].view(rows, c.num_kv_heads, D)
         values = qkv[:, q + c.num_kv_heads * D:].view(rows, c.num_kv_heads, D)
-        ops.norm_rope(queries, p.q_norm, b.positions, self.cos, self.sin, c.rms_norm_eps)
-        ops.norm_rope(keys, p.k_norm, b.positions, self.cos, self.sin, c.rms_norm_eps)
+        ops.norm_rope(queries, p.q_norm, *rope, c.rms_norm_eps)
+        ops.norm_rope(keys, p.k_norm, *rope, c.rms_norm_eps)
         attn = ops.causal_attention(queries, self._attention_inputs(keys, b.key_rows),
                                     self._attention_inputs(values, b.key_rows), b.cu_q, b.cu_k, b.max_q, b.max_k,
                                     1.0 / math.sqrt(D))
@@ -353,8 +354,8 @@ class Qwen3Reranker:
         h, residual = ops.add_rmsnorm(p.out(attn.reshape(rows, q)), residual, p.mlp_norm, c.rms_norm_eps)
         return p.down(ops.swiglu(p.gate_up(h))), residual
 
-    def _last_block(self, p: Layer, x: torch.Tensor, residual: torch.Tensor | None,
-                    b: DecoderBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _last_block(self, p: Layer, x: torch.Tensor, residual: torch.Tensor | None, b: DecoderBatch,
+                    rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """As ``_block`` with every row's keys and values, but queries, attention output and MLP
         for each pair's last row only -> (pairs, hidden) twice."""
         c, ops = self.config, self.ops
@@ -363,10 +364,10 @@ class Qwen3Reranker:
         key_value = p.qkv(h)
         keys = key_value[:, :kv].view(rows, c.num_kv_heads, D)
         values = key_value[:, kv:].view(rows, c.num_kv_heads, D)
-        ops.norm_rope(keys, p.k_norm, b.positions, self.cos, self.sin, c.rms_norm_eps)
+        ops.norm_rope(keys, p.k_norm, *rope, c.rms_norm_eps)
         last = b.last_rows
         queries = p.last_query(h.index_select(0, last)).view(-1, c.num_heads, D)
-        ops.norm_rope(queries, p.q_norm, b.positions.index_select(0, last), self.cos, self.sin, c.rms_norm_eps)
+        ops.norm_rope(queries, p.q_norm, *(t.index_select(0, last) for t in rope), c.rms_norm_eps)
         cu_q = torch.arange(last.shape[0] + 1, device=x.device, dtype=torch.int32)
         attn = ops.causal_attention(queries, self._attention_inputs(keys, b.last_key_rows),
                                     self._attention_inputs(values, b.last_key_rows), cu_q, b.last_cu_k, 1,
