@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=28,
                         help="28: Qwen3-Reranker-0.6B (fewer: the same shapes, in less time)")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--quiet-wait", type=float, default=0.0,
+                        help="before each timed run, wait up to this many seconds for the neighbours to quiet down")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, fn in (("ours-shared-prefix", lambda pairs=pairs: engine.forward(pairs)),
                          ("ours-no-sharing", lambda unshared=unshared: engine.forward(unshared)),
                          ("transformers-padded", transformers_scores)):
-            runs = time_runs(fn, args.repeats, torch.device("cpu"))
+            runs = time_runs(fn, args.repeats, torch.device("cpu"), quiet_wait_s=args.quiet_wait)
             s = summarize(runs)
             seconds = s["median_s"]
             row["backends"][name] = {**s, "runs": runs, "pair_tokens_per_s": tokens / seconds,

@@ -64,6 +64,8 @@ def test_the_server_wheel_holds_only_its_own_packages_and_the_generated_stubs(di
     for needed in ("rerank_server/_proto/rerank_pb2.py", "rerank_server/_proto/rerank_pb2_grpc.py",
                    "rerank_server/_proto/rerank.binpb", "rerank_server/assets/xlm-roberta-tokenizer.json.gz",
                    "rerank_server/assets/bert-uncased-tokenizer.json.gz",
+                   "rerank_server/assets/qwen3-tokenizer.json.gz", "rerank_server/assets/qwen3-tokenizer_config.json",
+                   "rerank_server/models/registry.py", "rerank_server/models/qwen3.py",
                    "rerank_server/assets/NOTICE.md", "rerank_kernels/attention.py"):
         assert needed in names, needed
     entry_points = zipfile.ZipFile(one(dist, "rerank_server-*.whl")).read(

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import math
 
+import grpc
 import pytest
 import requests
-from helpers import SERVED_MODEL, start_server
+from helpers import SERVED_MODEL, grpc_request, start_server, stub
 from test_qwen3 import QUERY, card_scores, long_documents, qwen3_checkpoint, qwen3_tokenizer_dir  # noqa: F401
 
 from rerank_server.engine import Engine
@@ -103,8 +104,26 @@ def test_chunking_scores_the_best_window_of_the_document_part(qwen3_server):
     assert body["usage"]["prompt_tokens"] == sum(map(len, pairs))
 
 
+def test_grpc_takes_the_instruction_and_the_client_sends_it(qwen3_server):
+    server, checkpoint, tokenizer = qwen3_server
+    with_instruction, _ = expected(checkpoint, tokenizer, QUERY, DOCS, instruction=INSTRUCTION)
+    channel, rerank = stub(server)
+    with channel:
+        reply = rerank.Rerank(grpc_request(QUERY, DOCS, raw_scores=True, instruction=INSTRUCTION), timeout=60)
+    for r in reply.results:
+        assert abs(r.relevance_score - with_instruction[r.index]) <= 1e-4
+    from rerank_client import RerankClient
+    with RerankClient(server.grpc_address) as client:
+        scores = client.score(QUERY, DOCS, model=SERVED_MODEL, raw_scores=True, instruction=INSTRUCTION)
+    assert max(abs(a - b) for a, b in zip(scores, with_instruction, strict=True)) <= 1e-4
+
+
 def test_an_encoder_refuses_the_instruction_naming_the_field(live_server):
     for path, body in (("/v1/rerank", {"model": SERVED_MODEL, "query": "q", "documents": ["d"], "instruction": "x"}),
                        ("/score", {"text_1": "q", "text_2": ["d"], "instruction": "x"})):
         r = post(live_server, path, body, status=400)
         assert "instruction" in r.json()["message"]
+    channel, rerank = stub(live_server)
+    with channel, pytest.raises(grpc.RpcError) as e:
+        rerank.Rerank(grpc_request("q", ["d"], instruction="x"), timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "instruction" in e.value.details()

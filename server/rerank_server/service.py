@@ -188,8 +188,9 @@ class RerankService:
                         kernel_choices=model.ops.choices,  # load-time measurements (CUDA), with timings
                         model_dir=str(self.engine.model_dir), layers=model.config.num_layers,
                         hidden_size=model.config.hidden_size, family=model.config.family)
-            if getattr(self.engine.tokenizer, "takes_instruction", False):  # an LLM reranker's prompt
-                info["template"] = self.engine.tokenizer.describe()
+            tokenizer = getattr(self.engine, "tokenizer", None)
+            if getattr(tokenizer, "takes_instruction", False):  # an LLM reranker's prompt
+                info["template"] = tokenizer.describe()
         if self.scheduler:
             info.update(max_batch_tokens=self.scheduler.max_batch_tokens,
                         max_queued_tokens=self.scheduler.max_queued_tokens)
@@ -262,7 +263,7 @@ class RerankService:
 
     def check_instruction(self, request: pb.RerankRequest | pb.ScoreRequest) -> None:
         """``instruction`` is for LLM rerankers (a prompt template); a cross-encoder refuses it."""
-        tokenizer = self.engine.tokenizer if self.engine else None
+        tokenizer = getattr(self.engine, "tokenizer", None)
         if request.HasField("instruction") and tokenizer is not None and not getattr(
                 tokenizer, "takes_instruction", False):
             raise invalid(f"instruction is only taken by LLM rerankers (a prompt template); the served model is a "
