@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.measure import MachineLoad, cpu_facts, device_description, git_commit, slug, summarize, time_runs
-from rerank_server.encoder_checkpoints import write_encoder_checkpoint
+from rerank_server.encoder_checkpoints import DEBERTA_VOCAB, MODERNBERT_VOCAB, write_encoder_checkpoint
 from rerank_server.engine import Engine
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__, "dtype": args.dtype,
         "models": {"modernbert": f"gte-reranker-modernbert-base shapes, {args.modernbert_layers} of 22 layers",
                    "deberta-v2-xsmall": "mxbai-rerank-xsmall-v1 shapes", "deberta-v2-base": "mxbai-rerank-base-v1 "
-                   "shapes", "vocabulary": "the stand-in BERT tokenizer's (30522)"},
+                   "shapes", "vocabulary": f"the stand-in tokenizers' (ModernBERT {MODERNBERT_VOCAB}, "
+                   f"DeBERTa-v2 {DEBERTA_VOCAB})"},
         "transformers_scoring": "one right-padded batch of every pair with its attention mask (sdpa where the "
                                 "model has it; DeBERTa-v2: eager)",
         "machine_load_after": {"foreign_cpus": load.foreign_cpus},

@@ -4,12 +4,14 @@ relative term, absolute positions and token types, a projected embedding, no buc
 to 512, the log buckets, bf16, batch invariance, and what the registry refuses."""
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import sentence
+from helpers import assert_pairs_as_transformers, sentence
+from tokenizers import Tokenizer, models
 
 from rerank_kernels import native_bf16_missing
 from rerank_kernels.disentangled_attention import log_bucket_position, relative_index
@@ -53,6 +55,27 @@ SHAPES = {
 }
 
 
+def test_the_stand_in_tokenizer_is_a_sentencepiece_unigram_with_debertas_ids_and_template(tmp_path):
+    """No PyPI package ships DeBERTa-v3's own tokenizer (a SentencePiece Unigram): the stand-in is
+    XLM-RoBERTa's Unigram with DeBERTa-v3's normalizer, its special ids ([PAD] 0, [CLS] 1, [SEP] 2,
+    [UNK] 3) and ``[CLS] q [SEP] d [SEP]``; pairs and their truncation are transformers' from the same file."""
+    path = write_encoder_checkpoint(tmp_path, "deberta-v2")
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    assert isinstance(tokenizer.model, models.Unigram)
+    config = json.loads((path / "config.json").read_text())
+    assert config["vocab_size"] == tokenizer.get_vocab_size() == 250002
+    assert [tokenizer.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[UNK]")] == [0, 1, 2, 3]
+    assert config["pad_token_id"] == 0 and tokenizer.token_to_id("<s>") is None
+    pair = tokenizer.encode("what is panda?", "The giant panda")
+    # XLM-R's pieces (its NOTICE: "what is panda?" -> 2367 83 6 85407 32), DeBERTa's one [SEP] between
+    assert pair.ids == [1, 2367, 83, 6, 85407, 32, 2, 581, 6051, 18, 6, 85407, 2]
+    assert pair.type_ids == [0] * 7 + [1] * 6
+    assert tokenizer.encode("\U0010fffd", add_special_tokens=False).ids == [6, 3]  # "\u2581", then [UNK]
+    # DeBERTa-v3's normalizer: stripped, spaces collapsed
+    assert tokenizer.encode("  a  b ", add_special_tokens=False).tokens == ["\u2581a", "\u2581b"]
+    assert_pairs_as_transformers(path, "longest_first", (48, 100, 512))
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_parity_with_transformers_fp32(shape, tmp_path):
     path = write_encoder_checkpoint(tmp_path, "deberta-v2", seed=len(shape), **SHAPES[shape])
@@ -60,8 +83,10 @@ def test_parity_with_transformers_fp32(shape, tmp_path):
     docs = documents(8, seed=len(shape), longest=500)
     pairs = engine.tokenizer.encode_pairs(QUERY, docs)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    assert [list(p) for p in pairs] == tokenizer([QUERY] * len(docs), docs, truncation=True,
-                                                 max_length=512)["input_ids"]  # CrossEncoder's
+    expected = tokenizer([QUERY] * len(docs), docs, truncation=True, max_length=512,  # CrossEncoder's
+                         return_token_type_ids=True)
+    assert [list(p) for p in pairs] == expected["input_ids"]
+    assert [[int(i >= p.type_start) for i in range(len(p))] for p in pairs] == expected["token_type_ids"]
     assert max(map(len, pairs)) == 512
     ours = torch.tensor(engine.forward(pairs), dtype=torch.float64)
     reference = hf_scores(path, pairs)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import sentence
+from helpers import assert_pairs_as_transformers, sentence
+from tokenizers import Tokenizer, decoders, models
 
 from rerank_kernels import native_bf16_missing
 from rerank_kernels.local_attention import QUERY_BLOCK, local_attention_torch
@@ -58,6 +59,25 @@ SHAPES = {
     # two heads of 32, a window as wide as the sequences (every layer then attends fully)
     "dim32-wide-window": dict(hidden_size=64, num_attention_heads=2, local_attention=512, num_hidden_layers=3),
 }
+
+
+def test_the_stand_in_tokenizer_is_a_byte_level_bpe_with_modernberts_template(tmp_path):
+    """No PyPI package ships ModernBERT's own tokenizer (a byte-level BPE): the stand-in is Qwen3's
+    byte-level BPE with ModernBERT's special tokens and ``[CLS] q [SEP] d [SEP]``; pairs and their
+    truncation are transformers' from the same file."""
+    path = write_encoder_checkpoint(tmp_path, "modernbert")
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    assert isinstance(tokenizer.model, models.BPE) and isinstance(tokenizer.decoder, decoders.ByteLevel)
+    config = json.loads((path / "config.json").read_text())
+    assert config["vocab_size"] == tokenizer.get_vocab_size() == 151674
+    specials = [tokenizer.token_to_id(t) for t in ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")]
+    assert specials == list(range(151669, 151674))
+    assert specials[1:4] == [config["cls_token_id"], config["sep_token_id"], config["pad_token_id"]]
+    pair = tokenizer.encode("what is panda?", "A bear.")
+    assert pair.ids[0] == specials[1] and pair.ids[-1] == specials[2] and pair.ids.count(specials[2]) == 2
+    # Qwen3's pieces: the space is part of the byte-level piece
+    assert tokenizer.encode(" bear", add_special_tokens=False).ids == [11722]
+    assert_pairs_as_transformers(path, "longest_first", (48, 100, 8192))
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -29,7 +29,8 @@ from safetensors.torch import save_file
 from rerank_server.encoder_checkpoints import FAMILY_WRITERS, write_encoder_checkpoint
 
 # The real XLM-RoBERTa tokenizer (MIT) and uncased BERT WordPiece tokenizer (Apache-2.0), shipped
-# as package data (see assets/NOTICE.md).
+# as package data (see assets/NOTICE.md); the first also stands in for DeBERTa-v2's, Qwen3's (below)
+# for ModernBERT's (rerank_server.encoder_checkpoints).
 ASSETS = Path(__file__).resolve().parent / "assets"
 TOKENIZER_FIXTURE = ASSETS / "xlm-roberta-tokenizer.json.gz"
 BERT_TOKENIZER_FIXTURE = ASSETS / "bert-uncased-tokenizer.json.gz"
@@ -244,10 +245,12 @@ def main(argv: list[str] | None = None) -> None:
                              "bert: BertForSequenceClassification with the uncased WordPiece tokenizer "
                              "(512 positions), as cross-encoder/ms-marco-MiniLM-L-6-v2; qwen3: Qwen3ForCausalLM "
                              "scored as Qwen3-Reranker, with the real Qwen3 tokenizer (full: the 0.6B's shapes); "
-                             "modernbert: gte-reranker-modernbert-base's architecture (full: its shapes), with "
-                             "the BERT tokenizer as a stand-in (see rerank_server.encoder_checkpoints); deberta-v2: "
-                             "mxbai-rerank-v1's architecture (small: xsmall's shapes, full: base's), the same "
-                             "stand-in tokenizer")
+                             "modernbert: gte-reranker-modernbert-base's architecture (full: its shapes) with a "
+                             "byte-level BPE stand-in for its tokenizer (Qwen3's, with ModernBERT's [CLS] q [SEP] "
+                             "d [SEP] template); deberta-v2: mxbai-rerank-v1's architecture (small: xsmall's "
+                             "shapes, full: base's) with a SentencePiece Unigram stand-in (XLM-RoBERTa's, with "
+                             "DeBERTa-v3's special ids and template). No package on PyPI ships either family's "
+                             "own tokenizer; see rerank_server.encoder_checkpoints")
     parser.add_argument("--size", choices=tuple(SIZES), default="tiny",
                         help="tiny: 2 layers, hidden 64; small: 6 layers, hidden 384 (MiniLM-L6 shapes); "
                              "full: bge-reranker-v2-m3 shapes (568M parameters with its vocabulary)")

