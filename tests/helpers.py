@@ -159,3 +159,25 @@ def scrape(server: LiveServer, headers: dict | None = None, scheme_url: str | No
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
             out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
     return out
+
+
+def assert_pairs_as_transformers(checkpoint: Path, truncation: str, max_lengths: tuple[int, ...]) -> None:
+    """Our PairTokenizer's pairs (ids and token types) == transformers' tokenizer built from the same
+    tokenizer.json (PreTrainedTokenizerFast: the file's own template), cut as sentence-transformers'
+    CrossEncoder cuts them (``truncation=True``: longest_first), short and long queries alike."""
+    import transformers
+
+    from rerank_server.tokenization import PairTokenizer
+    reference = transformers.PreTrainedTokenizerFast(tokenizer_file=str(checkpoint / "tokenizer.json"))
+    rng = random.Random(5)
+    for max_length in max_lengths:
+        ours = PairTokenizer(checkpoint / "tokenizer.json", max_length, truncation=truncation)
+        for query in ("what is the capital of france?", sentence(rng, 60), sentence(rng, 3 * max_length)):
+            docs = ["", "x", "  Paris  is the capital\tof France.  ", sentence(rng, 2 * max_length),
+                    sentence(rng, max_length // 3), "Ünïcödé, 中文 und emoji 🙂 [CLS] text."]
+            pairs = ours.encode_pairs(query, docs)
+            expected = reference([query] * len(docs), docs, truncation=True, max_length=max_length,
+                                 return_token_type_ids=True)
+            assert [list(p) for p in pairs] == expected["input_ids"], max_length
+            assert [[int(i >= p.type_start) for i in range(len(p))] for p in pairs] == expected["token_type_ids"]
+            assert max(map(len, pairs)) == max_length

@@ -24,7 +24,9 @@ from rerank_kernels.gelu import bias_gelu_inplace, bias_gelu_torch, bias_gelu_tr
 from rerank_kernels.layernorm import add_layernorm_inplace, add_layernorm_torch, add_layernorm_triton
 from rerank_kernels.linear import FFN_UP, GemmShape, PlainLinear, choose_cpu_gemms, gemm_shapes
 from rerank_kernels.linear_gelu import linear_gelu_unfused
+from rerank_kernels.local_attention import local_attention_torch, select_local_attention
 from rerank_kernels.rmsnorm import add_rmsnorm_torch, add_rmsnorm_triton
+from rerank_kernels.rope import rope_torch, rope_triton
 from rerank_kernels.rotary import norm_rope_torch, norm_rope_triton
 from rerank_kernels.swiglu import swiglu_inplace, swiglu_torch, swiglu_triton
 
@@ -54,6 +56,9 @@ class Ops:
     norm_rope: Callable = norm_rope_torch
     swiglu: Callable = swiglu_inplace
     causal_attention: Callable = causal_attention_torch
+    # ModernBERT's local layers: varlen attention within a window, (q, k, v, cu_seqlens, max_seqlen, window, scale)
+    local_attention: Callable = local_attention_torch
+    rope: Callable = rope_torch  # rotary embeddings without a norm, in place (ModernBERT's q and k)
 
     def linear_gelu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """x (rows, in), weight (out, in), bias (out,) -> gelu_erf(x @ weight^T + bias) (rows, out):
@@ -68,6 +73,20 @@ class Ops:
         if kind in self.gemms:
             return self.gemms[kind](weight, bias)
         return PlainLinear(weight, bias, self.linear_gelu if kind == FFN_UP else F.linear)
+
+    def pack_gelu(self, kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                  approximate: str = "none") -> Callable:
+        """``linear(x) -> gelu(x @ weight^T + bias)`` for a kind measured with ``GemmShape.gelu``
+        (ModernBERT's and DeBERTa-v2's kinds). PyTorch's elementwise erf GELU on the CPU is not
+        batch-invariant (its vector and scalar erf differ in the last bit, and which elements take
+        the scalar tail depends on the tensor's size), so a measured GEMM computes it per row in
+        its epilogue; elsewhere (CUDA, the tanh form) the GELU follows the GEMM."""
+        if approximate == "none" and kind in self.gemms:
+            if bias is None:
+                bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            return self.gemms[kind](weight, bias)
+        linear = self.pack(kind, weight, bias)
+        return lambda x: F.gelu(linear(x), approximate=approximate)
 
 
 @dataclass(frozen=True)
@@ -97,7 +116,8 @@ def triton_ops(attention: Callable = varlen_attention_triton, attention_backend:
     under TRITON_INTERPRET=1 every op of it runs on CPU tensors, as the whole-model test does)."""
     return Ops(embed_layernorm_triton, add_layernorm_triton, bias_gelu_triton, attention, attention_backend,
                add_rmsnorm=add_rmsnorm_triton, norm_rope=norm_rope_triton, swiglu=swiglu_triton,
-               causal_attention=select_causal_attention(attention_backend))
+               causal_attention=select_causal_attention(attention_backend),
+               local_attention=select_local_attention(attention_backend), rope=rope_triton)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -157,7 +177,7 @@ def select_ops(device: torch.device | str, attention: str | None = None, *, dtyp
     if not HAS_TRITON:
         log.warning("triton is not installed: CUDA runs the PyTorch reference LayerNorm/GELU/embedding ops")
         return Ops(embed_layernorm_torch, add_layernorm_torch, bias_gelu_torch, attn, name, swiglu=swiglu_torch,
-                   causal_attention=select_causal_attention(name))
+                   causal_attention=select_causal_attention(name), local_attention=select_local_attention(name))
     ops = triton_ops(attn, name)
     if shapes is None or shapes.gemms:  # a decoder: nothing of the encoder's to tune
         return ops

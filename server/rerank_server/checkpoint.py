@@ -9,6 +9,8 @@ tokenizer.json), loadable by this server and by ``transformers`` alike.
     rerank-server checkpoint --size full --out checkpoints/full    # bge-reranker-v2-m3 shapes
     rerank-server checkpoint --family bert --size small --out checkpoints/bert-small  # ms-marco-MiniLM-L-6-v2 shapes
     rerank-server checkpoint --family qwen3 --size full --out checkpoints/qwen3  # Qwen3-Reranker-0.6B shapes
+    rerank-server checkpoint --family modernbert --size full --out checkpoints/mb  # gte-reranker-modernbert-base
+    rerank-server checkpoint --family deberta-v2 --size small --out checkpoints/mxbai  # mxbai-rerank-xsmall-v1
 
 (``python -m rerank_server.checkpoint`` is the same.)
 """
@@ -24,8 +26,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from rerank_server.encoder_checkpoints import FAMILY_WRITERS, write_encoder_checkpoint
+
 # The real XLM-RoBERTa tokenizer (MIT) and uncased BERT WordPiece tokenizer (Apache-2.0), shipped
-# as package data (see assets/NOTICE.md).
+# as package data (see assets/NOTICE.md); the first also stands in for DeBERTa-v2's, Qwen3's (below)
+# for ModernBERT's (rerank_server.encoder_checkpoints).
 ASSETS = Path(__file__).resolve().parent / "assets"
 TOKENIZER_FIXTURE = ASSETS / "xlm-roberta-tokenizer.json.gz"
 BERT_TOKENIZER_FIXTURE = ASSETS / "bert-uncased-tokenizer.json.gz"
@@ -210,6 +215,8 @@ def write_random_checkpoint(out: Path, size: str = "tiny", seed: int = 0, dtype:
     ``family`` "xlm-roberta" or "bert"; ``overrides`` go into config.json."""
     if family == "qwen3":
         return write_qwen3_checkpoint(out, size, seed, dtype, **overrides)
+    if family in FAMILY_WRITERS:  # ModernBERT, DeBERTa-v2 (rerank_server.encoder_checkpoints)
+        return write_encoder_checkpoint(out, family, size, seed, dtype, **overrides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     family_config, tokenizer_fixture, tokenizer_config = FAMILIES[family]
@@ -233,11 +240,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rerank-server checkpoint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="directory to write")
-    parser.add_argument("--family", choices=(*FAMILIES, "qwen3"), default="xlm-roberta",
+    parser.add_argument("--family", choices=(*FAMILIES, "qwen3", *FAMILY_WRITERS), default="xlm-roberta",
                         help="xlm-roberta: bge-reranker-v2-m3's architecture and tokenizer (8192 positions); "
                              "bert: BertForSequenceClassification with the uncased WordPiece tokenizer "
                              "(512 positions), as cross-encoder/ms-marco-MiniLM-L-6-v2; qwen3: Qwen3ForCausalLM "
-                             "scored as Qwen3-Reranker, with the real Qwen3 tokenizer (full: the 0.6B's shapes)")
+                             "scored as Qwen3-Reranker, with the real Qwen3 tokenizer (full: the 0.6B's shapes); "
+                             "modernbert: gte-reranker-modernbert-base's architecture (full: its shapes) with a "
+                             "byte-level BPE stand-in for its tokenizer (Qwen3's, with ModernBERT's [CLS] q [SEP] "
+                             "d [SEP] template); deberta-v2: mxbai-rerank-v1's architecture (small: xsmall's "
+                             "shapes, full: base's) with a SentencePiece Unigram stand-in (XLM-RoBERTa's, with "
+                             "DeBERTa-v3's normalizer, special ids and template). No package on PyPI we checked "
+                             "ships either family's own tokenizer; see rerank_server.encoder_checkpoints")
     parser.add_argument("--size", choices=tuple(SIZES), default="tiny",
                         help="tiny: 2 layers, hidden 64; small: 6 layers, hidden 384 (MiniLM-L6 shapes); "
                              "full: bge-reranker-v2-m3 shapes (568M parameters with its vocabulary)")

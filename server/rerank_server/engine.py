@@ -101,8 +101,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def model_shapes(config) -> ModelShapes:
-    """What ``select_ops`` measures kernels at for this model (a decoder names its GEMM kinds)."""
-    gemms = config.gemm_shapes() if config.architecture == "decoder" else None
+    """What ``select_ops`` measures kernels at for this model (a model with GEMM kinds of its own
+    names them: decoders, ModernBERT, DeBERTa-v2)."""
+    gemms = config.gemm_shapes() if hasattr(config, "gemm_shapes") else None
     return ModelShapes(config.hidden_size, config.intermediate_size, config.num_heads, FFN_ROWS, gemms)
 
 

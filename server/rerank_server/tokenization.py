@@ -139,7 +139,7 @@ class BoundedTokenizer:
         if isinstance(tokenizer.model, models.Unigram) and self.normalizer is not None:
             self.pieces = sorted(tokenizer.get_vocab(with_added_tokens=False))
             self.piece_chars = max(map(len, self.pieces))
-            self.unk_id = tokenizer.token_to_id("<unk>")
+            self.unk_id = unigram_unk_id(tokenizer.model)
         self.separable = self.check_separable()
         if not self.separable:
             log.warning("this tokenizer does not split at spaces as expected; texts are tokenized whole")
@@ -297,6 +297,15 @@ class BoundedTokenizer:
         if certain and certain[-1] == self.unk_id:
             certain.pop()
         return certain
+
+
+def unigram_unk_id(model: models.Unigram) -> int | None:
+    """The Unigram's unknown-piece id (its name varies: ``<unk>``, ``[UNK]``), read from the model:
+    U+FFFF is a noncharacter, never a piece."""
+    try:
+        return model.tokenize("\uffff")[0].id
+    except Exception:  # a Unigram without unk_id cannot segment it  # noqa: BLE001
+        return None
 
 
 def overlapping(tokens: list[str]) -> bool:

@@ -70,6 +70,10 @@ BERT = EncoderFamily("longest_first", False, 1e-12, name_remaps=(
     (r"^(?:bert\.)?pooler\.dense\.", "classifier.dense."),
     (r"^bert\.", ""),
 ))
+# ModernBERT (gte-reranker-modernbert-base) and DeBERTa-v2 (mxbai-rerank-*-v1): sentence-transformers'
+# CrossEncoder cuts pairs longest_first; their own forwards read the rest from config.json.
+MODERNBERT = EncoderFamily("longest_first", False, 1e-5)
+DEBERTA_V2 = EncoderFamily("longest_first", False, 1e-7)
 
 # Qwen3-Reranker's model card (format_instruction: single newlines between the parts).
 QWEN3_RERANKER = PromptTemplate(
@@ -83,11 +87,15 @@ QWEN3_RERANKER = PromptTemplate(
 
 ENCODER = "rerank_server.models.encoder:CrossEncoder"
 QWEN3 = "rerank_server.models.qwen3:Qwen3Reranker"
+MODERNBERT_MODEL = "rerank_server.models.modernbert:ModernBertReranker"
+DEBERTA_V2_MODEL = "rerank_server.models.deberta_v2:DebertaV2Reranker"
 ARCHITECTURES: dict[str, Architecture] = {
     # XLM-RoBERTa and RoBERTa are one model in two names
     "XLMRobertaForSequenceClassification": Architecture(ENCODER, "xlm-roberta", ("xlm-roberta", "roberta"), ROBERTA),
     "RobertaForSequenceClassification": Architecture(ENCODER, "roberta", ("roberta", "xlm-roberta"), ROBERTA),
     "BertForSequenceClassification": Architecture(ENCODER, "bert", ("bert",), BERT),
+    "ModernBertForSequenceClassification": Architecture(MODERNBERT_MODEL, "modernbert", ("modernbert",), MODERNBERT),
+    "DebertaV2ForSequenceClassification": Architecture(DEBERTA_V2_MODEL, "deberta-v2", ("deberta-v2",), DEBERTA_V2),
     # a causal LM scored by its answer tokens (Qwen3-Reranker as published)
     "Qwen3ForCausalLM": Architecture(QWEN3, "qwen3", ("qwen3",), template=QWEN3_RERANKER, head="answer_tokens"),
     # the community's converted "seq-cls" checkpoints: one label, a score head at the last token
