@@ -273,9 +273,13 @@ def what(d: dict) -> str:
     if k == "profile":
         return (f"where the CPU forward's time goes ({d['model']['layers']} layers at full width; "
                 f"{', '.join(sorted({c.split()[0] for c in d['cases']}))})")
+    if k == "qwen3_forward":
+        return (f"{d['model']}, in {d['dtype']}: ours with and without the shared prefix against transformers' "
+                "causal LM (left-padded)")
+    if k == "encoders_forward":
+        return ("ModernBERT and DeBERTa-v2 (xsmall, base shapes) forwards in float32 against transformers; "
+                "ModernBERT at one 8,192-token pair, local windows against every layer global")
     return k
-
-
 
 
 def targets_of(d: dict) -> tuple[list[str], list[str]]:
