@@ -1,0 +1,140 @@
+"""int8 GEMMs on the CPU (--dtype int8): weights quantized once at load per output channel,
+activations per row at every call, both symmetric (zero point 0, values in [-127, 127]).
+
+Per-row activation scales keep batch invariance: a row's scale is its own absolute maximum,
+so its int8 values, the exact int32 accumulation and the float epilogue are the same whatever
+else shares the call. (A per-tensor scale, as onnxruntime's ``quantize_dynamic`` and
+``torch.ao``'s dynamic linear use, would make each row depend on the largest activation of
+the whole batch.) Neither candidate library takes a per-row activation scale, so each runs
+with an activation scale of 1 and the row scale is applied in the epilogue, which also adds
+the bias (and the exact GELU for the FFN's up-projection):
+
+- ``OneDnnInt8Linear``: oneDNN's quantized linear (``torch.ops.onednn.qlinear_pointwise``,
+  weight prepacked once by ``qlinear_prepack``); its output is already in fp32 with the
+  weight's per-channel scale applied.
+- ``IntMmLinear``: ``torch._int_mm`` (int8 x int8 -> int32), both scales in the epilogue.
+
+Shapes: weight (out, in), bias (out,), x (rows, in) float32 -> (rows, out) float32.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+
+INT8_MAX = 127
+# oneDNN's int8 GEMMs on VNNI multiply unsigned by signed bytes: signed activations take a slow
+# reference path (~1,000x slower here), so they are passed as uint8 with zero point 128.
+ACTIVATION_OFFSET = 128
+ONEDNN_OPS = torch.ops.onednn  # a module attribute, so that a test can take the private ops away
+
+
+def int8_missing() -> str | None:
+    """None when this CPU has int8 dot-product instructions (AVX512_VNNI or AMX), else what it lacks.
+    (Without them int8 GEMMs run on 16-bit multiply-adds, no faster than bfloat16 or float32.)"""
+    if torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported():
+        return None
+    return "this CPU has neither AVX512_VNNI nor AMX (no int8 dot-product instructions)"
+
+
+def onednn_int8_missing() -> str | None:
+    """None when torch has oneDNN's quantized linear ops, else why not."""
+    if not torch.backends.mkldnn.is_available():
+        return "torch was built without oneDNN (mkldnn)"
+    missing = [op for op in ("qlinear_prepack", "qlinear_pointwise") if not hasattr(ONEDNN_OPS, op)]
+    return f"torch {torch.__version__} lacks torch.ops.onednn.{' and '.join(missing)}" if missing else None
+
+
+def quantize_rows(x: torch.Tensor, offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (rows, cols) float -> (int8 q (rows, cols), float32 scale (rows,)) with x ~= q * scale[:, None]:
+    each row's scale is its absolute maximum / 127 (rounded to nearest, ties to even). ``offset``:
+    uint8 q + 128 instead (the same values with zero point 128, which oneDNN's fast kernels take)."""
+    x = x.float()
+    low, high = torch.aminmax(x, dim=1)
+    # an all-zero row keeps a tiny scale (its values stay 0) instead of dividing by zero
+    scale = torch.maximum(high, low.neg()).div_(INT8_MAX).clamp_min_(torch.finfo(torch.float32).tiny)
+    if not hasattr(torch, "quantize_per_channel"):  # deprecated in torch 2.13: the same in four passes
+        q = torch.round(x / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX)
+        return (q.add_(ACTIVATION_OFFSET).to(torch.uint8) if offset else q.to(torch.int8)), scale
+    zero_points = torch.full((x.shape[0],), ACTIVATION_OFFSET if offset else 0, dtype=torch.int64)
+    # one vectorized pass (x * (1 / scale), rounded, saturated) where division and rounding by hand take four
+    q = torch.quantize_per_channel(x.contiguous(), scale, zero_points, 0, torch.quint8 if offset else torch.qint8)
+    return q.int_repr(), scale
+
+
+# torch warns once per process that quantized tensors are deprecated: once here, silenced (the
+# quantized tensor is only a vectorized rounding step; its int8 values are what is used)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    if hasattr(torch, "quantize_per_channel"):
+        quantize_rows(torch.ones(1, 1))
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (out, in) -> (int8 (out, in), float32 scale (out,)): symmetric, per output channel."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).div_(INT8_MAX).clamp_min_(torch.finfo(torch.float32).tiny)
+    return torch.round(w / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
+def dequantized_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          gelu: bool = False) -> torch.Tensor:
+    """What an int8 GEMM of this module should compute, in float64: the GEMM of the quantized
+    operands (per-row x, per-channel weight), then bias and exact GELU. (rows, out) float64."""
+    qx, sx = quantize_rows(x)
+    qw, sw = quantize_weight(weight)
+    y = (qx.double() @ qw.double().T) * sx.double()[:, None] * sw.double()
+    y = y if bias is None else y + bias.double()
+    return torch.nn.functional.gelu(y) if gelu else y
+
+
+def _epilogue(y: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None,
+              bias_gelu: Callable | None) -> torch.Tensor:
+    """y (rows, out) float32, written over: y * row_scale[:, None] + bias, then GELU when
+    ``bias_gelu`` (the op set's in-place bias + exact GELU) is given."""
+    if bias_gelu is not None:
+        return bias_gelu(y.mul_(row_scale[:, None]), bias)
+    if bias is None:
+        return y.mul_(row_scale[:, None])
+    return torch.addcmul(bias, y, row_scale[:, None], out=y)  # one pass for scale and bias
+
+
+class OneDnnInt8Linear:
+    """oneDNN's int8 linear on a weight quantized and prepacked once."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, bias_gelu: Callable | None = None):
+        qw, self.weight_scale = quantize_weight(weight)
+        self.out_features = weight.shape[0]
+        self.weight = ONEDNN_OPS.qlinear_prepack(qw, None)
+        self.weight_zero_points = torch.zeros(self.out_features, dtype=torch.int64)
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.bias_gelu = bias_gelu
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        q, row_scale = quantize_rows(x, offset=True)
+        # activation scale 1, zero point 128: the int32 sums times the weight's scale, in fp32
+        y = ONEDNN_OPS.qlinear_pointwise(q, 1.0, ACTIVATION_OFFSET, self.weight, self.weight_scale,
+                                         self.weight_zero_points, None, 1.0, 0, torch.float32, "none", [], "")
+        return _epilogue(y, row_scale, self.bias, self.bias_gelu)
+
+    def __repr__(self) -> str:
+        return f"OneDnnInt8Linear({self.out_features}, {'gelu' if self.bias_gelu else 'none'})"
+
+
+class IntMmLinear:
+    """``torch._int_mm`` (int32 sums) on a weight quantized once, both scales in the epilogue."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, bias_gelu: Callable | None = None):
+        qw, self.weight_scale = quantize_weight(weight)
+        self.weight_t = qw.t()  # (in, out), column-major: the layout _int_mm reads fastest
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.bias_gelu = bias_gelu
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        q, row_scale = quantize_rows(x)
+        y = torch._int_mm(q, self.weight_t).mul(self.weight_scale)  # int32 -> float32 in one pass
+        return _epilogue(y, row_scale, self.bias, self.bias_gelu)
+
+    def __repr__(self) -> str:
+        return f"IntMmLinear({self.weight_t.shape[1]}, {'gelu' if self.bias_gelu else 'none'})"
