@@ -17,7 +17,6 @@ from helpers import ROOT
 
 import rerank_kernels
 from rerank_kernels import TORCH_OPS, ModelShapes, UnsupportedDtypeError, linear, resolve_dtype, select_ops
-from rerank_kernels.gelu import bias_gelu_inplace
 from rerank_kernels.linear import FFN_DOWN, FFN_UP, OneDnnLinear, PlainLinear, choose_cpu_gemms, gemm_shapes
 from rerank_kernels.linear_int8 import (
     IntMmLinear,
@@ -249,7 +248,7 @@ def test_int8_rows_match_the_quantized_reference_and_any_batch(module, in_featur
     exact GELU) to float32 rounding (oneDNN up to a tie rounded the other way), and every row
     is bitwise equal alone, in a few rows or at any offset of a 300-row call."""
     weight, bias = random_linear(out_features, in_features, torch.float32)
-    gemm = module(weight, bias, bias_gelu_inplace if gelu else None)
+    gemm = module(weight, bias, gelu)
     x = torch.randn(300, in_features)
     assert linear.accuracy_problem(gemm(x), dequantized_reference(x, weight, bias, gelu), torch.int8) is None
     want = F.linear(x.double(), weight.double(), bias.double())

@@ -160,7 +160,7 @@ def test_server_scores_do_not_depend_on_the_batch_or_concurrency(server, documen
 
 def test_server_info_shows_the_dtype_and_the_gemm_choices(server):
     info = requests.get(server.http_url + "/info", timeout=30).json()
-    assert info["dtype"] in ("float32", "bfloat16") and info["device"] == "cpu"
+    assert info["dtype"] in ("float32", "bfloat16", "int8") and info["device"] == "cpu"
     by_kind = info["kernel_choices"]["cpu_gemm"]["by_kind"]
     assert {entry["chosen"] for entry in by_kind.values()} <= {"onednn", "torch"} and len(by_kind) == 8
     assert "CPU GEMMs measured in" in server.log() and f"{info['dtype']} on cpu" in server.log()

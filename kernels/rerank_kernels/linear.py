@@ -160,11 +160,10 @@ def accuracy_problem(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dty
     return None
 
 
-def int8_packers(shape: GemmShape, bias_gelu: Callable) -> dict[str, Callable]:
+def int8_packers(shape: GemmShape) -> dict[str, Callable]:
     """The int8 candidates; the FFN's up-projection adds bias and GELU in the epilogue."""
-    gelu = bias_gelu if shape.gelu else None
-    return {TORCH: lambda weight, bias: IntMmLinear(weight, bias, gelu),
-            ONEDNN: lambda weight, bias: OneDnnInt8Linear(weight, bias, gelu)}
+    return {TORCH: lambda weight, bias: IntMmLinear(weight, bias, shape.gelu),
+            ONEDNN: lambda weight, bias: OneDnnInt8Linear(weight, bias, shape.gelu)}
 
 
 def _kind_dtype(shape: GemmShape, dtype: torch.dtype) -> torch.dtype:
@@ -174,7 +173,7 @@ def _kind_dtype(shape: GemmShape, dtype: torch.dtype) -> torch.dtype:
 
 def _candidates(shape: GemmShape, bias_gelu: Callable, dtype: torch.dtype = torch.float32) -> dict[str, Callable]:
     if dtype == torch.int8 and not shape.fp32:
-        return int8_packers(shape, bias_gelu)
+        return int8_packers(shape)
     return {TORCH: torch_packer(shape, bias_gelu), ONEDNN: onednn_packer(shape)}
 
 
