@@ -416,6 +416,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--quick", action="store_true", help="tiny model, few docs: a smoke test of this script")
+    p.add_argument("--size", default="full", choices=("tiny", "small", "full"),
+                   help="the random checkpoint (default full: bge-reranker-v2-m3's shapes; small: 6 x 384)")
     p.add_argument("--docs", type=int, help="documents of the uniform and mixed workloads "
                                             "(default: 128 on CUDA, 16 on the CPU, 8 quick)")
     p.add_argument("--uniform-len", type=int, default=256, help="tokens per document of the uniform workload")
@@ -592,7 +594,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
 
     # the CPU's files are fp32 (bf16 is rounded at load); CUDA's fp16
-    checkpoint = ensure_checkpoint("tiny" if args.quick else "full", torch.float16 if device.type == "cuda" else
+    checkpoint = ensure_checkpoint("tiny" if args.quick else args.size, torch.float16 if device.type == "cuda" else
                                    torch.float32)
     args.checkpoint = str(checkpoint)
     config = EncoderConfig.from_hf(json.loads((checkpoint / "config.json").read_text()))

@@ -117,12 +117,17 @@ def main(argv: list[str] | None = None) -> None:
                                                     "(default 30 s; 0 quick)")
     p.add_argument("--server-args", default="", help="more rerank-server flags, e.g. \"--dtype bfloat16\"")
     p.add_argument("--skip-onnx", action="store_true", help="time ours only")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads of the server and of every peer (default: torch's choice); 1 keeps a contended "
+                        "machine's OpenMP barriers from stalling 2-thread runs")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated --dtype values: one server each, in turn (default: one server)")
     p.add_argument("--peers", default="", help=f"'all' or comma-separated of {', '.join(PEERS)}: each in its own "
                                                "process on the same token ids")
     p.add_argument("--out", type=Path, help="results file (default under benchmarks/results/)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 5)
     quiet_wait = args.quiet_wait if args.quiet_wait is not None else (0.0 if args.quick else 30.0)
     checkpoint = (args.checkpoint or ensure_checkpoint("tiny" if args.quick else "full")).resolve()
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     by_dtype = {}
     for dtype in (args.dtypes.split(",") if args.dtypes else [None]):
         server = Server(checkpoint, logs / f"server-{dtype}.log", *shlex.split(args.server_args),
-                        *(("--dtype", dtype) if dtype else ()))
+                        *(("--dtype", dtype) if dtype else ()), threads=args.threads)
         try:
             ours = summary(asyncio.run(time_rest(server, body, repeats, quiet_wait)), tokens)
         finally:
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"note: onnxruntime not run: {reason}")
     names = PEERS if args.peers == "all" else tuple(n for n in args.peers.split(",") if n)
     if names:
-        peers = run_peers(checkpoint, pairs, names, repeats=repeats, quiet_wait=quiet_wait)
+        peers = run_peers(checkpoint, pairs, names, repeats=repeats, quiet_wait=quiet_wait, threads=args.threads)
         record["peers"] = {name: {k: v for k, v in r.items() if k != "logits"} for name, r in peers.items()}
         record["peers_note"] = "each peer in its own process, one pair at a time, on the same token ids " \
                                "(tokenizing and HTTP not timed for them)"
