@@ -135,7 +135,9 @@ class IntMmLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         q, row_scale = quantize_rows(x)
-        y = torch._int_mm(q, self.weight_t).mul(self.weight_scale)  # int32 -> float32 in one pass
+        # int32 -> float32, then the weight's scale in place: a multiply that promotes int32 to float
+        # goes through a casting loop, ~1.5x the time of the two vectorized passes
+        y = torch._int_mm(q, self.weight_t).float().mul_(self.weight_scale)
         return _epilogue(y, row_scale, self.bias, self.gelu)
 
     def __repr__(self) -> str:
