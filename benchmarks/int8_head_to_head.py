@@ -54,9 +54,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     checkpoint = ensure_checkpoint(a.size)
     config = EncoderConfig.from_hf(json.loads((checkpoint / "config.json").read_text()))
+    # the quantized ONNX model first: the optimizer and the quantizer hold copies of the full model,
+    # too much memory beside ours
+    peer_model = ensure_onnx_int8(checkpoint)
     ops = rerank_kernels.select_ops("cpu", dtype=torch.int8, shapes=model_shapes(config))
     ours = load_cross_encoder(checkpoint, ops, torch.device("cpu"), torch.int8)
-    peer = OnnxPerPair(ensure_onnx_int8(checkpoint), 1)
+    peer = OnnxPerPair(peer_model, 1)
     workloads = make_workloads(a.docs, config.vocab_size, 256, 0)
     results = {}
     for w in workloads:
