@@ -63,15 +63,32 @@ def quantize_rows(x: torch.Tensor, offset: bool = False) -> tuple[torch.Tensor, 
     # quantization, which would take the row scales itself, is a scalar loop: ~20x slower)
     q = torch.quantize_per_tensor(scaled, 1.0, ACTIVATION_OFFSET if offset else 0,
                                   torch.quint8 if offset else torch.qint8)
-    return q.int_repr(), scale
+    return _raw_bytes(q, torch.uint8 if offset else torch.int8), scale
+
+
+def _int_repr_view(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A quantized tensor's bytes as a plain ``dtype`` tensor without a copy (``int_repr`` copies)."""
+    return torch.empty(0, dtype=dtype).set_(q.untyped_storage(), q.storage_offset(), q.shape, q.stride())
+
+
+def _int_repr_copy(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return q.int_repr()
 
 
 # torch warns once per process that quantized tensors are deprecated: once here, silenced (the
-# quantized tensor is only a vectorized rounding step; its int8 values are what is used)
+# quantized tensor is only a vectorized rounding step; its int8 values are what is used). The
+# same call checks that the copy-free view reads the values int_repr gives (else int_repr is used).
+_raw_bytes = _int_repr_copy
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
     if hasattr(torch, "quantize_per_tensor"):
-        quantize_rows(torch.ones(1, 1))
+        _probe = torch.quantize_per_tensor(torch.tensor([[-3.0, 0.0, 5.0]]), 1.0, ACTIVATION_OFFSET, torch.quint8)
+        try:
+            if torch.equal(_int_repr_view(_probe, torch.uint8), _probe.int_repr()):
+                _raw_bytes = _int_repr_view
+        except RuntimeError:
+            pass
+        del _probe
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
