@@ -21,9 +21,12 @@ rounded as the fp16 model would round them, written in half the time) on the sam
 The CPU runs uniform and mixed with 16 documents each; CUDA all four, with 128 documents.
 
 On the CPU ours runs once per ``--dtype`` (default float32 and, where the CPU has native bf16,
-bfloat16: *ours-bf16*), and *onnxruntime* runs the Hugging Face model exported with ``torch.onnx``
-(fp32, cached beside the checkpoint; the ``bench`` extra) one pair at a time: the strongest CPU
-peer (``--skip-onnx`` leaves it out).
+bfloat16: *ours-bf16*; int8 where it has VNNI or AMX: *ours-int8*), and *onnxruntime* runs the
+Hugging Face model exported with ``torch.onnx`` (fp32, cached beside the checkpoint; the ``bench``
+extra) one pair at a time: the strongest CPU peer (``--skip-onnx`` leaves it out). ``--peers``
+adds benchmarks.peers (onnxruntime int8, OpenVINO f32 and bf16, ...), each in its own process on
+each workload's token ids (under ``peers`` in the workload's results; target: ours int8 >= 1.2x
+onnxruntime int8).
 
 Backends: *ours* (the best attention backend of ``rerank_kernels.available_attention_backends``,
 or ``--attention NAME``; ``--all-attention`` adds ``ours:NAME`` for every other available (on CUDA
@@ -95,6 +98,7 @@ from benchmarks.measure import (
     wait_quiet,
 )
 from benchmarks.onnx_baseline import OnnxPerPair, ensure_onnx, onnx_unavailable_reason
+from benchmarks.peers import PEERS, run_peers
 from benchmarks.probes import (
     maybe_rss_probe,
     memory_probe,
@@ -115,14 +119,16 @@ from benchmarks.workloads import (
     ours_executed_flops,
     useful_flops,
 )
-from rerank_kernels import ATTENTION_BACKENDS, Ops, available_attention_backends, select_ops
+from rerank_kernels import ATTENTION_BACKENDS, Ops, activation_dtype, available_attention_backends, select_ops
+from rerank_kernels.linear_int8 import int8_missing
 from rerank_server.engine import model_shapes
 from rerank_server.models.encoder import CrossEncoder, EncoderConfig, load_cross_encoder
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
+SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8"}
+TARGET_INT8_OVER_ONNX_INT8 = 1.2
 
 
 # --------------------------------------------------------------------------- workloads and GEMM rate
@@ -377,12 +383,41 @@ def measure_workload(w: Workload, backends: list[Backend], config: EncoderConfig
     return entry
 
 
+def measure_peers(results: dict, workloads: list[Workload], checkpoint: Path, args: argparse.Namespace) -> dict:
+    """``--peers`` on each workload's token ids (benchmarks.peers: one process each), stored
+    under the workload's ``peers`` with ours' ratio over each; -> the int8 targets."""
+    names = PEERS if args.peers == "all" else tuple(n for n in args.peers.split(",") if n)
+    targets = {}
+    for w in workloads if names else []:
+        if w.latency:
+            continue
+        entry = results[w.name]
+        peers = run_peers(checkpoint, [d.tolist() for d in w.docs], names, repeats=args.repeats,
+                          quiet_wait=args.quiet_wait)
+        entry["peers"] = {name: {k: v for k, v in r.items() if k != "logits"} for name, r in peers.items()}
+        for name, r in peers.items():
+            if "tokens_per_s" in r:
+                entry["peers"][name]["ours_over_it"] = {
+                    ours: entry[ours]["tokens_per_s"] / r["tokens_per_s"]
+                    for ours in ("ours", "ours-fp32", "ours-bf16", "ours-int8") if ours in entry}
+        peer = peers.get("onnxruntime-int8", {})
+        ours = entry.get("ours" if args.dtypes[0] == "int8" else "ours-int8")
+        if ours and "tokens_per_s" in peer:
+            ratio = ours["tokens_per_s"] / peer["tokens_per_s"]
+            targets[f"{w.name}: ours int8 >= {TARGET_INT8_OVER_ONNX_INT8}x onnxruntime int8"] = {
+                "value": ratio, "target": TARGET_INT8_OVER_ONNX_INT8, "pass": ratio >= TARGET_INT8_OVER_ONNX_INT8,
+                "contended": ours.get("contended", False) or peer["contended"]}
+    return targets
+
+
 # --------------------------------------------------------------------------- main
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--quick", action="store_true", help="tiny model, few docs: a smoke test of this script")
+    p.add_argument("--size", default="full", choices=("tiny", "small", "full"),
+                   help="the random checkpoint (default full: bge-reranker-v2-m3's shapes; small: 6 x 384)")
     p.add_argument("--docs", type=int, help="documents of the uniform and mixed workloads "
                                             "(default: 128 on CUDA, 16 on the CPU, 8 quick)")
     p.add_argument("--uniform-len", type=int, default=256, help="tokens per document of the uniform workload")
@@ -424,6 +459,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-hf", action="store_true", help="time ours only (no ratio)")
     p.add_argument("--skip-onnx", action="store_true",
                    help="CPU: leave out onnxruntime (else it needs the bench extra)")
+    p.add_argument("--peers", default="", help=f"CPU: 'all' or comma-separated of {', '.join(PEERS)}, each in its "
+                                               "own process on the same token ids")
     p.add_argument("--skip-rss", action="store_true", help="skip the peak-RSS child process (CPU)")
     p.add_argument("--profile", action="store_true", help="also profile one forward of ours per op")
     p.add_argument("--out", type=Path, help="results file (default benchmarks/results/<device>-<date>.json)")
@@ -454,7 +491,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.gemm_m = args.gemm_m or (512 if quick else 16384 if cuda else 4096)
     requested = args.dtype.split(",") if args.dtype else None
     if requested is None:
-        requested = ["float16"] if cuda else ["float32"] + (["bfloat16"] if native_bf16() else [])
+        requested = ["float16"] if cuda else (["float32"] + (["bfloat16"] if native_bf16() else [])
+                                              + (["int8"] if int8_missing() is None else []))
     unknown = [d for d in requested if d not in DTYPES]
     if unknown:
         p.error(f"--dtype: unknown {', '.join(unknown)}; choose from {', '.join(DTYPES)}")
@@ -462,6 +500,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--dtype float16 runs on CUDA only")
     if not cuda and "bfloat16" in requested and not native_bf16():
         p.error("--dtype bfloat16: this CPU has no native bf16 (AVX512_BF16 or AMX)")
+    if "int8" in requested and (cuda or int8_missing()):
+        p.error(f"--dtype int8 runs on a CPU with int8 dot products: {int8_missing() or 'not on CUDA'}")
     args.dtypes = list(dict.fromkeys(requested))
     return args
 
@@ -477,7 +517,7 @@ def load_ours(checkpoint: Path, ops: Ops, device: torch.device, dtype: torch.dty
     ours = load_cross_encoder(checkpoint, ops, device, dtype)
     sync(device)
     print(f"loaded ours ({dtype}) in {time.perf_counter() - t0:.1f} s (attention: {ours.ops.attention_backend}; "
-          f"available: {', '.join(available_attention_backends(device, dtype))})", flush=True)
+          f"available: {', '.join(available_attention_backends(device, activation_dtype(dtype)))})", flush=True)
     return ours
 
 
@@ -554,7 +594,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
 
     # the CPU's files are fp32 (bf16 is rounded at load); CUDA's fp16
-    checkpoint = ensure_checkpoint("tiny" if args.quick else "full", torch.float16 if device.type == "cuda" else
+    checkpoint = ensure_checkpoint("tiny" if args.quick else args.size, torch.float16 if device.type == "cuda" else
                                    torch.float32)
     args.checkpoint = str(checkpoint)
     config = EncoderConfig.from_hf(json.loads((checkpoint / "config.json").read_text()))
@@ -585,6 +625,7 @@ def main(argv: list[str] | None = None) -> None:
     backends += hf + onnx
     print(f"warm-up {warm_up(backends, workloads, args, device):.1f} s", flush=True)
     results = {w.name: measure_workload(w, backends, config, args, device) for w in workloads}
+    peer_targets = measure_peers(results, workloads, checkpoint, args) if device.type == "cpu" else {}
 
     gemm = measure_gemm(config, args, device, before=gemm_before)
     # Each dtype's reference: its best candidate, each shape at its better measurement (a slow
@@ -608,6 +649,7 @@ def main(argv: list[str] | None = None) -> None:
     if probe is not None:
         print_memory_probe(probe)
     targets = cuda_targets(results, probe, args.uniform_len) if device.type == "cuda" else cpu_targets(results, rss)
+    targets.update(peer_targets)
     print_targets(targets)
     print_rss_and_profile(rss, profile)
     choices = {b.name: getattr(b.model.ops, "choices", None) for b in backends if b.kind == "ours"}

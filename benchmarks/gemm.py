@@ -1,7 +1,9 @@
 """GEMM candidates at the model's shapes, per dtype: what the forward's FLOP rate is compared
 with. On the CPU: ``F.linear`` (MKL for fp32 on x86), oneDNN with the weight reordered once
 (``torch.ops.mkldnn._reorder_linear_weight`` + ``_linear_pointwise``, as the server may choose
-at load) and, in fp32 with the ``bench`` extra, onnxruntime's MatMul (MLAS). On CUDA ``F.linear``."""
+at load) and, in fp32 with the ``bench`` extra, onnxruntime's MatMul (MLAS); in int8 the server's
+int8 candidates (rerank_kernels.linear_int8), each timed as the whole call the model makes (per-row
+quantization, the int8 GEMM, the epilogue) on fp32 activations. On CUDA ``F.linear``."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -35,12 +37,27 @@ def onednn_reordered(k, n, m, dtype, device, g):
     return lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
 
 
+def int8_call(module):
+    """A candidate: ``module`` (an int8 linear of rerank_kernels.linear_int8) on fp32 inputs."""
+    def build(k, n, m, dtype, device, g):
+        x, w, b = _inputs(k, n, m, torch.float32, device, g)
+        linear = module(w, b)
+        return lambda: linear(x)
+    return build
+
+
 def onnxruntime_matmul(k, n, m, dtype, device, g):
     return matmul_calls(k, n, m, torch.get_num_threads())
 
 
 def candidates(device: torch.device, dtype: torch.dtype) -> dict[str, Candidate]:
     """The GEMMs worth measuring for ``dtype`` on ``device``, by name."""
+    if dtype == torch.int8:
+        from rerank_kernels.linear_int8 import IntMmLinear, OneDnnInt8Linear, onednn_int8_missing
+        found = {"torch._int_mm per-row": int8_call(IntMmLinear)}
+        if onednn_int8_missing() is None:
+            found["oneDNN int8 per-row"] = int8_call(OneDnnInt8Linear)
+        return found
     found: dict[str, Candidate] = {"F.linear": f_linear}
     if device.type == "cpu":
         if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):

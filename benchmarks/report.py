@@ -139,6 +139,14 @@ def rest_e2e_line(path: Path, d: dict) -> str:
     if ort:
         text += (f", onnxruntime fp32 one pair at a time {ort['tokens_per_s']:,.0f} tokens/s = "
                  f"{ours['tokens_per_s'] / ort['tokens_per_s']:.2f}x")
+    by_dtype = d.get("ours_rest_by_dtype") or {}
+    if len(by_dtype) > 1:
+        text += "; ours by --dtype: " + ", ".join(f"{k} {v['tokens_per_s']:,.0f}" for k, v in by_dtype.items())
+    peers = {k: v for k, v in (d.get("peers") or {}).items() if "tokens_per_s" in v}
+    if peers:
+        text += "; peers (own processes): " + ", ".join(f"{k} {v['tokens_per_s']:,.0f}" for k, v in peers.items())
+    if ours.get("contended") or any(v.get("contended") for v in (*by_dtype.values(), *peers.values())):
+        text += " (CONTENDED: other processes used the CPUs during some runs; lower bounds, ratios inconclusive)"
     return f"{text} ({provenance(path, d)})"
 
 

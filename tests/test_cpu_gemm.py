@@ -18,6 +18,14 @@ from helpers import ROOT
 import rerank_kernels
 from rerank_kernels import TORCH_OPS, ModelShapes, UnsupportedDtypeError, linear, resolve_dtype, select_ops
 from rerank_kernels.linear import FFN_DOWN, FFN_UP, OneDnnLinear, PlainLinear, choose_cpu_gemms, gemm_shapes
+from rerank_kernels.linear_int8 import (
+    IntMmLinear,
+    OneDnnInt8Linear,
+    dequantized_reference,
+    int8_missing,
+    quantize_rows,
+    quantize_weight,
+)
 from rerank_server.checkpoint import write_random_checkpoint
 from rerank_server.config import parse_args
 from rerank_server.engine import Engine
@@ -25,6 +33,7 @@ from rerank_server.engine import Engine
 NATIVE_BF16 = rerank_kernels.native_bf16_missing() is None
 DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
     not NATIVE_BF16, reason="this CPU has no native bfloat16"))]
+INT8 = pytest.mark.skipif(int8_missing() is not None, reason=f"no int8 on this CPU: {int8_missing()}")
 KINDS = 8  # QKV, first-token query, K/V, attention output, FFN up, FFN down, head dense, head out
 
 
@@ -177,8 +186,9 @@ def test_flags_and_environment(monkeypatch):
     monkeypatch.setenv("RERANK_CPU_GEMM", "onednn")
     assert (parse_args([]).dtype, parse_args([]).cpu_gemm) == ("bfloat16", "onednn")
     assert parse_args(["--dtype", "float32", "--cpu-gemm", "torch"]).cpu_gemm == "torch"
+    assert parse_args(["--dtype", "int8"]).dtype == "int8"
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--dtype", "int8"])
+        parse_args(["--dtype", "float64"])
     assert exit_info.value.code == 2
 
 
@@ -204,10 +214,103 @@ def test_bfloat16_without_native_support_exits_2_naming_what_is_missing(tiny_che
     assert "neither AVX512_BF16 nor AMX" in lines[0]
 
 
+# ----------------------------------------------------------------------------- int8
+
+def test_row_quantization_is_per_row_and_symmetric():
+    """A row's int8 values and scale are its own: the same with any other rows beside it (a
+    per-tensor scale would change with the batch's largest value), zero rows stay zero, and
+    the uint8 form oneDNN takes is the same values + 128 (but for a rounding at an exact tie)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 96, generator=g)
+    x[7] = 0
+    x[11] *= 1000  # a large row must not change the others
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.int8 and q.abs().max() == 127 and (q.abs().amax(1)[torch.arange(40) != 7] == 127).all()
+    assert (q[7] == 0).all() and torch.isfinite(scale).all()
+    for start, rows in [(0, 1), (11, 1), (3, 5), (12, 28)]:
+        q_part, scale_part = quantize_rows(x[start:start + rows])
+        assert torch.equal(q_part, q[start:start + rows]) and torch.equal(scale_part, scale[start:start + rows])
+    assert ((x - q * scale[:, None]).abs() <= scale[:, None] / 2 * (1 + 1e-5)).all()
+    offset, offset_scale = quantize_rows(x, offset=True)
+    assert offset.dtype == torch.uint8 and torch.equal(offset_scale, scale)
+    assert (offset.int() - 128 - q.int()).abs().max() <= 1
+    w = torch.randn(48, 96, generator=g)
+    qw, sw = quantize_weight(w)
+    assert qw.dtype == torch.int8 and (qw.abs().amax(1) == 127).all()
+    assert ((w - qw * sw[:, None]).abs() <= sw[:, None] / 2 * (1 + 1e-5)).all()
+
+
+@INT8
+@pytest.mark.parametrize("module", [OneDnnInt8Linear, IntMmLinear])
+@pytest.mark.parametrize("in_features,out_features,gelu", [(64, 48, False), (1280, 96, False), (96, 1500, True)])
+def test_int8_rows_match_the_quantized_reference_and_any_batch(module, in_features, out_features, gelu):
+    """Both int8 candidates compute the float64 GEMM of the quantized operands (then bias and
+    exact GELU) to float32 rounding (oneDNN up to a tie rounded the other way), and every row
+    is bitwise equal alone, in a few rows or at any offset of a 300-row call."""
+    weight, bias = random_linear(out_features, in_features, torch.float32)
+    gemm = module(weight, bias, gelu)
+    x = torch.randn(300, in_features)
+    assert linear.accuracy_problem(gemm(x), dequantized_reference(x, weight, bias, gelu), torch.int8) is None
+    want = F.linear(x.double(), weight.double(), bias.double())
+    want = F.gelu(want) if gelu else want
+    assert (gemm(x).double() - want).abs().max() < 0.1  # int8 rounding, no more
+    full = gemm(x)
+    for start, rows in [(0, 1), (1, 1), (299, 1), (0, 2), (10, 7), (3, 64), (0, 299)]:
+        assert torch.equal(gemm(x[start:start + rows]), full[start:start + rows]), (start, rows)
+    assert linear.invariance_problem(gemm, x) is None
+
+
+@INT8
+def test_select_ops_int8_measures_both_int8_gemms_and_keeps_the_head_fp32():
+    ops = select_ops("cpu", dtype=torch.int8, shapes=ModelShapes(64, 160, 2))
+    by_kind = ops.choices["cpu_gemm"]["by_kind"]
+    assert len(by_kind) == KINDS
+    for kind, entry in by_kind.items():
+        assert entry["timings_ms"] and entry["chosen"] in entry["timings_ms"], (kind, entry)
+        assert entry["shape"].endswith("float32" if kind.startswith("head") else "int8"), entry
+    weight, bias = random_linear(64, 160, torch.float32)
+    x = torch.randn(9, 160)
+    down = ops.pack(FFN_DOWN, weight, bias)
+    assert isinstance(down, OneDnnInt8Linear | IntMmLinear)
+    assert linear.accuracy_problem(down(x), dequantized_reference(x, weight, bias), torch.int8) is None
+
+
+@INT8
+@pytest.mark.parametrize("pinned,module", [("torch", IntMmLinear), ("onednn", OneDnnInt8Linear)])
+def test_int8_pinned(pinned, module):
+    ops = select_ops("cpu", dtype=torch.int8, shapes=ModelShapes(32, 64, 2), cpu_gemm=pinned,
+                     timer=lambda fn: pytest.fail("pinned: nothing is timed"))
+    assert isinstance(ops.pack(FFN_UP, *random_linear(64, 32, torch.float32)), module)
+
+
+def test_int8_needs_int8_dot_products_and_the_cpu(monkeypatch):
+    with pytest.raises(UnsupportedDtypeError, match="int8 runs on the CPU only"):
+        resolve_dtype("cuda", "int8")
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with pytest.raises(UnsupportedDtypeError, match="neither AVX512_VNNI nor AMX"):
+        resolve_dtype("cpu", "int8")
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: True)
+    assert resolve_dtype("cpu", "int8") == torch.int8
+
+
+def test_int8_without_dot_products_exits_2_naming_what_is_missing(tiny_checkpoint):
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, torch\n"
+         "torch.cpu._is_vnni_supported = lambda: False\n"
+         "torch.cpu._is_amx_tile_supported = lambda: False\n"
+         "from rerank_server.__main__ import main\nmain(sys.argv[1:])",
+         "--model", str(tiny_checkpoint), "--device", "cpu", "--dtype", "int8"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, lines
+    assert "neither AVX512_VNNI nor AMX" in lines[0]
+
+
 # ----------------------------------------------------------------------------- the engine
 
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.skipif(
-    not NATIVE_BF16, reason="this CPU has no native bfloat16"))])
+    not NATIVE_BF16, reason="this CPU has no native bfloat16")), pytest.param("int8", marks=INT8)])
 def test_the_log_and_info_show_dtype_and_choices(tiny_checkpoint, caplog, tmp_path, dtype):
     from rerank_server.service import RerankService
     with caplog.at_level(logging.INFO):

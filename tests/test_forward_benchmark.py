@@ -12,6 +12,7 @@ from benchmarks.gemm import candidates
 from benchmarks.onnx_baseline import OnnxPerPair, ensure_onnx, export_onnx, onnx_path, onnx_unavailable_reason
 from benchmarks.rest_e2e import make_request
 from benchmarks.workloads import make_docs, make_latency_workload, pack_ours
+from rerank_kernels.linear_int8 import int8_missing
 from rerank_server.engine import Engine
 from rerank_server.scheduler import Scheduler, launch_now
 
@@ -117,3 +118,22 @@ def test_rest_request_is_what_the_server_tokenizes(tiny_checkpoint):
     assert len(documents) == len(pairs) == 16
     assert pairs == Engine.load_tokenizer(tiny_checkpoint).encode_pairs(query, documents)
     assert len({len(p) for p in pairs}) > 8, "mixed lengths"
+
+
+@pytest.mark.skipif(int8_missing() is not None, reason=f"no int8 on this CPU: {int8_missing()}")
+def test_int8_in_the_forward_benchmark():
+    """--dtype int8 is accepted on the CPU (and by default where the CPU has it), refused on CUDA;
+    its GEMM-rate candidates are the server's int8 linears, computing x @ w^T + b to int8 rounding."""
+    assert parse_args(["--quick", "--dtype", "float32,int8"]).dtypes == ["float32", "int8"]
+    assert "int8" in parse_args(["--quick"]).dtypes
+    with pytest.raises(SystemExit):
+        parse_args(["--quick", "--device", "cuda", "--dtype", "int8"])
+    found = candidates(torch.device("cpu"), torch.int8)
+    assert set(found) >= {"torch._int_mm per-row"}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 64, generator=g)
+    w = torch.randn(48, 64, generator=g) * 0.02
+    want = torch.nn.functional.linear(x, w, torch.randn(48, generator=g))
+    for name, build in found.items():
+        got = build(64, 48, 8, torch.int8, torch.device("cpu"), g.manual_seed(0))()
+        assert (got - want).abs().max() < 0.05, name  # the same inputs: int8 rounding apart

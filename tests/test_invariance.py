@@ -1,6 +1,7 @@
 """Batch invariance on the CPU, as a property: a pair's raw score is bitwise identical alone,
 in any batch, at any position, under any split of a request over batches and under concurrent
-requests; in float32 and in bfloat16 (where the CPU has it natively). Through the engine (the
+requests; in float32, in bfloat16 (where the CPU has it natively) and in int8 (where it has
+VNNI or AMX: per-row activation scales). Through the engine (the
 small model: its FFN down-projection has K = 1536, past oneDNN's M=1 trap at K >= 1280), at
 the full model's width (two layers at hidden 1024 / FFN 4096, 16 heads), and through a live
 server. The GEMMs are chosen at load as in production (--cpu-gemm auto)."""
@@ -21,8 +22,10 @@ from rerank_server.engine import Engine
 from rerank_server.tokenization import EncodedPair
 
 NATIVE_BF16 = rerank_kernels.native_bf16_missing() is None
+INT8_MISSING = rerank_kernels.linear_int8.int8_missing()
 DTYPES = ["float32", pytest.param("bfloat16", marks=pytest.mark.skipif(
-    not NATIVE_BF16, reason="this CPU has no native bfloat16"))]
+    not NATIVE_BF16, reason="this CPU has no native bfloat16")),
+    pytest.param("int8", marks=pytest.mark.skipif(INT8_MISSING is not None, reason=f"no int8: {INT8_MISSING}"))]
 SLOW = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                       HealthCheck.too_slow])
 
@@ -157,7 +160,7 @@ def test_server_scores_do_not_depend_on_the_batch_or_concurrency(server, documen
 
 def test_server_info_shows_the_dtype_and_the_gemm_choices(server):
     info = requests.get(server.http_url + "/info", timeout=30).json()
-    assert info["dtype"] in ("float32", "bfloat16") and info["device"] == "cpu"
+    assert info["dtype"] in ("float32", "bfloat16", "int8") and info["device"] == "cpu"
     by_kind = info["kernel_choices"]["cpu_gemm"]["by_kind"]
     assert {entry["chosen"] for entry in by_kind.values()} <= {"onednn", "torch"} and len(by_kind) == 8
     assert "CPU GEMMs measured in" in server.log() and f"{info['dtype']} on cpu" in server.log()

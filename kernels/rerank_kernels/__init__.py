@@ -24,6 +24,7 @@ from rerank_kernels.gelu import bias_gelu_inplace, bias_gelu_torch, bias_gelu_tr
 from rerank_kernels.layernorm import add_layernorm_inplace, add_layernorm_torch, add_layernorm_triton
 from rerank_kernels.linear import FFN_UP, GemmShape, PlainLinear, choose_cpu_gemms, gemm_shapes
 from rerank_kernels.linear_gelu import linear_gelu_unfused
+from rerank_kernels.linear_int8 import int8_missing
 from rerank_kernels.local_attention import local_attention_torch, select_local_attention
 from rerank_kernels.rmsnorm import add_rmsnorm_torch, add_rmsnorm_triton
 from rerank_kernels.rope import rope_torch, rope_triton
@@ -31,7 +32,7 @@ from rerank_kernels.rotary import norm_rope_torch, norm_rope_triton
 from rerank_kernels.swiglu import swiglu_inplace, swiglu_torch, swiglu_triton
 
 __all__ = ["ATTENTION_BACKENDS", "DTYPES", "ModelShapes", "Ops", "TORCH_OPS", "UnsupportedDtypeError",
-           "available_attention_backends", "resolve_dtype", "select_ops", "triton_ops"]
+           "activation_dtype", "available_attention_backends", "resolve_dtype", "select_ops", "triton_ops"]
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,14 @@ def triton_ops(attention: Callable = varlen_attention_triton, attention_backend:
                local_attention=select_local_attention(attention_backend), rope=rope_triton)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
+
+
+def activation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the activations and of every weight but the GEMMs' for a --dtype: int8 runs
+    only the layers' GEMMs in int8 (quantized at load and per row at each call); embeddings,
+    LayerNorm, attention, softmax and the head stay float32, so int8 rounding is the one error added."""
+    return torch.float32 if dtype == torch.int8 else dtype
 
 
 class UnsupportedDtypeError(ValueError):
@@ -137,8 +145,8 @@ def native_bf16_missing() -> str | None:
 
 def resolve_dtype(device: torch.device | str, name: str = "auto") -> torch.dtype:
     """--dtype for a device: auto is float16 on CUDA, float32 on the CPU; CUDA takes float16,
-    bfloat16 and float32; the CPU float32, and bfloat16 where it is native (else
-    UnsupportedDtypeError naming what is missing)."""
+    bfloat16 and float32; the CPU float32, bfloat16 where it is native and int8 where the CPU
+    has int8 dot-product instructions (else UnsupportedDtypeError naming what is missing)."""
     device = torch.device(device)
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
@@ -147,6 +155,10 @@ def resolve_dtype(device: torch.device | str, name: str = "auto") -> torch.dtype
     if device.type == "cpu" and name == "float16":
         raise UnsupportedDtypeError("--dtype float16 is not supported on the CPU (no native float16 GEMMs); "
                                     "use float32, or bfloat16 on a CPU with AVX512_BF16 or AMX")
+    if name == "int8" and device.type != "cpu":
+        raise UnsupportedDtypeError("--dtype int8 runs on the CPU only; use float16 or bfloat16 on CUDA")
+    if name == "int8" and int8_missing():
+        raise UnsupportedDtypeError(f"--dtype int8: {int8_missing()}; use --dtype float32")
     if device.type == "cpu" and name == "bfloat16" and native_bf16_missing():
         raise UnsupportedDtypeError(f"--dtype bfloat16: {native_bf16_missing()}; use --dtype float32")
     return DTYPES[name]
@@ -165,7 +177,7 @@ def select_ops(device: torch.device | str, attention: str | None = None, *, dtyp
     clock (tests). Without ``shapes`` nothing is measured: F.linear and the default kernels."""
     device = torch.device(device)
     dtype = dtype or resolve_dtype(device)
-    name, attn = select_attention(device, attention, dtype)
+    name, attn = select_attention(device, attention, activation_dtype(dtype))
     if device.type != "cuda":
         if shapes is None:
             return TORCH_OPS

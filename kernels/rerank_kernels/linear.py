@@ -9,6 +9,10 @@ Batch invariance comes first: a pair's score must not depend on what shares its 
 candidate whose rows change with the number of rows M (MKL's sgemm at small M on AMD CPUs;
 oneDNN fp32 at M=1 for K >= 1280, which ``OneDnnLinear`` avoids by padding to two rows) is
 not chosen however fast it is. The check runs at load on random weights of the model's shapes.
+
+With --dtype int8 the layers' candidates are int8 GEMMs (rerank_kernels.linear_int8: oneDNN's
+quantized linear and ``torch._int_mm``, weights per output channel, activations per row),
+chosen the same way; the head stays fp32 with the float candidates.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from rerank_kernels.linear_gelu import linear_gelu_unfused
+from rerank_kernels.linear_int8 import IntMmLinear, OneDnnInt8Linear, dequantized_reference, onednn_int8_missing
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +41,7 @@ FFN_DOWN = "ffn_down"  # (hidden, intermediate)
 HEAD_DENSE = "head_dense"  # (hidden, hidden), fp32
 HEAD_OUT = "head_out"  # (1, hidden), fp32
 
-TORCH, ONEDNN = "torch", "onednn"
+TORCH, ONEDNN = "torch", "onednn"  # in int8: torch._int_mm, oneDNN's quantized linear
 CPU_GEMM_CHOICES = ("auto", ONEDNN, TORCH)  # --cpu-gemm
 TIE_MARGIN = 0.03  # oneDNN must be this much faster to replace the reference
 MKLDNN = torch.ops.mkldnn  # a module attribute, so that a test can take the private ops away
@@ -145,16 +150,36 @@ def invariance_problem(linear: Callable, x: torch.Tensor) -> str | None:
 
 
 def accuracy_problem(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> str | None:
-    """None when ``got`` matches the float64 ``expected`` to the rounding of ``dtype``."""
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    """None when ``got`` matches the float64 ``expected`` to the rounding of ``dtype``. In int8
+    ``expected`` is the GEMM of the quantized operands (``dequantized_reference``): the tolerance
+    leaves room for an activation rounded the other way at an exact tie, no more."""
+    tolerance = {torch.float32: 1e-4, torch.int8: 1e-2}.get(dtype, 2e-2)
     diff = (got.double() - expected).abs()
     if not torch.isfinite(got).all() or (diff > tolerance * (1 + expected.abs())).any():
         return f"max abs diff {diff.max().item():.3g} from a float64 reference"
     return None
 
 
-def _candidates(shape: GemmShape, bias_gelu: Callable) -> dict[str, Callable]:
+def int8_packers(shape: GemmShape) -> dict[str, Callable]:
+    """The int8 candidates; the FFN's up-projection adds bias and GELU in the epilogue."""
+    return {TORCH: lambda weight, bias: IntMmLinear(weight, bias, shape.gelu),
+            ONEDNN: lambda weight, bias: OneDnnInt8Linear(weight, bias, shape.gelu)}
+
+
+def _kind_dtype(shape: GemmShape, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a kind's weights and activations (int8: its activations are float32)."""
+    return torch.float32 if shape.fp32 or dtype == torch.int8 else dtype
+
+
+def _candidates(shape: GemmShape, bias_gelu: Callable, dtype: torch.dtype = torch.float32) -> dict[str, Callable]:
+    if dtype == torch.int8 and not shape.fp32:
+        return int8_packers(shape)
     return {TORCH: torch_packer(shape, bias_gelu), ONEDNN: onednn_packer(shape)}
+
+
+def _onednn_missing(shapes: list[GemmShape], dtype: torch.dtype) -> str | None:
+    """Why some kind's oneDNN candidate cannot run, if so (int8 layers need the quantized ops)."""
+    return onednn_missing() or (onednn_int8_missing() if dtype == torch.int8 and shapes else None)
 
 
 def choose_cpu_gemms(shapes: list[GemmShape], dtype: torch.dtype, bias_gelu: Callable, *, pinned: str = "auto",
@@ -162,11 +187,12 @@ def choose_cpu_gemms(shapes: list[GemmShape], dtype: torch.dtype, bias_gelu: Cal
                      ) -> tuple[dict[str, Callable], dict]:
     """-> (kind -> packer, report): per weight kind the faster of ``F.linear`` and oneDNN among
     those that are correct and batch-invariant, timed at ``rows`` rows on random weights of the
-    kind's shape in ``dtype`` (fp32 for the head). ``pinned`` (--cpu-gemm) skips the measurement:
+    kind's shape in ``dtype`` (fp32 for the head; in int8 the layers choose between
+    ``torch._int_mm`` and oneDNN's int8 linear). ``pinned`` (--cpu-gemm) skips the measurement:
     "torch" or "onednn" for every kind (ValueError where torch lacks oneDNN's ops)."""
     if pinned not in CPU_GEMM_CHOICES:
         raise ValueError(f"--cpu-gemm must be one of {', '.join(CPU_GEMM_CHOICES)}, got {pinned!r}")
-    started, missing = time.perf_counter(), onednn_missing()
+    started, missing = time.perf_counter(), _onednn_missing(shapes, dtype)
     if pinned == ONEDNN and missing:
         raise ValueError(f"--cpu-gemm onednn: {missing}; use --cpu-gemm torch or auto")
     if pinned != "auto" or missing:
@@ -176,23 +202,28 @@ def choose_cpu_gemms(shapes: list[GemmShape], dtype: torch.dtype, bias_gelu: Cal
             log.warning("CPU GEMMs: F.linear everywhere (%s); scores may depend on the batch", why)
         else:
             log.info("CPU GEMMs: %s everywhere, %s (not measured)", chosen, why)
-        return ({s.kind: _candidates(s, bias_gelu)[chosen] for s in shapes},
+        return ({s.kind: _candidates(s, bias_gelu, dtype)[chosen] for s in shapes},
                 {"reason": why, "by_kind": {s.kind: {"chosen": chosen} for s in shapes}})
     g = torch.Generator().manual_seed(0)
     packers, report = {}, {}
     for shape in shapes:
-        kind_dtype = torch.float32 if shape.fp32 else dtype
+        kind_dtype = _kind_dtype(shape, dtype)
+        int8 = dtype == torch.int8 and not shape.fp32
         # unit-scale activations (they come out of a LayerNorm) and weights scaled as trained ones
         weight = (torch.randn(shape.out_features, shape.in_features, generator=g) * 0.02).to(kind_dtype)
         bias = torch.randn(shape.out_features, generator=g).to(kind_dtype)
         x = torch.randn(rows, shape.in_features, generator=g).to(kind_dtype)
-        expected = F.linear(x.double(), weight.double(), bias.double())
-        expected = F.gelu(expected) if shape.gelu else expected
+        if int8:
+            expected = dequantized_reference(x, weight, bias, gelu=shape.gelu)
+        else:
+            expected = F.linear(x.double(), weight.double(), bias.double())
+            expected = F.gelu(expected) if shape.gelu else expected
         timings, failed = {}, {}
-        for name, packer in _candidates(shape, bias_gelu).items():
+        for name, packer in _candidates(shape, bias_gelu, dtype).items():
             try:
                 linear = packer(weight, bias)
-                problem = accuracy_problem(linear(x), expected, kind_dtype) or invariance_problem(linear, x)
+                problem = (accuracy_problem(linear(x), expected, torch.int8 if int8 else kind_dtype)
+                           or invariance_problem(linear, x))
             except Exception as e:  # a private op that fails on this CPU must not stop the server
                 problem = f"{e.__class__.__name__}: {e}"
                 log.warning("%s GEMM: candidate %s failed at load: %s", shape.kind, name, problem)
@@ -207,12 +238,12 @@ def choose_cpu_gemms(shapes: list[GemmShape], dtype: torch.dtype, bias_gelu: Cal
         if not timings:
             log.warning("%s GEMM: no candidate is batch-invariant (%s); F.linear is used and scores may depend "
                         "on the batch", shape.kind, "; ".join(f"{n}: {p}" for n, p in failed.items()))
-        packers[shape.kind] = _candidates(shape, bias_gelu)[chosen]
+        packers[shape.kind] = _candidates(shape, bias_gelu, dtype)[chosen]
         gflops = {n: 2 * rows * shape.in_features * shape.out_features / ms / 1e6 for n, ms in timings.items()}
         report[shape.kind] = {"chosen": chosen, "timings_ms": {n: round(ms, 3) for n, ms in timings.items()},
                               "gflops": {n: round(v, 1) for n, v in gflops.items()},
                               "shape": f"{shape.in_features} -> {shape.out_features} "
-                                       f"{str(kind_dtype).removeprefix('torch.')}"}
+                                       f"{'int8' if int8 else str(kind_dtype).removeprefix('torch.')}"}
         if failed:
             report[shape.kind]["not_chosen"] = failed
     seconds = time.perf_counter() - started

@@ -134,10 +134,11 @@ def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> Config:
              "bge-reranker-v2-m3, 512 for BERT cross-encoders)")
     add("--device", choices=("auto", "cpu", "cuda"), default=_env("device", "auto"),
         help="auto: CUDA when available, else the CPU")
-    add("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=_env("dtype", "auto"),
+    add("--dtype", choices=("auto", "float32", "bfloat16", "float16", "int8"), default=_env("dtype", "auto"),
         help="weights and activations: auto is float16 on CUDA, float32 on the CPU; bfloat16 on the CPU only "
              "where it is native (AVX512_BF16 or AMX); float16 only on CUDA. Embedding and LayerNorm statistics, "
-             "softmax and the classification head stay float32")
+             "softmax and the classification head stay float32. int8 (CPU with AVX512_VNNI or AMX): the layers' "
+             "GEMMs in int8 (weights per output channel at load, activations per row), the rest float32")
     add("--cpu-gemm", choices=("auto", "onednn", "torch"), default=_env("cpu-gemm", "auto"),
         help="CPU GEMM library: auto measures F.linear and oneDNN (weights reordered once) per weight kind at "
              "load and keeps the faster batch-invariant one; onednn or torch pins it, so that replicas and "

@@ -162,8 +162,9 @@ class Engine:
         tokenizer = tokenizer or cls.load_tokenizer(model_dir, max_length)  # checks max_length before the weights
         hf = json.loads((model_dir / "config.json").read_text())
         c = config_from_hf(hf)
+        family = model_class(hf, torch_dtype)  # before any measuring: a dtype the family lacks is refused at once
         ops = select_ops(dev, attention, dtype=torch_dtype, shapes=model_shapes(c), cpu_gemm=cpu_gemm)
-        encoder = model_class(hf).load(model_dir, ops, dev, torch_dtype)
+        encoder = family.load(model_dir, ops, dev, torch_dtype)
         log.info("loaded %s from %s: %d layers, hidden %d, %.0fM parameters, %s on %s, attention %s, "
                  "max length %d, in %.1fs; kernels: %s", model, model_dir, c.num_layers, c.hidden_size,
                  encoder.num_parameters / 1e6, str(torch_dtype).removeprefix("torch."), dev, ops.attention_backend,

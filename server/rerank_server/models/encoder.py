@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rerank_kernels import Ops
+from rerank_kernels import Ops, activation_dtype
 from rerank_kernels.linear import (
     ATTENTION_OUT,
     FFN_DOWN,
@@ -148,8 +148,8 @@ class CrossEncoder:
         c, self.config, self.ops, self.device, self.dtype = config, config, ops, device, dtype
         H, FF = c.hidden_size, c.intermediate_size
 
-        def empty(*shape: int) -> torch.Tensor:
-            return torch.empty(shape, device=device, dtype=dtype)
+        def empty(*shape: int) -> torch.Tensor:  # int8: read as float32, quantized by ops.pack
+            return torch.empty(shape, device=device, dtype=activation_dtype(dtype))
 
         self.word_embeddings = empty(c.vocab_size, H)
         self.position_embeddings = empty(c.max_position_embeddings, H)

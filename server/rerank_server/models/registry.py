@@ -56,6 +56,7 @@ class Architecture:
     data: EncoderFamily | None = None  # encoders
     template: PromptTemplate | None = None  # LLM rerankers
     head: str = "classifier"  # "classifier" (encoders), "answer_tokens" (lm_head rows), "score" (seq-cls)
+    int8: bool = False  # whether --dtype int8 is implemented for it (the CPU's int8 GEMMs)
 
     def model(self) -> type:
         module, name = self.model_class.split(":")
@@ -91,9 +92,11 @@ MODERNBERT_MODEL = "rerank_server.models.modernbert:ModernBertReranker"
 DEBERTA_V2_MODEL = "rerank_server.models.deberta_v2:DebertaV2Reranker"
 ARCHITECTURES: dict[str, Architecture] = {
     # XLM-RoBERTa and RoBERTa are one model in two names
-    "XLMRobertaForSequenceClassification": Architecture(ENCODER, "xlm-roberta", ("xlm-roberta", "roberta"), ROBERTA),
-    "RobertaForSequenceClassification": Architecture(ENCODER, "roberta", ("roberta", "xlm-roberta"), ROBERTA),
-    "BertForSequenceClassification": Architecture(ENCODER, "bert", ("bert",), BERT),
+    "XLMRobertaForSequenceClassification": Architecture(ENCODER, "xlm-roberta", ("xlm-roberta", "roberta"), ROBERTA,
+                                                        int8=True),
+    "RobertaForSequenceClassification": Architecture(ENCODER, "roberta", ("roberta", "xlm-roberta"), ROBERTA,
+                                                     int8=True),
+    "BertForSequenceClassification": Architecture(ENCODER, "bert", ("bert",), BERT, int8=True),
     "ModernBertForSequenceClassification": Architecture(MODERNBERT_MODEL, "modernbert", ("modernbert",), MODERNBERT),
     "DebertaV2ForSequenceClassification": Architecture(DEBERTA_V2_MODEL, "deberta-v2", ("deberta-v2",), DEBERTA_V2),
     # a causal LM scored by its answer tokens (Qwen3-Reranker as published)
@@ -124,5 +127,11 @@ def config_from_hf(hf: dict):
     return architecture_of(hf)[1].model().Config.from_hf(hf)
 
 
-def model_class(hf: dict) -> type:
-    return architecture_of(hf)[1].model()
+def model_class(hf: dict, dtype=None) -> type:
+    """The class that runs a config.json dict in ``dtype`` (a torch dtype; UnsupportedModelError
+    where the family does not implement it: int8 is the encoders' only, so far)."""
+    name, row = architecture_of(hf)
+    if dtype is not None and str(dtype) == "torch.int8" and not row.int8:
+        raise UnsupportedModelError(f"--dtype int8 is implemented for the XLM-RoBERTa, RoBERTa and BERT "
+                                    f"cross-encoders, not yet for {name}: use float32 or bfloat16")
+    return row.model()
