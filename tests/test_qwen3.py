@@ -25,7 +25,7 @@ from rerank_kernels import native_bf16_missing
 from rerank_server.checkpoint import QWEN3_TOKENIZER, write_qwen3_checkpoint
 from rerank_server.engine import Engine
 from rerank_server.models.qwen3 import Qwen3Config, build_batch, shared_groups
-from rerank_server.models.registry import QWEN3_RERANKER, UnsupportedModelError, config_from_hf
+from rerank_server.models.registry import QWEN3_RERANKER, UnsupportedModelError, config_from_hf, model_class
 
 transformers = pytest.importorskip("transformers")
 
@@ -308,3 +308,15 @@ def test_left_truncation_keeps_the_documents_end(qwen3_tokenizer_dir, tmp_path):
     middle = engine.ids(f"<Instruct>: {QWEN3_RERANKER.default_instruction}\n<Query>: {QUERY}\n<Document>: {long}")
     own = pair[pair.type_start:len(pair) - len(engine.suffix)]
     assert len(pair) == 100 and own == middle[-len(own):]
+
+
+@pytest.mark.parametrize("architecture,model_type", [("Qwen3ForCausalLM", "qwen3"),
+                                                     ("ModernBertForSequenceClassification", "modernbert"),
+                                                     ("DebertaV2ForSequenceClassification", "deberta-v2")])
+def test_int8_is_refused_for_the_families_without_it(architecture, model_type):
+    hf = {"architectures": [architecture], "model_type": model_type}
+    with pytest.raises(UnsupportedModelError, match=f"--dtype int8 .* not yet for {architecture}"):
+        model_class(hf, torch.int8)
+    assert model_class(hf, torch.float32) is model_class(hf)
+    assert model_class({"architectures": ["XLMRobertaForSequenceClassification"], "model_type": "xlm-roberta"},
+                       torch.int8).__name__ == "CrossEncoder"
