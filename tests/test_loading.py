@@ -49,7 +49,7 @@ def test_fp16_checkpoint_loads_into_fp32(tmp_path):
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(architectures=["DebertaV2ForSequenceClassification"], model_type="deberta-v2"), "unsupported model"),
+    (dict(architectures=["ElectraForSequenceClassification"], model_type="electra"), "unsupported model"),
     (dict(architectures=["BertModel"], model_type="bert"), "unsupported model"),  # an encoder without a head
     (dict(id2label={"0": "NO", "1": "YES"}), "one output label"),
     (dict(hidden_act="gelu_new"), "hidden_act"),

@@ -187,8 +187,11 @@ def _ref(name: str) -> dict:
 
 
 @lru_cache(maxsize=4)
-def openapi_document(model_names: tuple[str, ...] = (), max_documents: int = 1000) -> dict:
-    """``model_names``: the served id first, then its aliases; ``max_documents``: --max-documents."""
+def openapi_document(model_names: tuple[str, ...] = (), max_documents: int = 1000,
+                     takes_instruction: bool | None = None) -> dict:
+    """``model_names``: the served id first, then its aliases; ``max_documents``: --max-documents;
+    ``takes_instruction``: whether the served model takes ``instruction`` (an LLM reranker; None:
+    not known yet, while the model loads), False removes it from the requests it may appear in."""
     constraints = _constraints(model_names, max_documents)
     schemas: dict = {"Error": ERROR_SCHEMA, "TeiError": TEI_ERROR_SCHEMA}
     for message in (pb.TeiRerankRequest.DESCRIPTOR, pb.TeiRank.DESCRIPTOR):
@@ -247,6 +250,10 @@ def openapi_document(model_names: tuple[str, ...] = (), max_documents: int = 100
         }, method.full_name)
     schemas["RerankRequest"]["allOf"] = _rerank_request_rules(max_documents)
     schemas["ScoreRequest"]["allOf"] = _score_request_rules(max_documents)
+    if takes_instruction is False:  # a cross-encoder refuses it (400 naming the field)
+        for name in ("RerankRequest", "ScoreRequest"):
+            schemas[name]["allOf"].append({"not": {"required": ["instruction"]},
+                                           "description": "the served model is a cross-encoder: no instruction"})
     schemas["RerankRequest"]["description"] = (
         f"At most {max_documents} documents (--max-documents), and documents x max_chunks_per_doc at most "
         f"{MAX_TOTAL_CHUNKS}. On POST /rerank a body with texts and no documents is the TEI dialect "

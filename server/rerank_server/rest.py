@@ -38,7 +38,6 @@ from rerank_server.openapi import GRPC_TIMEOUT_PATTERN, docs_page, openapi_docum
 from rerank_server.schema import http_bindings, pb
 from rerank_server.service import (
     ApiError,
-    Call,
     Deadline,
     Reason,
     RerankService,
@@ -79,13 +78,13 @@ SERVICE = web.AppKey("service", RerankService)
 UNGUARDED = web.AppKey("unguarded", frozenset)  # paths without the API key
 OBJECT_PATHS = web.AppKey("object_paths", frozenset)  # routes answering string documents as {"text": ...}
 METHODS = web.AppKey("methods", dict)  # path -> the RPC's method descriptor
-SPEC = web.AppKey("spec", dict)
+SPEC = web.AppKey("spec", dict)  # takes_instruction (None: not known yet) -> the OpenAPI document
 BODY_TIMEOUT = web.AppKey("body_timeout", float)  # seconds to receive a body
 DOCS_PAGE = web.AppKey("docs_page", str)
 # What a request carries from handler to middleware.
-CALL = web.RequestKey("call", Call)
+CALL = "call"
 GRPC_CODE = "grpc_code"  # on a response: its gRPC status, for the metrics' `code` label
-IGNORED = web.RequestKey("ignored_fields", list)  # on a request: the body's unknown fields
+IGNORED = "ignored_fields"  # on a request: the body's unknown fields
 
 SERVICE_CALLS = {"Rerank": RerankService.rerank, "Score": RerankService.score}
 
@@ -478,7 +477,13 @@ async def info(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(request.app[SPEC])
+    """The document for what is served: once the model is loaded, whether it takes ``instruction``."""
+    service, specs = request.app[SERVICE], request.app[SPEC]
+    takes = service.takes_instruction
+    if takes not in specs:
+        names = (service.model_id, *sorted(service.served_names - {service.model_id}))
+        specs[takes] = openapi_document(names, service.max_documents, takes_instruction=takes)
+    return web.json_response(specs[takes])
 
 
 async def docs(request: web.Request) -> web.Response:
@@ -499,8 +504,8 @@ def build_app(service: RerankService, max_request_bytes: int, metrics_auth: bool
         app[METHODS][path] = method
         app.router.add_route(verb, path, transcode)
     names = (service.model_id, *sorted(service.served_names - {service.model_id}))
-    app[SPEC] = openapi_document(names, service.max_documents)
-    app[DOCS_PAGE] = docs_page(app[SPEC])
+    app[SPEC] = {None: openapi_document(names, service.max_documents)}  # by takes_instruction, built on use
+    app[DOCS_PAGE] = docs_page(app[SPEC][None])
     for path, handler in (("/health", health), ("/metrics", metrics), ("/info", info), ("/openapi.json", openapi),
                           ("/docs", docs)):
         app.router.add_get(path, handler)

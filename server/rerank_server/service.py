@@ -201,6 +201,13 @@ class RerankService:
     def ready(self) -> bool:
         return self.scheduler is not None and not self.draining and not self.failed
 
+    @property
+    def takes_instruction(self) -> bool | None:
+        """Whether the served model takes ``instruction`` (an LLM reranker); None while it loads."""
+        if self.engine is None:
+            return None
+        return bool(getattr(self.engine.tokenizer, "takes_instruction", False))
+
     def attach(self, engine: Engine, scheduler: Scheduler) -> None:
         """Called once the model is loaded and warmed: from here on requests are served."""
         if self.max_request_tokens is None:
