@@ -261,7 +261,7 @@ def what(d: dict) -> str:
     if k == "forward":
         peers = "Hugging Face" + (" and onnxruntime one pair at a time" if d.get("onnxruntime") else "")
         dtypes = ", ".join(d.get("dtypes", [d["dtype"]]))
-        return f"the forward alone in {dtypes}, full-size random weights, against {peers}"
+        return f"the forward alone in {dtypes}, `{d['model']['checkpoint']}` (random weights), against {peers}"
     if k == "load":
         runs, st = d["runs"], d["settings"]
         extra = (", half load (paced and Poisson arrivals) against an ideal FIFO server"
@@ -329,11 +329,11 @@ def series(d: dict) -> tuple:
     """What a file measures: a later file of the same series supersedes it in the summary."""
     k = kind(d)
     if k == "forward":
-        return k, d.get("dtype"), d.get("device", {}).get("type")
+        return k, d.get("dtype"), d.get("device", {}).get("type"), d["model"]["checkpoint"], under_load(d)
     if k == "load":  # the same model at the same highest concurrency
         return k, d["model"]["checkpoint"], max(d["settings"]["concurrency"])
-    if k == "rest_e2e":
-        return k, d["model"]["checkpoint"], d.get("server_args", "")
+    if k == "rest_e2e":  # a run under load does not supersede one on a quiet machine
+        return k, d["model"]["checkpoint"], d.get("server_args", ""), under_load(d)
     return (k,)
 
 
@@ -351,7 +351,16 @@ def summary() -> str:
     device, date, commit and the machine's load."""
     lines = []
     for path, d in latest_files():
-        if d.get("benchmark") == "forward":
+        if d.get("benchmark") == "forward" and not any(w.get("hf") for w in d["workloads"].values()):
+            # a run without Hugging Face (the int8 runs): tokens/s of each of ours and of onnxruntime
+            figures = [f"{name}: " + ", ".join(f"{system} {w[system]['tokens_per_s']:,.0f}" for system in
+                                                ("ours", "ours-bf16", "ours-int8", "onnxruntime") if w.get(system))
+                       + " tokens/s" for name, w in d["workloads"].items()]
+            contended = any(t.get("contended") for t in (d.get("targets") or {}).values())
+            lines.append(f"- Forward, `{d['model']['checkpoint']}` (ours = float32): {'; '.join(figures)}"
+                         + (" (CONTENDED: lower bounds, ratios inconclusive)" if contended else "")
+                         + f" ({provenance(path, d)})")
+        elif d.get("benchmark") == "forward":
             figures = [f"{name} {w['ours']['tokens_per_s']:,.0f} tokens/s = {w['ratio_ours_over_hf']:.2f}x Hugging Face"
                        + (f", {w['ours']['ratio_over_onnxruntime']:.2f}x onnxruntime per pair"
                           if "ratio_over_onnxruntime" in w["ours"] else "")
