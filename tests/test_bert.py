@@ -23,8 +23,8 @@ from tensor_checks import assert_close, run_interpreted
 from tokenizers import Tokenizer, processors
 from transformers import AutoTokenizer, BertForSequenceClassification
 
-from benchmarks.fidelity_int8 import Unavailable
 from benchmarks.fidelity_int8 import minilm_checkpoint as minilm_checkpoint_at
+from benchmarks.wheels import Unavailable
 from rerank_kernels import TORCH_OPS
 from rerank_server.checkpoint import BERT_TOKENIZER_FIXTURE, TOKENIZER_FIXTURE, write_random_checkpoint
 from rerank_server.engine import Engine, ModelNotFoundError, resolve_model_dir

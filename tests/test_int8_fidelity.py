@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.fidelity_int8 import Unavailable, measure
+from benchmarks.fidelity_int8 import measure
 from benchmarks.onnx_baseline import onnx_unavailable_reason
+from benchmarks.wheels import Unavailable
 from rerank_kernels.linear_int8 import int8_missing
 
 

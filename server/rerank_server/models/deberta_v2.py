@@ -26,7 +26,7 @@ from rerank_kernels import Ops
 from rerank_kernels.disentangled_attention import disentangled_attention_torch, relative_index
 from rerank_kernels.linear import GemmShape
 from rerank_server.models.registry import EncoderFamily, UnsupportedModelError, architecture_of
-from rerank_server.models.weights import read_safetensors
+from rerank_server.models.weights import model_tensors, read_safetensors
 
 # GEMM kinds (rerank_kernels.linear): each gets one measured choice on the CPU
 QKV = "deberta_qkv"  # 3 * hidden <- hidden
@@ -208,13 +208,9 @@ class DebertaV2Reranker:
 
     def named_weights(self):
         """(name, tensor) for every weight the checkpoint fills, in a stable order."""
-        for name, value in vars(self).items():
-            if isinstance(value, torch.Tensor) and not name.endswith("_index"):
-                yield name, value
-        for i, layer in enumerate(self.layers):
-            for name, value in vars(layer).items():
-                if isinstance(value, torch.Tensor) and name not in ("pos_query", "pos_key"):
-                    yield f"layers.{i}.{name}", value
+        # the index tables and each layer's projected relative embeddings are computed at load
+        return model_tensors(self, skip={n for n in vars(self) if n.endswith("_index")},
+                             skip_in_layers={"pos_query", "pos_key"})
 
     def destination(self, name: str) -> torch.Tensor | None:
         """The weight (or the slice of the fused QKV) that the Hugging Face tensor ``name`` fills."""

@@ -34,7 +34,7 @@ from rerank_kernels.linear import (
     QKV,
 )
 from rerank_server.models.registry import ROBERTA, EncoderFamily, UnsupportedModelError, architecture_of
-from rerank_server.models.weights import read_safetensors
+from rerank_server.models.weights import model_tensors, read_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -252,13 +252,7 @@ class CrossEncoder:
 
     def named_weights(self):
         """(name, tensor) for every plain weight (those of the GEMMs until ``pack_gemms``), in a stable order."""
-        for name, value in vars(self).items():
-            if isinstance(value, torch.Tensor):
-                yield name, value
-        for i, layer in enumerate(self.layers):
-            for name, value in vars(layer).items():
-                if isinstance(value, torch.Tensor):
-                    yield f"layers.{i}.{name}", value
+        return model_tensors(self)
 
     def destination(self, name: str) -> torch.Tensor | None:
         """The slice of our weights that the Hugging Face tensor ``name`` fills (None: unused)."""

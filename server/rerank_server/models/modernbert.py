@@ -25,7 +25,7 @@ from rerank_kernels import Ops
 from rerank_kernels.linear import GemmShape
 from rerank_kernels.rotary import rope_table
 from rerank_server.models.registry import EncoderFamily, UnsupportedModelError, architecture_of
-from rerank_server.models.weights import read_safetensors
+from rerank_server.models.weights import model_tensors, read_safetensors
 
 # GEMM kinds (rerank_kernels.linear): each gets one measured choice on the CPU
 QKV = "modernbert_qkv"  # 3 * hidden <- hidden
@@ -209,13 +209,7 @@ class ModernBertReranker:
 
     def named_weights(self):
         """(name, tensor) for every weight the checkpoint fills, in a stable order."""
-        for name, value in vars(self).items():
-            if isinstance(value, torch.Tensor):
-                yield name, value
-        for i, layer in enumerate(self.layers):
-            for name, value in vars(layer).items():
-                if isinstance(value, torch.Tensor):
-                    yield f"layers.{i}.{name}", value
+        return model_tensors(self)
 
     def destination(self, name: str) -> torch.Tensor | None:
         """The weight that the Hugging Face tensor ``name`` fills (None: unused)."""

@@ -30,7 +30,7 @@ from rerank_kernels import Ops
 from rerank_kernels.linear import GemmShape
 from rerank_kernels.rotary import rope_table
 from rerank_server.models.registry import PromptTemplate, UnsupportedModelError, architecture_of
-from rerank_server.models.weights import Rows, read_safetensors
+from rerank_server.models.weights import Rows, model_tensors, read_safetensors
 
 # GEMM kinds (rerank_kernels.linear): each gets one measured choice on the CPU
 QKV = "decoder_qkv"  # (heads + 2 * kv_heads) * head_dim <- hidden, every layer but the last
@@ -240,13 +240,7 @@ class Qwen3Reranker:
 
     def named_weights(self):
         """(name, tensor) for every weight the checkpoint fills, in a stable order."""
-        for name, value in vars(self).items():
-            if isinstance(value, torch.Tensor) and name not in ("cos", "sin"):
-                yield name, value
-        for i, layer in enumerate(self.layers):
-            for name, value in vars(layer).items():
-                if isinstance(value, torch.Tensor):
-                    yield f"layers.{i}.{name}", value
+        return model_tensors(self, skip={"cos", "sin"})  # the rotation tables are computed, not read
 
     def destination(self, name: str):
         """Where the Hugging Face tensor ``name`` goes (a ``Rows`` for the lm_head's answer rows), or None."""

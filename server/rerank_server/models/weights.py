@@ -25,6 +25,19 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
 
 
+def model_tensors(model, skip=frozenset(), skip_in_layers=frozenset()):
+    """(name, tensor) for every tensor attribute of ``model``, then of each of ``model.layers``
+    (named ``layers.{i}.{name}``), in a stable order: what a model's ``named_weights`` lists,
+    but for the buffers named in ``skip`` / ``skip_in_layers`` that no checkpoint fills."""
+    for name, value in vars(model).items():
+        if isinstance(value, torch.Tensor) and name not in skip:
+            yield name, value
+    for i, layer in enumerate(model.layers):
+        for name, value in vars(layer).items():
+            if isinstance(value, torch.Tensor) and name not in skip_in_layers:
+                yield f"layers.{i}.{name}", value
+
+
 @dataclass(frozen=True)
 class Rows:
     """A destination that takes only ``rows`` of the checkpoint's (n, ...) tensor, in that order."""
