@@ -48,11 +48,12 @@ def rss_mb(pid: int) -> float:
 
 
 class Prober:
-    """Probes REST /health and the gRPC health service every 100 ms, on fresh connections, in
-    a thread, until stopped; records each probe's latency and answer."""
+    """Probes REST /health, the gRPC health service and (with ``headers``) a small rerank request
+    every 100 ms, on fresh connections, in a thread, until stopped; records each probe's latency
+    and answer."""
 
-    def __init__(self, server):
-        self.server, self.results, self._stop = server, [], threading.Event()
+    def __init__(self, server, headers: dict | None = None):
+        self.server, self.headers, self.results, self._stop = server, headers, [], threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
@@ -71,6 +72,14 @@ class Prober:
                 except grpc.RpcError as e:
                     ok = repr(e)
             self.results.append(("grpc", time.perf_counter() - started, ok))
+            if self.headers is not None:
+                started = time.perf_counter()
+                try:
+                    r = post(self.server, body("q", ["a small request"]), headers=self.headers, timeout=30)
+                    ok = r.status_code == 200 or r.text
+                except requests.RequestException as e:
+                    ok = repr(e)
+                self.results.append(("small", time.perf_counter() - started, ok))
             time.sleep(0.1)
 
     def __enter__(self):
@@ -82,9 +91,10 @@ class Prober:
         self.thread.join()
 
     def check(self, during: str) -> None:
-        worst = {t: max((s for k, s, _ in self.results if k == t), default=None) for t in ("rest", "grpc")}
-        print(f"health during {during}: {len(self.results)} probes, slowest REST {worst['rest']:.3f} s, "
-              f"gRPC {worst['grpc']:.3f} s")
+        kinds = ("rest", "grpc") + (("small",) if self.headers is not None else ())
+        worst = {t: max(s for k, s, _ in self.results if k == t) for t in kinds}
+        print(f"during {during}: {len(self.results)} probes, slowest health REST {worst['rest']:.3f} s, "
+              f"gRPC {worst['grpc']:.3f} s" + (f", small rerank {worst['small']:.3f} s" if "small" in worst else ""))
         assert len(self.results) >= 4, "too few probes ran during the request"
         assert all(ok is True for _, _, ok in self.results), [r for r in self.results if r[2] is not True]
         assert max(worst.values()) < PROBE_BOUND, self.results
@@ -108,7 +118,7 @@ def test_the_issues_heaviest_requests_are_bounded_while_health_answers(server):
     for name, (payload, status, message) in attacks.items():
         data = json.dumps(payload).encode()
         before = rss_mb(server.process.pid)
-        with Prober(server) as prober:
+        with Prober(server, AUTH) as prober:
             started = time.perf_counter()
             r = requests.post(server.http_url + "/v1/rerank", data=data, timeout=300,
                               headers={**AUTH, "Content-Type": "application/json"})
@@ -130,7 +140,7 @@ def test_over_grpc_the_same_requests_are_resource_exhausted_while_health_answers
     else:
         request = grpc_request("q", [words(rng, 2_300_000)], max_chunks_per_doc=10000)
     channel = grpc.insecure_channel(server.grpc_address, options=[("grpc.max_send_message_length", 2**25)])
-    with channel, Prober(server) as prober:
+    with channel, Prober(server, AUTH) as prober:
         with pytest.raises(grpc.RpcError) as e:
             pb_grpc.RerankStub(channel).Rerank(request, metadata=[("authorization", f"Bearer {KEY}")], timeout=300)
         time.sleep(1.0)
