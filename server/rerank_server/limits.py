@@ -139,8 +139,11 @@ class GuardedSite(web.TCPSite):
         def handler() -> GuardedHandler:  # as web.Server.__call__ builds its RequestHandler
             return GuardedHandler(server, self.limits, self.metrics, self.noise, loop=server._loop,
                                   **{k: v for k, v in server._kwargs.items() if k != "keepalive_timeout"})
+        # asyncio accepts up to ``backlog`` connections at once before any is refused or evicted:
+        # bounded by the cap, so that a flood cannot take every descriptor in one burst
+        backlog = max(8, min(self._backlog, self.limits.max_connections // 2))
         self._server = await asyncio.get_running_loop().create_server(
-            handler, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            handler, self._host, self._port, ssl=self._ssl_context, backlog=backlog,
             reuse_address=self._reuse_address, reuse_port=self._reuse_port)
         if self._server.sockets:
             self._bound_port = self._server.sockets[0].getsockname()[1]

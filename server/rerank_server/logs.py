@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 
 from rerank_server.service import request_id_var
 
@@ -53,8 +54,33 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class AcceptErrorFilter(logging.Filter):
+    """asyncio's report of an accept() that failed for want of file descriptors (a flood of
+    connections; asyncio pauses accepting for a second and goes on): one WARNING line at most
+    every 10 s instead of an ERROR with a traceback per failed accept."""
+
+    def __init__(self, interval: float = 10.0):
+        super().__init__()
+        self.interval, self.last, self.left_out = interval, float("-inf"), 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("socket.accept() out of system resource"):
+            return True
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.left_out += 1
+            return False
+        error = record.exc_info[1] if record.exc_info else None
+        record.msg, record.args = "accepting connections paused for 1 s: %s (%d more such failures left out)", (
+            getattr(error, "strerror", None) or "out of file descriptors", self.left_out)
+        record.levelno, record.levelname, record.exc_info, record.exc_text = logging.WARNING, "WARNING", None, None
+        self.last, self.left_out = now, 0
+        return True
+
+
 def setup_logging(level: str, as_json: bool) -> None:
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(JsonFormatter() if as_json else PlainFormatter())
     logging.basicConfig(level=level, handlers=[handler])
+    logging.getLogger("asyncio").addFilter(AcceptErrorFilter())
