@@ -169,7 +169,8 @@ def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> Config:
     add("--http-body-timeout", type=float, default=_env_number("http-body-timeout", 30.0, float),
         help="seconds to receive a REST request body; beyond it 408")
     add("--http-max-connections", type=int, default=_env_number("http-max-connections", None),
-        help="REST connections open at once; more are answered 503 and closed (default: a quarter of the "
+        help="REST connections open at once; a new one beyond it closes the one that has waited longest for a "
+             "request, or is answered 503 when all are busy (default: a quarter of the "
              "open-file limit, at most 1024)")
     add("--shutdown-grace", type=float, default=_env_number("shutdown-grace", 30.0, float),
         help="seconds to finish accepted requests after SIGTERM/SIGINT; those still running then get "

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from rerank_kernels import Ops
 from rerank_kernels.disentangled_attention import disentangled_attention_torch, relative_index
 from rerank_kernels.linear import GemmShape
-from rerank_server.models.registry import EncoderFamily, UnsupportedModelError, architecture_of
+from rerank_server.models.registry import EncoderConfigBase, EncoderFamily, UnsupportedModelError, architecture_of
 from rerank_server.models.weights import model_tensors, read_safetensors
 
 # GEMM kinds (rerank_kernels.linear): each gets one measured choice on the CPU
@@ -40,7 +40,7 @@ CLASSIFIER = "deberta_classifier"  # 1 <- hidden, fp32
 
 
 @dataclass(frozen=True)
-class DebertaV2Config:
+class DebertaV2Config(EncoderConfigBase):
     vocab_size: int
     hidden_size: int
     embedding_size: int
@@ -61,20 +61,6 @@ class DebertaV2Config:
     max_relative_positions: int
     family_data: EncoderFamily
     family: str = "deberta-v2"
-
-    architecture = "encoder"
-
-    @property
-    def uses_token_types(self) -> bool:
-        return self.type_vocab_size > 1
-
-    @property
-    def truncation(self) -> str:
-        return self.family_data.truncation
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
 
     @property
     def max_tokens(self) -> int:

@@ -33,7 +33,13 @@ from rerank_kernels.linear import (
     KEY_VALUE,
     QKV,
 )
-from rerank_server.models.registry import ROBERTA, EncoderFamily, UnsupportedModelError, architecture_of
+from rerank_server.models.registry import (
+    ROBERTA,
+    EncoderConfigBase,
+    EncoderFamily,
+    UnsupportedModelError,
+    architecture_of,
+)
 from rerank_server.models.weights import model_tensors, read_safetensors
 
 log = logging.getLogger(__name__)
@@ -42,7 +48,7 @@ FFN_ROWS = 4096  # tokens per FFN slice (see CrossEncoder._block)
 
 
 @dataclass(frozen=True)
-class EncoderConfig:
+class EncoderConfig(EncoderConfigBase):
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -56,22 +62,6 @@ class EncoderConfig:
     position_offset: int
     family: str  # the config's model_type (GET /info)
     family_data: EncoderFamily = ROBERTA  # the registry row's data: truncation, checkpoint names
-
-    architecture = "encoder"  # what the engine builds pairs for (rerank_server.models.registry)
-
-    @property
-    def uses_token_types(self) -> bool:
-        """BERT adds a type row per token (query 0, document 1); RoBERTa's one-row table is
-        added to every token (transformers passes no token_type_ids for it)."""
-        return self.type_vocab_size > 1
-
-    @property
-    def truncation(self) -> str:
-        return self.family_data.truncation
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
 
     @property
     def max_tokens(self) -> int:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from rerank_kernels import Ops
 from rerank_kernels.linear import GemmShape
 from rerank_kernels.rotary import rope_table
-from rerank_server.models.registry import EncoderFamily, UnsupportedModelError, architecture_of
+from rerank_server.models.registry import EncoderConfigBase, EncoderFamily, UnsupportedModelError, architecture_of
 from rerank_server.models.weights import model_tensors, read_safetensors
 
 # GEMM kinds (rerank_kernels.linear): each gets one measured choice on the CPU
@@ -42,7 +42,7 @@ GELU = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
 
 
 @dataclass(frozen=True)
-class ModernBertConfig:
+class ModernBertConfig(EncoderConfigBase):
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -64,16 +64,7 @@ class ModernBertConfig:
     family_data: EncoderFamily
     family: str = "modernbert"
 
-    architecture = "encoder"
-    uses_token_types = False
-
-    @property
-    def truncation(self) -> str:
-        return self.family_data.truncation
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+    uses_token_types = False  # no token type embeddings
 
     @property
     def max_tokens(self) -> int:

@@ -31,6 +31,27 @@ class EncoderFamily:
     name_remaps: tuple[tuple[str, str], ...] = ()
 
 
+class EncoderConfigBase:
+    """What every cross-encoder's config derives alike from its fields (``hidden_size``,
+    ``num_heads``, ``type_vocab_size``, ``family_data``); each family's dataclass subclasses it."""
+
+    architecture = "encoder"  # what the engine builds pairs for
+
+    @property
+    def uses_token_types(self) -> bool:
+        """A type row per token (query 0, document 1) where the table has more than one row; a
+        one-row table (RoBERTa) is added to every token (transformers passes no token_type_ids)."""
+        return self.type_vocab_size > 1
+
+    @property
+    def truncation(self) -> str:
+        return self.family_data.truncation
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
 @dataclass(frozen=True)
 class PromptTemplate:
     """An LLM reranker's text around a pair, scored by two answer tokens (the model card's way):
