@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from rerank_server.logs import RateLimitedLog
 from rerank_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -47,24 +48,6 @@ class ConnectionLimits:
     def grpc_idle_timeout(self) -> float:
         """gRPC channels are long-lived by design and reconnect on GOAWAY: only long idleness ends them."""
         return 20 * self.idle_timeout
-
-
-class RateLimitedLog:
-    """At most one line per ``interval`` seconds; the lines left out are counted in the next."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 1.0):
-        self.logger, self.interval = logger, interval
-        self.last, self.suppressed = float("-inf"), 0
-
-    def warning(self, message: str, *args) -> None:
-        now = time.monotonic()
-        if now - self.last < self.interval:
-            self.suppressed += 1
-            return
-        if self.suppressed:
-            message += f" ({self.suppressed} more such lines left out)"
-        self.last, self.suppressed = now, 0
-        self.logger.warning(message, *args)
 
 
 class GuardedHandler(RequestHandler):

@@ -54,6 +54,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class RateLimitedLog:
+    """At most one line per ``interval`` seconds; the lines left out are counted in the next."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 1.0):
+        self.logger, self.interval = logger, interval
+        self.last, self.suppressed = float("-inf"), 0
+
+    def warning(self, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            message += f" ({self.suppressed} more such lines left out)"
+        self.last, self.suppressed = now, 0
+        self.logger.warning(message, *args)
+
+
 class AcceptErrorFilter(logging.Filter):
     """asyncio's report of an accept() that failed for want of file descriptors (a flood of
     connections; asyncio pauses accepting for a second and goes on): one WARNING line at most
