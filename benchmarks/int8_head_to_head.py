@@ -27,7 +27,7 @@ from benchmarks.onnx_baseline import OnnxPerPair
 from benchmarks.peers import ensure_onnx_int8
 from benchmarks.workloads import make_workloads
 from rerank_server.engine import model_shapes
-from rerank_server.model import EncoderConfig, load_cross_encoder
+from rerank_server.models.encoder import EncoderConfig, load_cross_encoder
 
 TARGET = 1.2
 

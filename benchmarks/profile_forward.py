@@ -41,11 +41,11 @@ from rerank_kernels import select_ops
 from rerank_server.checkpoint import write_random_checkpoint
 from rerank_server.config import default_max_batch_tokens
 from rerank_server.engine import model_shapes
-from rerank_server.model import CrossEncoder, EncoderConfig, load_cross_encoder
+from rerank_server.models.encoder import CrossEncoder, EncoderConfig, load_cross_encoder
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 GEMMS = ("qkv", "first_token_query", "out", "up", "down")
 OPS = ("embed_layernorm", "add_layernorm", "bias_gelu", "varlen_attention")
 VOCAB = 8192  # token ids of the workloads are drawn below it
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4, help="encoder layers at full width (default 4)")
     p.add_argument("--dtype", default=None,
-                   help="comma-separated float32,bfloat16 (default: float32, and bfloat16 where it is native)")
+                   help="comma-separated float32,bfloat16,int8 (default: float32, and bfloat16 where it is native)")
     p.add_argument("--docs", type=int, default=16, help="documents per workload (default 16, as the forward benchmark)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
