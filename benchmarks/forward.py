@@ -120,6 +120,7 @@ from benchmarks.workloads import (
     useful_flops,
 )
 from rerank_kernels import ATTENTION_BACKENDS, Ops, activation_dtype, available_attention_backends, select_ops
+from rerank_kernels.cpu_memory import keep_freed_memory
 from rerank_kernels.linear_int8 import int8_missing
 from rerank_server.engine import model_shapes
 from rerank_server.models.encoder import CrossEncoder, EncoderConfig, load_cross_encoder
@@ -515,6 +516,7 @@ def load_ours(checkpoint: Path, ops: Ops, device: torch.device, dtype: torch.dty
     """Our model as the server loads it, with ``ops`` from select_ops at the model's shapes."""
     t0 = time.perf_counter()
     ours = load_cross_encoder(checkpoint, ops, device, dtype)
+    keep_freed_memory()  # as Engine.load does on the CPU
     sync(device)
     print(f"loaded ours ({dtype}) in {time.perf_counter() - t0:.1f} s (attention: {ours.ops.attention_backend}; "
           f"available: {', '.join(available_attention_backends(device, activation_dtype(dtype)))})", flush=True)

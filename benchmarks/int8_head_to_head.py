@@ -26,6 +26,7 @@ from benchmarks.measure import REPO, MachineLoad, cpu_facts, device_description,
 from benchmarks.onnx_baseline import OnnxPerPair
 from benchmarks.peers import ensure_onnx_int8
 from benchmarks.workloads import make_workloads
+from rerank_kernels.cpu_memory import keep_freed_memory
 from rerank_server.engine import model_shapes
 from rerank_server.models.encoder import EncoderConfig, load_cross_encoder
 
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     peer_model = ensure_onnx_int8(checkpoint)
     ops = rerank_kernels.select_ops("cpu", dtype=torch.int8, shapes=model_shapes(config))
     ours = load_cross_encoder(checkpoint, ops, torch.device("cpu"), torch.int8)
+    keep_freed_memory()  # as Engine.load does on the CPU
     peer = OnnxPerPair(peer_model, 1)
     workloads = make_workloads(a.docs, config.vocab_size, 256, 0)
     results = {}

@@ -38,6 +38,7 @@ import torch
 from benchmarks.measure import MachineLoad, cpu_facts, device_description, git_commit, slug, wait_quiet
 from benchmarks.workloads import make_workloads
 from rerank_kernels import select_ops
+from rerank_kernels.cpu_memory import keep_freed_memory
 from rerank_server.checkpoint import write_random_checkpoint
 from rerank_server.config import default_max_batch_tokens
 from rerank_server.engine import model_shapes
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             config = json.loads((checkpoint / "config.json").read_text())
             ops = select_ops(device, dtype=dtype, shapes=model_shapes(EncoderConfig.from_hf(config)))
             model = load_cross_encoder(checkpoint, ops, device, dtype)
+            keep_freed_memory()  # as Engine.load does on the CPU
             choices = ops.choices.get("cpu_gemm", {})
             for w in workloads:
                 if len(w.ours_batches) != 1:

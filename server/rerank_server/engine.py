@@ -19,6 +19,7 @@ import torch
 
 from rerank_kernels import ModelShapes, resolve_dtype, select_ops
 from rerank_kernels.attention import QUERY_TIERS
+from rerank_kernels.cpu_memory import keep_freed_memory
 from rerank_server.models.encoder import FFN_ROWS, CrossEncoder
 from rerank_server.models.qwen3 import Qwen3Reranker, build_batch
 from rerank_server.models.registry import config_from_hf, model_class
@@ -165,6 +166,8 @@ class Engine:
         family = model_class(hf, torch_dtype)  # before any measuring: a dtype the family lacks is refused at once
         ops = select_ops(dev, attention, dtype=torch_dtype, shapes=model_shapes(c), cpu_gemm=cpu_gemm)
         encoder = family.load(model_dir, ops, dev, torch_dtype)
+        if dev.type == "cpu":
+            keep_freed_memory()  # after loading: see rerank_kernels.cpu_memory
         log.info("loaded %s from %s: %d layers, hidden %d, %.0fM parameters, %s on %s, attention %s, "
                  "max length %d, in %.1fs; kernels: %s", model, model_dir, c.num_layers, c.hidden_size,
                  encoder.num_parameters / 1e6, str(torch_dtype).removeprefix("torch."), dev, ops.attention_backend,

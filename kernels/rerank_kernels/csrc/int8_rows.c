@@ -1,0 +1,133 @@
+/* The row-wise glue of the int8 GEMMs (rerank_kernels/int8_rows.py loads this with ctypes):
+ * per-row quantization of activations, and the epilogue that turns a GEMM's sums into the
+ * layer's output (scales, bias, exact GELU), optionally quantizing each output row for the next
+ * GEMM while it is still in the cache. The torch versions in rerank_kernels/linear_int8.py make
+ * three to eight passes over memory where these make one.
+ *
+ * Every function works on rows [r0, r1) and on each row alone, with the same instructions
+ * whatever the row count, so a row's bytes never depend on the rest of its batch (batch
+ * invariance); the caller splits the rows over threads.
+ *
+ * Built by CMake into the wheel; AVX-512 (F, BW, DQ, VL) in the kernels, checked at run time by
+ * rk_cpu_supported(). Elsewhere only rk_cpu_supported() exists and says 0.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+
+#define RK_INT8_MAX 127
+#define RK_OFFSET 128 /* uint8 activations with zero point 128 (oneDNN's fast int8 path) */
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <float.h>
+#include <immintrin.h>
+
+#define RK_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
+
+int rk_cpu_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+}
+
+static inline RK_AVX512 __mmask16 tail_mask(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+
+/* erf(x) in float32: the rational approximation Eigen and XLA use (odd numerator of degree 13
+ * over an even denominator of degree 8, |x| clamped to 4, where erf is 1 to float precision);
+ * within a few float32 ulps of erf. */
+static inline RK_AVX512 __m512 erf_ps(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-4.0f)), _mm512_set1_ps(4.0f));
+    const __m512 x2 = _mm512_mul_ps(x, x);
+    __m512 p = _mm512_fmadd_ps(x2, _mm512_set1_ps(-2.72614225801306e-10f), _mm512_set1_ps(2.77068142495902e-08f));
+    p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-2.10102402082508e-06f));
+    p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-5.69250639462346e-05f));
+    p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-7.34990630326855e-04f));
+    p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-2.95459980854025e-03f));
+    p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-1.60960333262415e-02f));
+    p = _mm512_mul_ps(x, p);
+    __m512 q = _mm512_fmadd_ps(x2, _mm512_set1_ps(-1.45660718464996e-05f), _mm512_set1_ps(-2.13374055278905e-04f));
+    q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(-1.68282697438203e-03f));
+    q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(-7.37332916720468e-03f));
+    q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(-1.42647390514189e-02f));
+    return _mm512_div_ps(p, q);
+}
+
+/* exact GELU: x/2 * (1 + erf(x / sqrt(2))) */
+static inline RK_AVX512 __m512 gelu_ps(__m512 x) {
+    const __m512 e = erf_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)));
+    return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(e, _mm512_set1_ps(1.0f)));
+}
+
+/* One row of n floats -> int8 (or uint8 + 128) and its scale (absolute maximum / 127; the
+ * smallest normal float for an all-zero row). q = round(x * (1 / scale)), ties to even. */
+static inline RK_AVX512 void quantize_row(const float *x, int64_t n, int8_t *q, float *scale, int offset) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(tail_mask(n - j), x + j);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+    }
+    float s = _mm512_reduce_max_ps(amax) / (float)RK_INT8_MAX;
+    if (s < FLT_MIN) s = FLT_MIN;
+    *scale = s;
+    const __m512 inv = _mm512_set1_ps(1.0f / s);
+    const __m512i lo = _mm512_set1_epi32(-RK_INT8_MAX), hi = _mm512_set1_epi32(RK_INT8_MAX);
+    const __m512i shift = _mm512_set1_epi32(offset ? RK_OFFSET : 0);
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = tail_mask(n - j);
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + j), inv)); /* nearest even */
+        v = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(v, lo), hi), shift);
+        _mm512_mask_cvtepi32_storeu_epi8(q + j, m, v);
+    }
+}
+
+/* x (rows, ld) float32 -> q (rows, cols) int8 (uint8 + 128 with offset), scale (rows,). */
+RK_AVX512 void rk_quantize_rows(const float *x, int64_t ld, int64_t cols, int64_t r0, int64_t r1,
+                                int8_t *q, float *scale, int offset) {
+    for (int64_t r = r0; r < r1; ++r) quantize_row(x + r * ld, cols, q + r * cols, scale + r, offset);
+}
+
+/* The epilogue of one GEMM over rows [r0, r1):
+ *   y[r, j] = act((acc[r, j] * col_scale[j]) * row_scale[r] + bias[j])
+ * acc: int32 sums (acc_int32) or float32 (col_scale already applied: pass col_scale NULL);
+ * col_scale, bias: NULL for none; gelu: act = exact GELU, else identity.
+ * Output: y into out (rows, cols) float32 (may be acc itself when acc is float32), or with
+ * qout the row quantized into qout (rows, cols) int8 (uint8 + 128 with qoffset) and qscale. */
+RK_AVX512 int rk_epilogue(const void *acc, int acc_int32, int64_t cols, int64_t r0, int64_t r1,
+                          const float *row_scale, const float *col_scale, const float *bias, int gelu,
+                          float *out, int8_t *qout, float *qscale, int qoffset) {
+    float *row = NULL;
+    if (qout) {
+        row = (float *)aligned_alloc(64, (size_t)((cols + 15) / 16) * 64);
+        if (!row) return -1;
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+        float *y = qout ? row : out + r * cols;
+        const __m512 rs = _mm512_set1_ps(row_scale[r]);
+        for (int64_t j = 0; j < cols; j += 16) {
+            const __mmask16 m = tail_mask(cols - j);
+            __m512 v = acc_int32
+                ? _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, (const int32_t *)acc + r * cols + j))
+                : _mm512_maskz_loadu_ps(m, (const float *)acc + r * cols + j);
+            if (col_scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, col_scale + j));
+            v = bias ? _mm512_fmadd_ps(v, rs, _mm512_maskz_loadu_ps(m, bias + j)) : _mm512_mul_ps(v, rs);
+            if (gelu) v = gelu_ps(v);
+            _mm512_mask_storeu_ps(y + j, m, v);
+        }
+        if (qout) quantize_row(row, cols, qout + r * cols, qscale + r, qoffset);
+    }
+    free(row);
+    return 0;
+}
+
+/* exact GELU of n floats (tests compare erf_ps with torch.erf through it) */
+RK_AVX512 void rk_gelu(const float *x, int64_t n, float *out) {
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = tail_mask(n - j);
+        _mm512_mask_storeu_ps(out + j, m, gelu_ps(_mm512_maskz_loadu_ps(m, x + j)));
+    }
+}
+
+#else
+int rk_cpu_supported(void) { return 0; }
+#endif
