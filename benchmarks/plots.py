@@ -110,14 +110,16 @@ def order(bar: Bar) -> tuple:
     return FAMILIES.index(family) if family in FAMILIES else len(FAMILIES), shade(bar.label), bar.label
 
 
+def backend_dtype(d: dict, name: str) -> str | None:
+    """A forward backend's dtype: recorded per backend, else (older files) the run's for ours."""
+    return ((d.get("backends") or {}).get(name) or {}).get("dtype") or (d["dtype"] if name == "ours" else None)
+
+
 def forward_bars(d: dict) -> dict[str, list[Bar]]:
     """Per workload: each backend's and each peer's tokens/s."""
-    backends = d.get("backends") or {}
     panels = {}
     for workload, w in d["workloads"].items():
-        bars = [Bar(system_label(name, (backends.get(name) or {}).get("dtype") or (d["dtype"] if name == "ours"
-                                                                                     else None)),
-                    b["tokens_per_s"], bool(b.get("contended")))
+        bars = [Bar(system_label(name, backend_dtype(d, name)), b["tokens_per_s"], bool(b.get("contended")))
                 for name, b in w.items() if name != "peers" and isinstance(b, dict) and b.get("tokens_per_s")]
         bars += [Bar(system_label(name), p["tokens_per_s"], bool(p.get("contended")))
                  for name, p in (w.get("peers") or {}).items() if p.get("tokens_per_s")]
@@ -150,7 +152,7 @@ def dtype_flag(server_args: str) -> str:
 
 def int8_bars(d: dict) -> dict[str, list[Bar]]:
     contended = report.under_load(d)
-    return {f"{name} ({w['tokens']:,} tokens): ours / onnxruntime {w['ratio_per_cpu_s_median']:.2f}x": [
+    return {f"{name} ({w['tokens']:,} tokens): median ratio {w['ratio_per_cpu_s_median']:.2f}x": [
         Bar("ours int8", w["ours_tokens_per_cpu_s"], contended),
         Bar("onnxruntime int8", w["onnxruntime_int8_tokens_per_cpu_s"], contended)]
         for name, w in d["workloads"].items()}
@@ -215,7 +217,13 @@ def draw_rest_e2e(fig, plot: Plot) -> str:
 
 
 def draw_int8_head_to_head(fig, plot: Plot) -> str:
-    return bar_panels(fig, int8_bars(plot.data), "tokens per CPU-second")
+    hatching = bar_panels(fig, int8_bars(plot.data), "tokens per CPU-second")
+    verdicts = {}
+    for name, w in plot.data["workloads"].items():
+        verdicts.setdefault((w.get("target"), w.get("pass_per_cpu_s")), []).append(name)
+    targets = [f"target {target} per CPU-second {'met' if met else 'missed'} in {', '.join(names)}"
+               for (target, met), names in verdicts.items() if target]
+    return "; ".join(targets + ([hatching] if hatching else []))
 
 
 LATENCY_STYLES = {"p50": "-", "p95": "--", "p99": ":"}

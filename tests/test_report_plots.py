@@ -3,6 +3,7 @@ committed plots are the ones the report names now, rendering is byte-for-byte re
 every image the READMEs link exists."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import struct
@@ -26,6 +27,19 @@ def test_the_committed_results_warrant_every_kind_of_plot():
     assert {"forward", "load", "rest_e2e", "int8_head_to_head"} <= kinds, kinds
     headline = plots.headline(plots.planned())
     assert headline is not None and report.kind(headline.data) == "forward"
+
+
+def test_a_newer_results_file_supersedes_its_series_plot(tmp_path, monkeypatch):
+    """Nothing names a results file: a new forward run of the headline's series takes its place."""
+    for path in report.RESULTS.glob("*.json"):
+        (tmp_path / path.name).write_text(path.read_text())
+    old = plots.headline(plots.planned())
+    newer = {**old.data, "timestamp": "2099-01-01T00:00:00+00:00", "date": "2099-01-01"}
+    (tmp_path / "cpu-newer-2099-01-01.json").write_text(json.dumps(newer))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    names = [p.name for p in plots.planned()]
+    assert "cpu-newer-2099-01-01.png" in names and old.name not in names
+    assert plots.headline(plots.planned()).name == "cpu-newer-2099-01-01.png"
 
 
 def test_plots_render_from_the_committed_results(tmp_path):
