@@ -2,11 +2,13 @@
 and the short summary in the top-level README.md.
 
     python -m benchmarks.report            # print the tables
-    python -m benchmarks.report --readme   # rewrite both READMEs between their markers
+    python -m benchmarks.report --plots    # (re)draw the PNG plots under benchmarks/results/plots/
+    python -m benchmarks.report --readme   # both, and rewrite both READMEs between their markers
 
 Every figure comes from a file a benchmark wrote; each table names its file, device, date and
 commit, and how busy the rest of the machine was while it ran; the index in benchmarks/README.md
-says what each file shows and which of its targets it met and missed.
+says what each file shows and which of its targets it met and missed. The plots (benchmarks.plots)
+draw the newest file of each series.
 """
 from __future__ import annotations
 
@@ -424,16 +426,25 @@ def render() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--readme", action="store_true", help="rewrite README.md between the results markers")
+    parser.add_argument("--readme", action="store_true",
+                        help="draw the plots and rewrite both READMEs between their markers")
+    parser.add_argument("--plots", action="store_true", help="draw the plots (needs matplotlib: the bench extra)")
     args = parser.parse_args()
-    text = render()
+    from benchmarks import plots  # it imports this module
+
+    if args.plots or args.readme:
+        written = plots.write()
+        print(f"{len(written)} plots in {plots.PLOTS.relative_to(ROOT)}")
     if not args.readme:
-        print(text)
+        if not args.plots:
+            print(render())
         return
-    replace_between(ROOT / "benchmarks" / "README.md", START, END, text)
+    replace_between(ROOT / "benchmarks" / "README.md", START, END, render())
     replace_between(ROOT / "benchmarks" / "README.md", INDEX_START, INDEX_END, index_table())
+    replace_between(ROOT / "benchmarks" / "README.md", plots.PLOTS_START, plots.PLOTS_END, plots.markdown())
     replace_between(ROOT / "README.md", SUMMARY_START, SUMMARY_END, summary())
-    print("benchmarks/README.md tables and README.md summary rewritten")
+    replace_between(ROOT / "README.md", plots.HEADLINE_START, plots.HEADLINE_END, plots.headline_markdown())
+    print("benchmarks/README.md tables and plots, README.md summary and headline plot rewritten")
 
 
 def replace_between(readme: Path, start: str, end: str, text: str) -> None:

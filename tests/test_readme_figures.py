@@ -10,20 +10,22 @@ import re
 import pytest
 from helpers import ROOT
 
-from benchmarks import report
+from benchmarks import plots, report
 
 README, BENCH_README = ROOT / "README.md", ROOT / "benchmarks" / "README.md"
 RESULTS = ROOT / "benchmarks" / "results"
 BLOCKS = [(BENCH_README, report.START, report.END, report.render),
           (BENCH_README, report.INDEX_START, report.INDEX_END, report.index_table),
-          (README, report.SUMMARY_START, report.SUMMARY_END, report.summary)]
+          (BENCH_README, plots.PLOTS_START, plots.PLOTS_END, plots.markdown),
+          (README, report.SUMMARY_START, report.SUMMARY_END, report.summary),
+          (README, plots.HEADLINE_START, plots.HEADLINE_END, plots.headline_markdown)]
 
 
 def block(text: str, start: str, end: str) -> str:
     return text.split(start, 1)[1].split(end, 1)[0].strip()
 
 
-@pytest.mark.parametrize("readme,start,end,render", BLOCKS, ids=["tables", "index", "summary"])
+@pytest.mark.parametrize("readme,start,end,render", BLOCKS, ids=["tables", "index", "plots", "summary", "headline"])
 def test_rendered_blocks_are_the_results_files(readme, start, end, render):
     text = readme.read_text()
     assert start in text and end in text, f"{readme.name} lacks its {start} marker"
