@@ -27,7 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from rerank_kernels.linear_gelu import linear_gelu_unfused
-from rerank_kernels.linear_int8 import IntMmLinear, OneDnnInt8Linear, dequantized_reference, onednn_int8_missing
+from rerank_kernels.linear_int8 import (
+    Int8Linear,
+    IntMmLinear,
+    OneDnnInt8Linear,
+    dequantized_reference,
+    onednn_int8_missing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -254,3 +260,11 @@ def choose_cpu_gemms(shapes: list[GemmShape], dtype: torch.dtype, bias_gelu: Cal
                  for kind, r in report.items()))
     return packers, {"measured_in_s": round(seconds, 3), "threads": torch.get_num_threads(), "rows_timed": rows,
                      "by_kind": report}
+
+
+def feed_forward(up, down, x: torch.Tensor) -> torch.Tensor:
+    """down(up(x)); between two int8 GEMMs with the C glue, up's epilogue quantizes its GELU
+    output row by row for down, so the (rows, intermediate) activation is never float32."""
+    if isinstance(up, Int8Linear) and isinstance(down, Int8Linear):
+        return down(up.quantized(x, down.input_offset))
+    return down(up(x))

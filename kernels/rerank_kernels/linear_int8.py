@@ -22,6 +22,9 @@ import warnings
 
 import torch
 
+from rerank_kernels import int8_rows
+from rerank_kernels.int8_rows import QuantizedRows
+
 INT8_MAX = 127
 # oneDNN's int8 GEMMs on VNNI multiply unsigned by signed bytes: signed activations take a slow
 # reference path (~1,000x slower here), so they are passed as uint8 with zero point 128.
@@ -110,8 +113,8 @@ def dequantized_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 def _epilogue(y: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
-    """y (rows, out) float32, written over: y * row_scale[:, None] + bias in one pass, then the
-    exact erf GELU in place when ``gelu``."""
+    """The torch epilogue: y (rows, out) float32, written over: y * row_scale[:, None] + bias in
+    one pass, then the exact erf GELU in place when ``gelu``."""
     if bias is None:
         y.mul_(row_scale[:, None])
     else:
@@ -119,43 +122,80 @@ def _epilogue(y: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | Non
     return torch.ops.aten.gelu_(y, approximate="none") if gelu else y
 
 
-class OneDnnInt8Linear:
-    """oneDNN's int8 linear on a weight quantized and prepacked once."""
+def _as_quantized(x: torch.Tensor | QuantizedRows, offset: bool) -> QuantizedRows:
+    """The GEMM's input quantized per row, as int8 or as uint8 + 128 (``offset``): from float32
+    rows, or from rows a previous GEMM's epilogue already quantized (the other encoding is one
+    bytewise XOR: v + 128 and v share their low 7 bits, the sign bit flips)."""
+    if isinstance(x, QuantizedRows):
+        if x.offset == offset:
+            return x
+        return QuantizedRows(x.q.view(torch.uint8).bitwise_xor(ACTIVATION_OFFSET)
+                             .view(torch.uint8 if offset else torch.int8), x.scale, offset)
+    if int8_rows.missing():
+        return QuantizedRows(*quantize_rows(x, offset=offset), offset)
+    return int8_rows.quantize_rows(x.float(), offset=offset)
+
+
+class Int8Linear:
+    """What both candidates share: the weight quantized per output channel at load; per call the
+    input quantized per row (``input_offset``: the encoding the GEMM takes), the GEMM, then the
+    epilogue (row scale, bias, GELU). With the C glue (rerank_kernels.int8_rows) the epilogue is
+    one pass, and ``quantized`` hands the next int8 GEMM its input already quantized."""
+
+    input_offset = False
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False):
         qw, self.weight_scale = quantize_weight(weight)
         self.out_features = weight.shape[0]
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.gelu = gelu
+        self.prepare(qw)
+
+    def __call__(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        return self.run(_as_quantized(x, self.input_offset), None)
+
+    def quantized(self, x: torch.Tensor | QuantizedRows, offset: bool) -> QuantizedRows:
+        """The output quantized per row for the next int8 GEMM (int8, or uint8 + 128 with ``offset``)."""
+        if int8_rows.missing():
+            return _as_quantized(self(x), offset)
+        return self.run(_as_quantized(x, self.input_offset), offset)
+
+    def run(self, x: QuantizedRows, quantize: bool | None) -> torch.Tensor | QuantizedRows:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.out_features}, {'gelu' if self.gelu else 'none'})"
+
+
+class OneDnnInt8Linear(Int8Linear):
+    """oneDNN's int8 linear on a weight quantized and prepacked once; uint8 + 128 activations."""
+
+    input_offset = True
+
+    def prepare(self, qw: torch.Tensor) -> None:
         self.weight = ONEDNN_OPS.qlinear_prepack(qw, None)
         self.weight_zero_points = torch.zeros(self.out_features, dtype=torch.int64)
-        self.bias = None if bias is None else bias.float().contiguous()
-        self.gelu = gelu
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        q, row_scale = quantize_rows(x, offset=True)
+    def run(self, x: QuantizedRows, quantize: bool | None) -> torch.Tensor | QuantizedRows:
         # activation scale 1, zero point 128: the int32 sums times the weight's scale, in fp32
-        y = ONEDNN_OPS.qlinear_pointwise(q, 1.0, ACTIVATION_OFFSET, self.weight, self.weight_scale,
+        y = ONEDNN_OPS.qlinear_pointwise(x.q, 1.0, ACTIVATION_OFFSET, self.weight, self.weight_scale,
                                          self.weight_zero_points, None, 1.0, 0, torch.float32, "none", [], "")
-        return _epilogue(y, row_scale, self.bias, self.gelu)
+        if int8_rows.missing():
+            return _epilogue(y, x.scale, self.bias, self.gelu)
+        return int8_rows.epilogue(y, x.scale, None, self.bias, self.gelu, quantize)
 
-    def __repr__(self) -> str:
-        return f"OneDnnInt8Linear({self.out_features}, {'gelu' if self.gelu else 'none'})"
 
-
-class IntMmLinear:
+class IntMmLinear(Int8Linear):
     """``torch._int_mm`` (int32 sums) on a weight quantized once, both scales in the epilogue."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False):
-        qw, self.weight_scale = quantize_weight(weight)
+    def prepare(self, qw: torch.Tensor) -> None:
         self.weight_t = qw.t()  # (in, out), column-major: the layout _int_mm reads fastest
-        self.bias = None if bias is None else bias.float().contiguous()
-        self.gelu = gelu
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        q, row_scale = quantize_rows(x)
-        # int32 -> float32, then the weight's scale in place: a multiply that promotes int32 to float
-        # goes through a casting loop, ~1.5x the time of the two vectorized passes
-        y = torch._int_mm(q, self.weight_t).float().mul_(self.weight_scale)
-        return _epilogue(y, row_scale, self.bias, self.gelu)
+    def run(self, x: QuantizedRows, quantize: bool | None) -> torch.Tensor | QuantizedRows:
+        acc = torch._int_mm(x.q, self.weight_t)
+        if int8_rows.missing():
+            # int32 -> float32, then the weight's scale in place: a multiply that promotes int32 to
+            # float goes through a casting loop, ~1.5x the time of the two vectorized passes
+            return _epilogue(acc.float().mul_(self.weight_scale), x.scale, self.bias, self.gelu)
+        return int8_rows.epilogue(acc, x.scale, self.weight_scale, self.bias, self.gelu, quantize)
 
-    def __repr__(self) -> str:
-        return f"IntMmLinear({self.weight_t.shape[1]}, {'gelu' if self.gelu else 'none'})"

@@ -32,6 +32,7 @@ from rerank_kernels.linear import (
     HEAD_OUT,
     KEY_VALUE,
     QKV,
+    feed_forward,
 )
 from rerank_server.models.registry import (
     ROBERTA,
@@ -236,7 +237,7 @@ class CrossEncoder:
         # slice's LayerNorm is written over the rows it read (no second buffer, no copy).
         for start in range(0, x.shape[0], FFN_ROWS):
             rows = x[start:start + FFN_ROWS]
-            down = p.down(p.up(rows))
+            down = feed_forward(p.up, p.down, rows)
             ops.add_layernorm(down, rows, p.ffn_norm_weight, p.ffn_norm_bias, c.layer_norm_eps, out=rows)
         return x
 

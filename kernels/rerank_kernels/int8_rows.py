@@ -1,0 +1,134 @@
+"""The int8 GEMMs' row-wise glue in C (csrc/int8_rows.c, built into librerank_cpu.so), through ctypes.
+
+``quantize_rows`` and ``epilogue`` do in one pass over each row what the torch versions in
+rerank_kernels.linear_int8 do in three to eight passes over the whole tensor (the FFN's (rows,
+intermediate) activation is 64 MB at 4,096 rows: each pass costs milliseconds). ``epilogue``
+can also quantize each finished row for the next GEMM while it is in the cache, so the FFN's
+GELU output is never written in float32 (``QuantizedRows``).
+
+The rows are split over ``torch.get_num_threads()`` threads (ctypes releases the GIL); each row
+is computed alone with the same instructions whatever the split, so the bytes of a row never
+depend on its batch. ``missing()`` says why the library cannot be used (not built, a CPU without
+AVX-512, or RERANK_INT8_GLUE=torch); callers then use the torch versions.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+LIBRARY = "librerank_cpu.so"
+MIN_ROWS_PER_THREAD = 16  # below this a thread's hand-off costs more than it saves
+
+_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+
+
+class QuantizedRows(NamedTuple):
+    """Activations already quantized per row for an int8 GEMM: q (rows, cols) int8, or uint8
+    holding q + 128 (``offset``), and scale (rows,) float32 with x ~= q * scale[:, None]."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    offset: bool
+
+
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    if os.environ.get("RERANK_INT8_GLUE", "native") == "torch":
+        return None, "RERANK_INT8_GLUE=torch"
+    import rerank_kernels
+
+    found = [Path(d) / LIBRARY for d in rerank_kernels.__path__ if (Path(d) / LIBRARY).exists()]
+    if not found:
+        return None, f"{LIBRARY} was not built (no C compiler when the package was installed)"
+    lib = ctypes.CDLL(str(found[0]))
+    if not lib.rk_cpu_supported():
+        return None, "this CPU lacks AVX-512 (F, BW, DQ, VL), which the C glue is written in"
+    lib.rk_quantize_rows.argtypes = (_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _int)
+    lib.rk_quantize_rows.restype = None
+    lib.rk_epilogue.argtypes = (_ptr, _int, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int, _ptr, _ptr, _ptr, _int)
+    lib.rk_epilogue.restype = _int
+    lib.rk_gelu.argtypes = (_ptr, _i64, _ptr)
+    lib.rk_gelu.restype = None
+    return lib, None
+
+
+_lib, _missing = _load()
+_pool: ThreadPoolExecutor | None = None
+
+
+def missing() -> str | None:
+    """None when the C glue runs here, else why not."""
+    return _missing
+
+
+def _address(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _split_rows(rows: int, call) -> None:
+    """call(r0, r1) over [0, rows) in up to torch.get_num_threads() contiguous slices, one of
+    them on this thread."""
+    global _pool
+    threads = max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_THREAD))
+    if threads == 1:
+        call(0, rows)
+        return
+    if _pool is None or _pool._max_workers < threads - 1:
+        _pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="int8-glue")
+    bounds = [rows * i // threads for i in range(threads + 1)]
+    futures = [_pool.submit(call, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    call(bounds[0], bounds[1])
+    for f in futures:
+        f.result()
+
+
+def quantize_rows(x: torch.Tensor, offset: bool = False) -> QuantizedRows:
+    """x (rows, cols) float32 with unit stride along cols -> QuantizedRows: per row, scale =
+    absolute maximum / 127 (the smallest normal float for an all-zero row), q = round(x / scale)
+    with ties to even (the torch version's values and scales, bit for bit)."""
+    assert x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1, (x.dtype, x.shape, x.stride())
+    rows, cols = x.shape
+    q = torch.empty(rows, cols, dtype=torch.uint8 if offset else torch.int8)
+    scale = torch.empty(rows, dtype=torch.float32)
+    _split_rows(rows, lambda r0, r1: _lib.rk_quantize_rows(x.data_ptr(), x.stride(0), cols, r0, r1,
+                                                           q.data_ptr(), scale.data_ptr(), int(offset)))
+    return QuantizedRows(q, scale, offset)
+
+
+def epilogue(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor | None,
+             bias: torch.Tensor | None, gelu: bool, quantize: bool | None = None) -> torch.Tensor | QuantizedRows:
+    """acc (rows, cols) int32 sums, or float32 with ``col_scale`` already applied (then None),
+    contiguous -> act((acc * col_scale) * row_scale[:, None] + bias), act = exact GELU or none.
+    float32 (rows, cols), written over ``acc`` when it is float32; or with ``quantize`` (False:
+    int8, True: uint8 + 128) the rows quantized for the next GEMM (QuantizedRows)."""
+    assert acc.is_contiguous() and acc.dtype in (torch.int32, torch.float32), (acc.dtype, acc.stride())
+    rows, cols = acc.shape
+    is_int32 = acc.dtype == torch.int32
+    if quantize is None:
+        out = torch.empty(rows, cols, dtype=torch.float32) if is_int32 else acc
+        q = scale = None
+    else:
+        out = None
+        q = torch.empty(rows, cols, dtype=torch.uint8 if quantize else torch.int8)
+        scale = torch.empty(rows, dtype=torch.float32)
+    row_scale, col_scale = row_scale.contiguous(), None if col_scale is None else col_scale.contiguous()
+
+    def call(r0: int, r1: int) -> None:
+        if _lib.rk_epilogue(acc.data_ptr(), int(is_int32), cols, r0, r1, row_scale.data_ptr(), _address(col_scale),
+                            _address(bias), int(gelu), _address(out), _address(q), _address(scale),
+                            int(bool(quantize))):
+            raise MemoryError("rk_epilogue could not allocate its row buffer")
+    _split_rows(rows, call)
+    return out if quantize is None else QuantizedRows(q, scale, bool(quantize))
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact GELU of a contiguous float32 tensor with the C code's erf (for tests)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _lib.rk_gelu(x.data_ptr(), x.numel(), out.data_ptr())
+    return out
