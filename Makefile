@@ -16,7 +16,7 @@ ARGS ?=
 # what a rebuild depends on: the metadata, the proto and the CMake that compiles it
 BUILD_INPUTS := pyproject.toml constraints.txt client/pyproject.toml CMakeLists.txt client/CMakeLists.txt \
 	cmake/ProtoStubs.cmake cmake/relative_imports.cmake proto/rerank/v1/rerank.proto \
-	kernels/rerank_kernels/csrc/int8_rows.c
+	kernels/rerank_kernels/csrc/int8_rows.c kernels/rerank_kernels/csrc/attention_bf16.c
 
 .PHONY: serve lint test test-fast checkpoint bench clean
 

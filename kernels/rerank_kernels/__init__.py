@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from rerank_kernels import tuning
+from rerank_kernels import attention_bf16, tuning
 from rerank_kernels._triton import HAS_TRITON
 from rerank_kernels.attention import (
     ATTENTION_BACKENDS,
@@ -102,6 +102,13 @@ class ModelShapes:
     gemms: tuple[GemmShape, ...] | None = None
 
 
+def int8_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale):
+    """The int8 forward's attention on the CPU: bfloat16 dot products (attention_bf16) where the
+    kernel takes the shapes, else PyTorch's float32 SDPA."""
+    fn = varlen_attention_torch if attention_bf16.shape_problem(q, k, v) else attention_bf16.varlen_attention_bf16
+    return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
+
+
 # The CPU path: the references, with the two glue ops writing into their (fresh) input.
 TORCH_OPS = Ops(
     embed_layernorm=embed_layernorm_torch,
@@ -185,7 +192,11 @@ def select_ops(device: torch.device | str, attention: str | None = None, *, dtyp
         gemms, report = choose_cpu_gemms(kinds, dtype,
                                          TORCH_OPS.bias_gelu, pinned=cpu_gemm,
                                          **({"timer": timer} if timer else {}))
-        return replace(TORCH_OPS, gemms=gemms, choices={"cpu_gemm": report})
+        ops = replace(TORCH_OPS, gemms=gemms, choices={"cpu_gemm": report})
+        if dtype == torch.int8 and attention is None and attention_bf16.missing() is None:
+            # bf16 attention beside int8 GEMMs (rerank_kernels.attention_bf16); --attention torch-sdpa keeps fp32
+            ops = replace(ops, varlen_attention=int8_attention, attention_backend="cpu-bf16")
+        return ops
     if not HAS_TRITON:
         log.warning("triton is not installed: CUDA runs the PyTorch reference LayerNorm/GELU/embedding ops")
         return Ops(embed_layernorm_torch, add_layernorm_torch, bias_gelu_torch, attn, name, swiglu=swiglu_torch,

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-LIBRARY = "librerank_cpu.so"
+from rerank_kernels import native
+
 MIN_ROWS_PER_THREAD = 16  # below this a thread's hand-off costs more than it saves
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
@@ -39,12 +38,9 @@ class QuantizedRows(NamedTuple):
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if os.environ.get("RERANK_INT8_GLUE", "native") == "torch":
         return None, "RERANK_INT8_GLUE=torch"
-    import rerank_kernels
-
-    found = [Path(d) / LIBRARY for d in rerank_kernels.__path__ if (Path(d) / LIBRARY).exists()]
-    if not found:
-        return None, f"{LIBRARY} was not built (no C compiler when the package was installed)"
-    lib = ctypes.CDLL(str(found[0]))
+    lib, why = native.library()
+    if lib is None:
+        return None, why
     if not lib.rk_cpu_supported():
         return None, "this CPU lacks AVX-512 (F, BW, DQ, VL), which the C glue is written in"
     lib.rk_quantize_rows.argtypes = (_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _int)
@@ -57,7 +53,6 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
 
 
 _lib, _missing = _load()
-_pool: ThreadPoolExecutor | None = None
 
 
 def missing() -> str | None:
@@ -69,23 +64,6 @@ def _address(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _split_rows(rows: int, call) -> None:
-    """call(r0, r1) over [0, rows) in up to torch.get_num_threads() contiguous slices, one of
-    them on this thread."""
-    global _pool
-    threads = max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_THREAD))
-    if threads == 1:
-        call(0, rows)
-        return
-    if _pool is None or _pool._max_workers < threads - 1:
-        _pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="int8-glue")
-    bounds = [rows * i // threads for i in range(threads + 1)]
-    futures = [_pool.submit(call, bounds[i], bounds[i + 1]) for i in range(1, threads)]
-    call(bounds[0], bounds[1])
-    for f in futures:
-        f.result()
-
-
 def quantize_rows(x: torch.Tensor, offset: bool = False) -> QuantizedRows:
     """x (rows, cols) float32 with unit stride along cols -> QuantizedRows: per row, scale =
     absolute maximum / 127 (the smallest normal float for an all-zero row), q = round(x / scale)
@@ -94,8 +72,9 @@ def quantize_rows(x: torch.Tensor, offset: bool = False) -> QuantizedRows:
     rows, cols = x.shape
     q = torch.empty(rows, cols, dtype=torch.uint8 if offset else torch.int8)
     scale = torch.empty(rows, dtype=torch.float32)
-    _split_rows(rows, lambda r0, r1: _lib.rk_quantize_rows(x.data_ptr(), x.stride(0), cols, r0, r1,
-                                                           q.data_ptr(), scale.data_ptr(), int(offset)))
+    native.split(rows, lambda r0, r1: _lib.rk_quantize_rows(x.data_ptr(), x.stride(0), cols, r0, r1,
+                                                           q.data_ptr(), scale.data_ptr(), int(offset)),
+                 MIN_ROWS_PER_THREAD)
     return QuantizedRows(q, scale, offset)
 
 
@@ -122,7 +101,7 @@ def epilogue(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor
                             _address(bias), int(gelu), _address(out), _address(q), _address(scale),
                             int(bool(quantize))):
             raise MemoryError("rk_epilogue could not allocate its row buffer")
-    _split_rows(rows, call)
+    native.split(rows, call, MIN_ROWS_PER_THREAD)
     return out if quantize is None else QuantizedRows(q, scale, bool(quantize))
 
 

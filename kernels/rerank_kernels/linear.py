@@ -50,6 +50,7 @@ HEAD_OUT = "head_out"  # (1, hidden), fp32
 TORCH, ONEDNN = "torch", "onednn"  # in int8: torch._int_mm, oneDNN's quantized linear
 CPU_GEMM_CHOICES = ("auto", ONEDNN, TORCH)  # --cpu-gemm
 TIE_MARGIN = 0.03  # oneDNN must be this much faster to replace the reference
+INT8_LARGE_ROWS = 2048  # int8 kinds are also timed at this many rows (see choose_cpu_gemms)
 MKLDNN = torch.ops.mkldnn  # a module attribute, so that a test can take the private ops away
 
 
@@ -189,13 +190,17 @@ def _onednn_missing(shapes: list[GemmShape], dtype: torch.dtype) -> str | None:
 
 
 def choose_cpu_gemms(shapes: list[GemmShape], dtype: torch.dtype, bias_gelu: Callable, *, pinned: str = "auto",
-                     rows: int = 256, timer: Callable[[Callable[[], object]], float] = cpu_timer,
+                     rows: int = 256, large_rows: int = INT8_LARGE_ROWS,
+                     timer: Callable[[Callable[[], object]], float] = cpu_timer,
                      ) -> tuple[dict[str, Callable], dict]:
     """-> (kind -> packer, report): per weight kind the faster of ``F.linear`` and oneDNN among
     those that are correct and batch-invariant, timed at ``rows`` rows on random weights of the
     kind's shape in ``dtype`` (fp32 for the head; in int8 the layers choose between
-    ``torch._int_mm`` and oneDNN's int8 linear). ``pinned`` (--cpu-gemm) skips the measurement:
-    "torch" or "onednn" for every kind (ValueError where torch lacks oneDNN's ops)."""
+    ``torch._int_mm`` and oneDNN's int8 linear, timed at ``large_rows`` rows too: their order
+    flips with the row count, e.g. the FFN's up-projection at 2 threads: ``_int_mm`` ahead at 256
+    rows, oneDNN 1.6x faster at 4,096; the sum of the time per row at both sizes decides).
+    ``pinned`` (--cpu-gemm) skips the measurement: "torch" or "onednn" for every kind (ValueError
+    where torch lacks oneDNN's ops)."""
     if pinned not in CPU_GEMM_CHOICES:
         raise ValueError(f"--cpu-gemm must be one of {', '.join(CPU_GEMM_CHOICES)}, got {pinned!r}")
     started, missing = time.perf_counter(), _onednn_missing(shapes, dtype)
@@ -224,7 +229,9 @@ def choose_cpu_gemms(shapes: list[GemmShape], dtype: torch.dtype, bias_gelu: Cal
         else:
             expected = F.linear(x.double(), weight.double(), bias.double())
             expected = F.gelu(expected) if shape.gelu else expected
-        timings, failed = {}, {}
+        timings, large, failed = {}, {}, {}
+        if int8 and large_rows:
+            x_large = torch.randn(large_rows, shape.in_features, generator=g)
         for name, packer in _candidates(shape, bias_gelu, dtype).items():
             try:
                 linear = packer(weight, bias)
@@ -235,9 +242,12 @@ def choose_cpu_gemms(shapes: list[GemmShape], dtype: torch.dtype, bias_gelu: Cal
                 log.warning("%s GEMM: candidate %s failed at load: %s", shape.kind, name, problem)
             if problem is None:
                 timings[name] = timer(lambda linear=linear, x=x: linear(x))
+                if int8 and large_rows:
+                    large[name] = timer(lambda linear=linear, x=x_large: linear(x))
             else:
                 failed[name] = problem
-        if ONEDNN in timings and (TORCH not in timings or timings[ONEDNN] < timings[TORCH] * (1 - TIE_MARGIN)):
+        cost = {n: ms / rows + (large[n] / large_rows if n in large else 0.0) for n, ms in timings.items()}
+        if ONEDNN in cost and (TORCH not in cost or cost[ONEDNN] < cost[TORCH] * (1 - TIE_MARGIN)):
             chosen = ONEDNN
         else:
             chosen = TORCH
@@ -248,6 +258,9 @@ def choose_cpu_gemms(shapes: list[GemmShape], dtype: torch.dtype, bias_gelu: Cal
         gflops = {n: 2 * rows * shape.in_features * shape.out_features / ms / 1e6 for n, ms in timings.items()}
         report[shape.kind] = {"chosen": chosen, "timings_ms": {n: round(ms, 3) for n, ms in timings.items()},
                               "gflops": {n: round(v, 1) for n, v in gflops.items()},
+                              **({f"gflops_at_{large_rows}_rows": {
+                                  n: round(2 * large_rows * shape.in_features * shape.out_features / ms / 1e6, 1)
+                                  for n, ms in large.items()}} if large else {}),
                               "shape": f"{shape.in_features} -> {shape.out_features} "
                                        f"{'int8' if int8 else str(kind_dtype).removeprefix('torch.')}"}
         if failed:

@@ -1,0 +1,165 @@
+/* Variable-length attention on the CPU with bfloat16 dot products (AVX512_BF16), for the int8
+ * forward (rerank_kernels/attention_bf16.py loads it with ctypes; the reference is
+ * rerank_kernels.attention.varlen_attention_torch).
+ *
+ * Q, K, V come in as float32 (the QKV GEMM's epilogue) and are rounded to bfloat16 (nearest
+ * even) as they are packed; scores, softmax and the output accumulate in float32. One work item
+ * is one (sequence, head): its keys and values are packed once into the layouts VDPBF16PS reads
+ * (pairs of adjacent elements in one 32-bit lane), then its queries are processed four rows at a
+ * time: scores for every key (float32), exact softmax over the row (max, exp, sum), the
+ * probabilities rounded to bfloat16, times V. An item is computed alone with the same
+ * instructions whatever else is in the batch (batch invariance); the caller splits the items
+ * over threads.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#include <math.h>
+
+#define RK_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
+#define ROWS 4      /* query rows per tile */
+#define KEYS 16     /* keys per vector */
+
+int rk_attention_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512bf16");
+}
+
+static inline uint16_t to_bf16(float f) { /* round to nearest even; inputs are finite */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* exp(x) for x <= 0: 2^n * p(f), f in [-1/2, 1/2], degree-6 polynomial; 0 below -87 */
+static inline RK_BF16 __m512 exp_ps(__m512 x) {
+    const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+    const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f)); /* f ln 2 */
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_scalef_ps((__mmask16)~tiny, p, n);
+}
+
+/* one (sequence, head): q rows [0, len_q), keys [0, len_k); rows of q/k/v/out are ld floats apart */
+static RK_BF16 void attend_item(const float *q, int64_t ld_q, const float *k, const float *v, int64_t ld, int64_t dim,
+                                int64_t len_q, int64_t len_k, float scale, float *out, int64_t ld_out,
+                                uint32_t *kp, uint32_t *vp, float *scores, uint32_t *probs) {
+    const int64_t keys = (len_k + KEYS - 1) / KEYS * KEYS; /* padded to whole vectors */
+    const int64_t pairs = dim / 2, key_pairs = (len_k + 1) / 2, dvecs = dim / 16;
+    /* K as (dim/2, keys) 32-bit lanes holding (K[j, 2d], K[j, 2d+1]); padded keys are 0 */
+    for (int64_t d = 0; d < pairs; ++d)
+        for (int64_t j = 0; j < keys; ++j)
+            kp[d * keys + j] = j < len_k ? (uint32_t)to_bf16(k[j * ld + 2 * d]) |
+                                                ((uint32_t)to_bf16(k[j * ld + 2 * d + 1]) << 16)
+                                         : 0u;
+    /* V as (key pairs, dim) lanes holding (V[2j, d], V[2j+1, d]); a missing odd key is 0 */
+    for (int64_t j = 0; j < key_pairs; ++j)
+        for (int64_t d = 0; d < dim; ++d) {
+            const uint32_t lo = to_bf16(v[2 * j * ld + d]);
+            const uint32_t hi = 2 * j + 1 < len_k ? to_bf16(v[(2 * j + 1) * ld + d]) : 0u;
+            vp[j * dim + d] = lo | (hi << 16);
+        }
+    for (int64_t i0 = 0; i0 < len_q; i0 += ROWS) {
+        const int64_t rows = len_q - i0 < ROWS ? len_q - i0 : ROWS;
+        uint32_t qpair[ROWS][128]; /* dim <= 256 */
+        for (int64_t r = 0; r < ROWS; ++r) {
+            const float *qr = q + (i0 + (r < rows ? r : 0)) * ld_q;
+            for (int64_t d = 0; d < pairs; ++d)
+                qpair[r][d] = (uint32_t)to_bf16(qr[2 * d]) | ((uint32_t)to_bf16(qr[2 * d + 1]) << 16);
+        }
+        /* scores: ROWS x keys, 16 keys per vector */
+        for (int64_t j = 0; j < keys; j += KEYS) {
+            __m512 acc[ROWS];
+            for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < pairs; ++d) {
+                const __m512bh kv = (__m512bh)_mm512_loadu_si512(kp + d * keys + j);
+                for (int r = 0; r < ROWS; ++r)
+                    acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)qpair[r][d]), kv);
+            }
+            for (int r = 0; r < ROWS; ++r) _mm512_storeu_ps(scores + r * keys + j, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
+        }
+        /* softmax per row over the len_k real keys; probabilities to bf16 pairs */
+        float inv_sum[ROWS];
+        for (int r = 0; r < ROWS; ++r) {
+            float *s = scores + r * keys;
+            __m512 m = _mm512_set1_ps(-INFINITY);
+            for (int64_t j = 0; j < keys; j += KEYS) {
+                const __mmask16 valid = len_k - j >= KEYS ? 0xFFFF : (__mmask16)((1u << (len_k - j)) - 1u);
+                m = _mm512_mask_max_ps(m, valid, m, _mm512_loadu_ps(s + j));
+            }
+            const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t j = 0; j < keys; j += KEYS) {
+                const __mmask16 valid = len_k - j >= KEYS ? 0xFFFF : (__mmask16)((1u << (len_k - j)) - 1u);
+                const __m512 e = _mm512_maskz_mov_ps(valid, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), mx)));
+                sum = _mm512_add_ps(sum, e);
+                _mm512_storeu_ps(s + j, e);
+            }
+            inv_sum[r] = 1.0f / _mm512_reduce_add_ps(sum);
+            /* pairs of probabilities (keys 2j, 2j+1) in one lane, for the P x V dot products */
+            for (int64_t j = 0; j < keys; j += 32) {
+                const __m512 a = _mm512_loadu_ps(s + j);
+                const __m512 b = j + 16 < keys ? _mm512_loadu_ps(s + j + 16) : _mm512_setzero_ps();
+                /* cvtne2ps_pbh(b, a): a -> low 16 bf16, b -> high 16; lanes then hold (p[2i], p[2i+1]) */
+                _mm512_storeu_si512(probs + r * (keys / 2 + 16) + j / 2, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+            }
+        }
+        /* out = P V / sum: ROWS x dim, 16 dims per vector */
+        for (int64_t dv = 0; dv < dvecs; ++dv) {
+            __m512 acc[ROWS];
+            for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < key_pairs; ++j) {
+                const __m512bh vv = (__m512bh)_mm512_loadu_si512(vp + j * dim + dv * 16);
+                for (int r = 0; r < ROWS; ++r)
+                    acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)probs[r * (keys / 2 + 16) + j]), vv);
+            }
+            for (int r = 0; r < rows; ++r)
+                _mm512_storeu_ps(out + (i0 + r) * ld_out + dv * 16, _mm512_mul_ps(acc[r], _mm512_set1_ps(inv_sum[r])));
+        }
+    }
+}
+
+/* Items [item0, item1) of (sequence, head) pairs, item = sequence * heads + head. q, k, v:
+ * (tokens, heads, dim) views with rows ld_q (q) and ld (k, v) floats apart (heads and dim
+ * contiguous); out
+ * (total_q, heads, dim) with rows ld_out floats apart. dim: a multiple of 16, at most 256.
+ * Returns 0, or -1 when a buffer could not be allocated. */
+RK_BF16 int rk_attention_bf16(const float *q, int64_t ld_q, const float *k, const float *v, int64_t ld, int64_t heads,
+                              int64_t dim, const int32_t *cu_q, const int32_t *cu_k, int64_t max_len_k,
+                              int64_t item0, int64_t item1, float scale, float *out, int64_t ld_out) {
+    const int64_t keys = (max_len_k + KEYS - 1) / KEYS * KEYS + KEYS;
+    uint32_t *kp = aligned_alloc(64, (size_t)(dim / 2) * keys * 4 + 64);
+    uint32_t *vp = aligned_alloc(64, (size_t)(keys / 2 + 1) * dim * 4 + 64);
+    float *scores = aligned_alloc(64, (size_t)ROWS * keys * 4 + 64);
+    uint32_t *probs = aligned_alloc(64, (size_t)ROWS * (keys / 2 + 16) * 4 + 64);
+    int status = kp && vp && scores && probs ? 0 : -1;
+    for (int64_t item = item0; item < item1 && status == 0; ++item) {
+        const int64_t s = item / heads, h = item % heads;
+        const int64_t q0 = cu_q[s], k0 = cu_k[s];
+        const int64_t len_q = cu_q[s + 1] - q0, len_k = cu_k[s + 1] - k0;
+        if (len_q == 0 || len_k == 0) continue;
+        attend_item(q + q0 * ld_q + h * dim, ld_q, k + k0 * ld + h * dim, v + k0 * ld + h * dim, ld, dim, len_q, len_k,
+                    scale, out + q0 * ld_out + h * dim, ld_out, kp, vp, scores, probs);
+    }
+    free(kp);
+    free(vp);
+    free(scores);
+    free(probs);
+    return status;
+}
+
+#else
+int rk_attention_supported(void) { return 0; }
+#endif
