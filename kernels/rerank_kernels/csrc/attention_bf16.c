@@ -13,15 +13,19 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #include <math.h>
 
 #define RK_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
-#define ROWS 4      /* query rows per tile */
+#ifndef ROWS
+#define ROWS 8 /* query rows per tile */
+#endif
 #define KEYS 16     /* keys per vector */
+#ifndef TILE
+#define TILE 2 /* vectors per row in a tile: ROWS * TILE accumulators (measured: 8 x 2 ~ 8 x 3 > 6 x 4 > 4 x 4 > 2 x 8) */
+#endif
 
 int rk_attention_supported(void) {
     __builtin_cpu_init();
@@ -29,11 +33,12 @@ int rk_attention_supported(void) {
            __builtin_cpu_supports("avx512bf16");
 }
 
-static inline uint16_t to_bf16(float f) { /* round to nearest even; inputs are finite */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+/* 2 * n floats (n <= 16 pairs) -> lanes i < n holding the bf16 pair (x[2i], x[2i+1]), rounded
+ * to nearest even; lanes from n on are 0 */
+static inline RK_BF16 __m512i bf16_pairs(const float *x, int64_t n) {
+    const __mmask16 lo = n >= 8 ? 0xFFFF : (__mmask16)((1u << (2 * n)) - 1u);
+    const __mmask16 hi = n >= 16 ? 0xFFFF : n > 8 ? (__mmask16)((1u << (2 * (n - 8))) - 1u) : 0;
+    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, x + 16), _mm512_maskz_loadu_ps(lo, x));
 }
 
 /* exp(x) for x <= 0: 2^n * p(f), f in [-1/2, 1/2], degree-6 polynomial; 0 below -87 */
@@ -52,44 +57,108 @@ static inline RK_BF16 __m512 exp_ps(__m512 x) {
     return _mm512_maskz_scalef_ps((__mmask16)~tiny, p, n);
 }
 
+/* scores[r][t * 16 + l] = scale * sum_d q[r] . K[key t * 16 + l] for TILE vectors of keys */
+static inline RK_BF16 void score_tile(uint32_t qpair[ROWS][128 + 16], const uint32_t *kp, int64_t keys, int64_t pairs,
+                                      float scale, float *scores, int64_t ld) {
+    __m512 acc[ROWS][TILE];
+    for (int r = 0; r < ROWS; ++r)
+        for (int t = 0; t < TILE; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < pairs; ++d) {
+        __m512bh kv[TILE];
+        for (int t = 0; t < TILE; ++t) kv[t] = (__m512bh)_mm512_loadu_si512(kp + d * keys + t * KEYS);
+        for (int r = 0; r < ROWS; ++r) {
+            const __m512bh qv = (__m512bh)_mm512_set1_epi32((int)qpair[r][d]);
+            for (int t = 0; t < TILE; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], qv, kv[t]);
+        }
+    }
+    for (int r = 0; r < ROWS; ++r)
+        for (int t = 0; t < TILE; ++t)
+            _mm512_storeu_ps(scores + r * ld + t * KEYS, _mm512_mul_ps(acc[r][t], _mm512_set1_ps(scale)));
+}
+
+static inline RK_BF16 void score_vector(uint32_t qpair[ROWS][128 + 16], const uint32_t *kp, int64_t keys,
+                                        int64_t pairs, float scale, float *scores, int64_t ld) {
+    __m512 acc[ROWS];
+    for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < pairs; ++d) {
+        const __m512bh kv = (__m512bh)_mm512_loadu_si512(kp + d * keys);
+        for (int r = 0; r < ROWS; ++r)
+            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)qpair[r][d]), kv);
+    }
+    for (int r = 0; r < ROWS; ++r) _mm512_storeu_ps(scores + r * ld, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
+}
+
+/* out[r][t * 16 + l] = inv_sum[r] * sum_j P[r][j] V[j][dim t * 16 + l], for the first ``rows`` rows */
+static inline RK_BF16 void pv_tile(const uint32_t *probs, int64_t stride, const uint32_t *vp, int64_t dim,
+                                   int64_t key_pairs, const float *inv_sum, int64_t rows, float *out, int64_t ld_out) {
+    __m512 acc[ROWS][TILE];
+    for (int r = 0; r < ROWS; ++r)
+        for (int t = 0; t < TILE; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < key_pairs; ++j) {
+        __m512bh vv[TILE];
+        for (int t = 0; t < TILE; ++t) vv[t] = (__m512bh)_mm512_loadu_si512(vp + j * dim + t * 16);
+        for (int r = 0; r < ROWS; ++r) {
+            const __m512bh pv = (__m512bh)_mm512_set1_epi32((int)probs[r * stride + j]);
+            for (int t = 0; t < TILE; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], pv, vv[t]);
+        }
+    }
+    for (int r = 0; r < rows; ++r)
+        for (int t = 0; t < TILE; ++t)
+            _mm512_storeu_ps(out + r * ld_out + t * 16, _mm512_mul_ps(acc[r][t], _mm512_set1_ps(inv_sum[r])));
+}
+
+static inline RK_BF16 void pv_vector(const uint32_t *probs, int64_t stride, const uint32_t *vp, int64_t dim,
+                                     int64_t key_pairs, const float *inv_sum, int64_t rows, float *out,
+                                     int64_t ld_out) {
+    __m512 acc[ROWS];
+    for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < key_pairs; ++j) {
+        const __m512bh vv = (__m512bh)_mm512_loadu_si512(vp + j * dim);
+        for (int r = 0; r < ROWS; ++r)
+            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)probs[r * stride + j]), vv);
+    }
+    for (int r = 0; r < rows; ++r) _mm512_storeu_ps(out + r * ld_out, _mm512_mul_ps(acc[r], _mm512_set1_ps(inv_sum[r])));
+}
+
 /* one (sequence, head): q rows [0, len_q), keys [0, len_k); rows of q/k/v/out are ld floats apart */
 static RK_BF16 void attend_item(const float *q, int64_t ld_q, const float *k, const float *v, int64_t ld, int64_t dim,
                                 int64_t len_q, int64_t len_k, float scale, float *out, int64_t ld_out,
                                 uint32_t *kp, uint32_t *vp, float *scores, uint32_t *probs) {
     const int64_t keys = (len_k + KEYS - 1) / KEYS * KEYS; /* padded to whole vectors */
     const int64_t pairs = dim / 2, key_pairs = (len_k + 1) / 2, dvecs = dim / 16;
-    /* K as (dim/2, keys) 32-bit lanes holding (K[j, 2d], K[j, 2d+1]); padded keys are 0 */
-    for (int64_t d = 0; d < pairs; ++d)
-        for (int64_t j = 0; j < keys; ++j)
-            kp[d * keys + j] = j < len_k ? (uint32_t)to_bf16(k[j * ld + 2 * d]) |
-                                                ((uint32_t)to_bf16(k[j * ld + 2 * d + 1]) << 16)
-                                         : 0u;
+    /* K as (dim/2, keys) 32-bit lanes holding (K[j, 2d], K[j, 2d+1]): each key's row rounded to
+     * bf16 pairs (16 pairs per vector), scattered to its column; padded keys are 0 */
+    const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32((int)keys));
+    for (int64_t j = 0; j < keys; ++j)
+        for (int64_t d = 0; d < pairs; d += 16) {
+            const int64_t n = pairs - d < 16 ? pairs - d : 16;
+            const __m512i bf = j < len_k ? bf16_pairs(k + j * ld + 2 * d, n) : _mm512_setzero_si512();
+            _mm512_mask_i32scatter_epi32(kp + d * keys + j, n == 16 ? 0xFFFF : (__mmask16)((1u << n) - 1u), column,
+                                         bf, 4);
+        }
     /* V as (key pairs, dim) lanes holding (V[2j, d], V[2j+1, d]); a missing odd key is 0 */
     for (int64_t j = 0; j < key_pairs; ++j)
-        for (int64_t d = 0; d < dim; ++d) {
-            const uint32_t lo = to_bf16(v[2 * j * ld + d]);
-            const uint32_t hi = 2 * j + 1 < len_k ? to_bf16(v[(2 * j + 1) * ld + d]) : 0u;
-            vp[j * dim + d] = lo | (hi << 16);
+        for (int64_t d = 0; d < dim; d += 16) {
+            const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(v + 2 * j * ld + d)));
+            const __m512i hi = 2 * j + 1 < len_k
+                ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(v + (2 * j + 1) * ld + d)))
+                : _mm512_setzero_si512();
+            _mm512_storeu_si512(vp + j * dim + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
         }
     for (int64_t i0 = 0; i0 < len_q; i0 += ROWS) {
         const int64_t rows = len_q - i0 < ROWS ? len_q - i0 : ROWS;
-        uint32_t qpair[ROWS][128]; /* dim <= 256 */
-        for (int64_t r = 0; r < ROWS; ++r) {
-            const float *qr = q + (i0 + (r < rows ? r : 0)) * ld_q;
-            for (int64_t d = 0; d < pairs; ++d)
-                qpair[r][d] = (uint32_t)to_bf16(qr[2 * d]) | ((uint32_t)to_bf16(qr[2 * d + 1]) << 16);
-        }
-        /* scores: ROWS x keys, 16 keys per vector */
-        for (int64_t j = 0; j < keys; j += KEYS) {
-            __m512 acc[ROWS];
-            for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
-            for (int64_t d = 0; d < pairs; ++d) {
-                const __m512bh kv = (__m512bh)_mm512_loadu_si512(kp + d * keys + j);
-                for (int r = 0; r < ROWS; ++r)
-                    acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)qpair[r][d]), kv);
-            }
-            for (int r = 0; r < ROWS; ++r) _mm512_storeu_ps(scores + r * keys + j, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
-        }
+        uint32_t qpair[ROWS][128 + 16]; /* dim <= 256, and a whole vector's room */
+        for (int64_t r = 0; r < ROWS; ++r)
+            for (int64_t d = 0; d < pairs; d += 16)
+                _mm512_storeu_si512(qpair[r] + d, bf16_pairs(q + (i0 + (r < rows ? r : 0)) * ld_q + 2 * d,
+                                                             pairs - d < 16 ? pairs - d : 16));
+        /* scores: ROWS x keys. TILE vectors of 16 keys at a time give ROWS * TILE independent
+         * accumulators (four chains would each wait out the dot product's latency); the
+         * leftover vectors go one at a time. Separate functions keep each tile in registers. */
+        int64_t j = 0;
+        for (; j + KEYS * TILE <= keys; j += KEYS * TILE) score_tile(qpair, kp + j, keys, pairs, scale, scores + j, keys);
+        for (; j < keys; j += KEYS) score_vector(qpair, kp + j, keys, pairs, scale, scores + j, keys);
         /* softmax per row over the len_k real keys; probabilities to bf16 pairs */
         float inv_sum[ROWS];
         for (int r = 0; r < ROWS; ++r) {
@@ -116,18 +185,13 @@ static RK_BF16 void attend_item(const float *q, int64_t ld_q, const float *k, co
                 _mm512_storeu_si512(probs + r * (keys / 2 + 16) + j / 2, (__m512i)_mm512_cvtne2ps_pbh(b, a));
             }
         }
-        /* out = P V / sum: ROWS x dim, 16 dims per vector */
-        for (int64_t dv = 0; dv < dvecs; ++dv) {
-            __m512 acc[ROWS];
-            for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
-            for (int64_t j = 0; j < key_pairs; ++j) {
-                const __m512bh vv = (__m512bh)_mm512_loadu_si512(vp + j * dim + dv * 16);
-                for (int r = 0; r < ROWS; ++r)
-                    acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)probs[r * (keys / 2 + 16) + j]), vv);
-            }
-            for (int r = 0; r < rows; ++r)
-                _mm512_storeu_ps(out + (i0 + r) * ld_out + dv * 16, _mm512_mul_ps(acc[r], _mm512_set1_ps(inv_sum[r])));
-        }
+        /* out = P V / sum: ROWS x dim, TILE vectors of 16 dims at a time, then one at a time */
+        const int64_t stride = keys / 2 + 16;
+        int64_t dv = 0;
+        for (; dv + TILE <= dvecs; dv += TILE)
+            pv_tile(probs, stride, vp + dv * 16, dim, key_pairs, inv_sum, rows, out + i0 * ld_out + dv * 16, ld_out);
+        for (; dv < dvecs; ++dv)
+            pv_vector(probs, stride, vp + dv * 16, dim, key_pairs, inv_sum, rows, out + i0 * ld_out + dv * 16, ld_out);
     }
 }
 
