@@ -63,15 +63,11 @@ static inline RK_AVX512 __m512 gelu_ps(__m512 x) {
     return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(e, _mm512_set1_ps(1.0f)));
 }
 
-/* One row of n floats -> int8 (or uint8 + 128) and its scale (absolute maximum / 127; the
- * smallest normal float for an all-zero row). q = round(x * (1 / scale)), ties to even. */
-static inline RK_AVX512 void quantize_row(const float *x, int64_t n, int8_t *q, float *scale, int offset) {
-    __m512 amax = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j += 16) {
-        const __m512 v = _mm512_maskz_loadu_ps(tail_mask(n - j), x + j);
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
-    }
-    float s = _mm512_reduce_max_ps(amax) / (float)RK_INT8_MAX;
+/* One row of n floats with absolute maximum amax -> int8 (or uint8 + 128) and its scale (amax /
+ * 127; the smallest normal float for an all-zero row). q = round(x * (1 / scale)), ties to even. */
+static inline RK_AVX512 void quantize_row_max(const float *x, int64_t n, float amax, int8_t *q, float *scale,
+                                              int offset) {
+    float s = amax / (float)RK_INT8_MAX;
     if (s < FLT_MIN) s = FLT_MIN;
     *scale = s;
     const __m512 inv = _mm512_set1_ps(1.0f / s);
@@ -84,6 +80,13 @@ static inline RK_AVX512 void quantize_row(const float *x, int64_t n, int8_t *q, 
         /* narrowed in a register, then stored: VPMOVDB straight to memory is slow on AMD's Zen 4 */
         _mm_mask_storeu_epi8(q + j, m, _mm512_cvtepi32_epi8(v));
     }
+}
+
+static inline RK_AVX512 void quantize_row(const float *x, int64_t n, int8_t *q, float *scale, int offset) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16)
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(n - j), x + j)));
+    quantize_row_max(x, n, _mm512_reduce_max_ps(amax), q, scale, offset);
 }
 
 /* x (rows, ld) float32 -> q (rows, cols) int8 (uint8 + 128 with offset), scale (rows,). */
@@ -109,6 +112,7 @@ RK_AVX512 int rk_epilogue(const void *acc, int acc_int32, int64_t cols, int64_t 
     for (int64_t r = r0; r < r1; ++r) {
         float *y = qout ? row : out + r * cols;
         const __m512 rs = _mm512_set1_ps(row_scale[r]);
+        __m512 amax = _mm512_setzero_ps(); /* for qout, tracked as the row is written */
         for (int64_t j = 0; j < cols; j += 16) {
             const __mmask16 m = tail_mask(cols - j);
             __m512 v = acc_int32
@@ -118,8 +122,9 @@ RK_AVX512 int rk_epilogue(const void *acc, int acc_int32, int64_t cols, int64_t 
             v = bias ? _mm512_fmadd_ps(v, rs, _mm512_maskz_loadu_ps(m, bias + j)) : _mm512_mul_ps(v, rs);
             if (gelu) v = gelu_ps(v);
             _mm512_mask_storeu_ps(y + j, m, v);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(v)); /* lanes past the row are 0 (masked loads) */
         }
-        if (qout) quantize_row(row, cols, qout + r * cols, qscale + r, qoffset);
+        if (qout) quantize_row_max(row, cols, _mm512_reduce_max_ps(amax), qout + r * cols, qscale + r, qoffset);
     }
     free(row);
     return 0;
