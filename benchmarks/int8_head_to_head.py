@@ -2,14 +2,15 @@
 
 On a contended machine a peer timed ten minutes after ours meets another load (benchmarks.peers
 runs each peer in turn): the ratio then measures the neighbours. Here the two alternate, round by
-round, on the same token ids (the forward benchmark's uniform and mixed workloads), each on one
-thread, and every round records its wall time and the CPU time the process got; the figures are
-the medians of the per-round ratios of wall-clock tokens/s and of tokens per CPU-second (the
-latter is what a fair share of the machine would give each). Ours: the model as the server loads
-it with --dtype int8, one unpadded forward per workload; onnxruntime: the transformers optimizer's
-fused graph + ``quantize_dynamic`` (benchmarks.peers), one pair at a time, in this process.
+round, on the same token ids (the forward benchmark's uniform and mixed workloads), each on
+``--threads`` threads (default one), and every round records its wall time and the CPU time the
+process got; the figures are the medians of the per-round ratios of wall-clock tokens/s and of
+tokens per CPU-second (the latter is what a fair share of the machine would give each). Ours:
+the model as the server loads it with --dtype int8, one unpadded forward per workload;
+onnxruntime: the transformers optimizer's fused graph + ``quantize_dynamic`` (benchmarks.peers),
+one pair at a time, in this process.
 
-    python -m benchmarks.int8_head_to_head [--size small] [--rounds 7]
+    python -m benchmarks.int8_head_to_head [--size small] [--rounds 7] [--threads 2]
 """
 from __future__ import annotations
 
@@ -50,9 +51,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", default="small", choices=("tiny", "small", "full"))
     p.add_argument("--docs", type=int, default=16)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads of each (default 1: on a shared machine each then gets a core's fair share)")
     p.add_argument("--out", default=None, help="results file name under benchmarks/results/")
     a = p.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     checkpoint = ensure_checkpoint(a.size)
     config = EncoderConfig.from_hf(json.loads((checkpoint / "config.json").read_text()))
     # the quantized ONNX model first: the optimizer and the quantizer hold copies of the full model,
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     ops = rerank_kernels.select_ops("cpu", dtype=torch.int8, shapes=model_shapes(config))
     ours = load_cross_encoder(checkpoint, ops, torch.device("cpu"), torch.int8)
     keep_freed_memory()  # as Engine.load does on the CPU
-    peer = OnnxPerPair(peer_model, 1)
+    peer = OnnxPerPair(peer_model, a.threads)
     workloads = make_workloads(a.docs, config.vocab_size, 256, 0)
     results = {}
     for w in workloads:
@@ -103,8 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     record = {"benchmark": "int8_head_to_head", "device": device_description(torch.device("cpu")),
               "cpu": cpu_facts(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               **git_commit(), "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
-              "threads": 1, "checkpoint": checkpoint.name,
+              "threads": a.threads, "checkpoint": checkpoint.name,
               "gemm_choices": {k: v["chosen"] for k, v in ops.choices["cpu_gemm"]["by_kind"].items()},
+              "attention": ops.attention_backend,
               "machine_load": {"median_foreign_cpus": statistics.median(loads) if loads else None,
                                "note": "measured while other processes shared the 2 CPUs: the per-CPU-second "
                                        "ratio is the comparable figure; wall-clock rates are lower bounds"},
