@@ -22,8 +22,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
+# cmake: the native build entry generates the gRPC stubs; gcc and libc6-dev compile the C kernels
+# (librerank_cpu.so: --dtype int8's glue and attention, CPU only)
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv cmake \
+ && apt-get install -y --no-install-recommends python3 python3-venv cmake gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH

@@ -66,8 +66,12 @@ def test_the_server_wheel_holds_only_its_own_packages_and_the_generated_stubs(di
                    "rerank_server/assets/bert-uncased-tokenizer.json.gz",
                    "rerank_server/assets/qwen3-tokenizer.json.gz", "rerank_server/assets/qwen3-tokenizer_config.json",
                    "rerank_server/models/registry.py", "rerank_server/models/qwen3.py",
-                   "rerank_server/assets/NOTICE.md", "rerank_kernels/attention.py"):
+                   "rerank_server/assets/NOTICE.md", "rerank_kernels/attention.py", "rerank_kernels/librerank_cpu.so"):
         assert needed in names, needed
+    assert not any("/csrc/" in n for n in names), "the C sources stay in the sdist"
+    # a compiled library without a Python ABI: py3-none-<platform>, never py3-none-any
+    wheel_name = one(dist, "rerank_server-*.whl").name
+    assert "-py3-none-" in wheel_name and not wheel_name.endswith("-any.whl"), wheel_name
     entry_points = zipfile.ZipFile(one(dist, "rerank_server-*.whl")).read(
         next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "rerank-server = rerank_server.__main__:main" in entry_points

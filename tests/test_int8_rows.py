@@ -118,3 +118,44 @@ def test_the_torch_glue_can_be_chosen():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "RERANK_INT8_GLUE": "torch"},
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "RERANK_INT8_GLUE=torch"
+
+
+@pytest.mark.parametrize("int32", [False, True])
+def test_epilogue_layernorm_matches_float64(int32, two_threads):
+    g = torch.Generator().manual_seed(4)
+    rows, cols = 45, 200
+    acc = (torch.randint(-2**20, 2**20, (rows, cols), generator=g, dtype=torch.int32) if int32
+           else torch.randn(rows, cols, generator=g) * 50)
+    row_scale = torch.rand(rows, generator=g) * 1e-2
+    col_scale = torch.rand(cols, generator=g) * 1e-3 if int32 else None
+    bias, residual = torch.randn(cols, generator=g), torch.randn(rows, cols, generator=g) * 3
+    weight, norm_bias = torch.randn(cols, generator=g), torch.randn(cols, generator=g)
+    h = reference(acc, row_scale, col_scale, bias, False) + residual.double()
+    expected = torch.nn.functional.layer_norm(h, (cols,), weight.double(), norm_bias.double(), 1e-5)
+    got, none = int8_rows.epilogue_layernorm(acc.clone(), row_scale, col_scale, bias, residual, weight, norm_bias,
+                                             1e-5)
+    assert none is None
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    # written over the residual (the FFN's case), and quantized for the next GEMM
+    into = residual.clone()
+    same, q = int8_rows.epilogue_layernorm(acc.clone(), row_scale, col_scale, bias, into, weight, norm_bias, 1e-5,
+                                           out=into, quantize=True)
+    assert same.data_ptr() == into.data_ptr() and torch.equal(same, got)
+    alone = int8_rows.quantize_rows(got, offset=True)
+    assert torch.equal(q.q, alone.q) and torch.equal(q.scale, alone.scale)
+    # a row's bytes do not depend on the rows beside it
+    part, _ = int8_rows.epilogue_layernorm(acc[7:8].clone(), row_scale[7:8], col_scale, bias, residual[7:8], weight,
+                                           norm_bias, 1e-5)
+    assert torch.equal(part, got[7:8])
+
+
+@pytest.mark.parametrize("linear", [IntMmLinear, OneDnnInt8Linear])
+def test_add_layernorm_in_the_epilogue_equals_the_ops_path(linear):
+    from rerank_kernels.layernorm import add_layernorm_inplace
+    g = torch.Generator().manual_seed(5)
+    lin = linear(torch.randn(48, 64, generator=g) * 0.1, torch.randn(48, generator=g))
+    x, residual = torch.randn(30, 64, generator=g), torch.randn(30, 48, generator=g)
+    weight, bias = torch.rand(48, generator=g) + 0.5, torch.randn(48, generator=g)
+    fused = lin.add_layernorm(x, residual, weight, bias, 1e-5)
+    separate = add_layernorm_inplace(lin(x), residual, weight, bias, 1e-5)
+    torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)

@@ -12,7 +12,6 @@ rerank_kernels.attention.varlen_attention_torch.
 from __future__ import annotations
 
 import ctypes
-import itertools
 
 import torch
 
@@ -28,8 +27,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, why
     if not lib.rk_attention_supported():
         return None, "this CPU lacks AVX512_BF16"
-    lib.rk_attention_bf16.argtypes = (_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64,
-                                      _f32, _ptr, _i64)
+    lib.rk_attention_bf16.argtypes = (_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _f32,
+                                      _ptr, _i64)
     lib.rk_attention_bf16.restype = ctypes.c_int
     return lib, None
 
@@ -67,15 +66,9 @@ def varlen_attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
     heads, dim = q.shape[1], q.shape[2]
     out = torch.empty(q.shape[0], heads, dim, dtype=torch.float32)
     cu_q, cu_k = cu_seqlens_q.to(torch.int32).contiguous(), cu_seqlens_k.to(torch.int32).contiguous()
-    lengths_q, lengths_k = (cu_q[1:] - cu_q[:-1]).tolist(), (cu_k[1:] - cu_k[:-1]).tolist()
-    # an item (sequence, head) costs its scores plus packing its keys and values
-    cost = list(itertools.accumulate(lq * lk + 2 * lk for lq, lk in zip(lengths_q, lengths_k, strict=True)
-                                     for _ in range(heads)))
-
-    def call(item0: int, item1: int) -> None:
-        if _lib.rk_attention_bf16(q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0), heads, dim,
-                                  cu_q.data_ptr(), cu_k.data_ptr(), max(lengths_k, default=0), item0, item1,
-                                  scale, out.data_ptr(), out.stride(0)):
-            raise MemoryError("rk_attention_bf16 could not allocate its buffers")
-    native.split(len(cost), call, cost=cost)
+    sequences, max_len_k = cu_k.shape[0] - 1, int((cu_k[1:] - cu_k[:-1]).max()) if cu_k.shape[0] > 1 else 0
+    if _lib.rk_attention_bf16(q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0), heads, dim,
+                              cu_q.data_ptr(), cu_k.data_ptr(), sequences, max_len_k, scale, out.data_ptr(),
+                              out.stride(0)):
+        raise MemoryError("rk_attention_bf16 could not allocate its buffers")
     return out

@@ -6,9 +6,9 @@ intermediate) activation is 64 MB at 4,096 rows: each pass costs milliseconds). 
 can also quantize each finished row for the next GEMM while it is in the cache, so the FFN's
 GELU output is never written in float32 (``QuantizedRows``).
 
-The rows are split over ``torch.get_num_threads()`` threads (ctypes releases the GIL); each row
-is computed alone with the same instructions whatever the split, so the bytes of a row never
-depend on its batch. ``missing()`` says why the library cannot be used (not built, a CPU without
+The C code splits the rows over torch's own OpenMP threads (ctypes releases the GIL while it
+runs); each row is computed alone with the same instructions whatever the split, so the bytes of
+a row never depend on its batch. ``missing()`` says why the library cannot be used (not built, a CPU without
 AVX-512, or RERANK_INT8_GLUE=torch); callers then use the torch versions.
 """
 from __future__ import annotations
@@ -20,8 +20,6 @@ from typing import NamedTuple
 import torch
 
 from rerank_kernels import native
-
-MIN_ROWS_PER_THREAD = 16  # below this a thread's hand-off costs more than it saves
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
@@ -43,10 +41,13 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, why
     if not lib.rk_cpu_supported():
         return None, "this CPU lacks AVX-512 (F, BW, DQ, VL), which the C glue is written in"
-    lib.rk_quantize_rows.argtypes = (_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _int)
+    lib.rk_quantize_rows.argtypes = (_ptr, _i64, _i64, _i64, _ptr, _ptr, _int)
     lib.rk_quantize_rows.restype = None
-    lib.rk_epilogue.argtypes = (_ptr, _int, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int, _ptr, _ptr, _ptr, _int)
+    lib.rk_epilogue.argtypes = (_ptr, _int, _i64, _i64, _ptr, _ptr, _ptr, _int, _ptr, _ptr, _ptr, _int)
     lib.rk_epilogue.restype = _int
+    lib.rk_epilogue_layernorm.argtypes = (_ptr, _int, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr,
+                                          ctypes.c_float, _ptr, _ptr, _ptr, _int)
+    lib.rk_epilogue_layernorm.restype = _int
     lib.rk_gelu.argtypes = (_ptr, _i64, _ptr)
     lib.rk_gelu.restype = None
     return lib, None
@@ -72,9 +73,7 @@ def quantize_rows(x: torch.Tensor, offset: bool = False) -> QuantizedRows:
     rows, cols = x.shape
     q = torch.empty(rows, cols, dtype=torch.uint8 if offset else torch.int8)
     scale = torch.empty(rows, dtype=torch.float32)
-    native.split(rows, lambda r0, r1: _lib.rk_quantize_rows(x.data_ptr(), x.stride(0), cols, r0, r1,
-                                                           q.data_ptr(), scale.data_ptr(), int(offset)),
-                 MIN_ROWS_PER_THREAD)
+    _lib.rk_quantize_rows(x.data_ptr(), x.stride(0), cols, rows, q.data_ptr(), scale.data_ptr(), int(offset))
     return QuantizedRows(q, scale, offset)
 
 
@@ -96,13 +95,42 @@ def epilogue(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor
         scale = torch.empty(rows, dtype=torch.float32)
     row_scale, col_scale = row_scale.contiguous(), None if col_scale is None else col_scale.contiguous()
 
-    def call(r0: int, r1: int) -> None:
-        if _lib.rk_epilogue(acc.data_ptr(), int(is_int32), cols, r0, r1, row_scale.data_ptr(), _address(col_scale),
-                            _address(bias), int(gelu), _address(out), _address(q), _address(scale),
-                            int(bool(quantize))):
-            raise MemoryError("rk_epilogue could not allocate its row buffer")
-    native.split(rows, call, MIN_ROWS_PER_THREAD)
+    if _lib.rk_epilogue(acc.data_ptr(), int(is_int32), cols, rows, row_scale.data_ptr(), _address(col_scale),
+                        _address(bias), int(gelu), _address(out), _address(q), _address(scale), int(bool(quantize))):
+        raise MemoryError("rk_epilogue could not allocate its row buffers")
     return out if quantize is None else QuantizedRows(q, scale, bool(quantize))
+
+
+def epilogue_layernorm(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor | None,
+                       bias: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor, norm_bias: torch.Tensor,
+                       eps: float, out: torch.Tensor | None = None,
+                       quantize: bool | None = None) -> tuple[torch.Tensor, QuantizedRows | None]:
+    """LayerNorm(epilogue(acc) + residual) * weight + norm_bias in one pass over each row (the
+    epilogue as ``epilogue``'s, without GELU): acc (rows, cols) contiguous, residual (rows, cols)
+    float32 with unit stride along cols -> (out (rows, cols) float32, written into ``out`` when
+    given, which may be ``residual``; the rows quantized for the next GEMM with ``quantize``
+    (False: int8, True: uint8 + 128), else None)."""
+    assert acc.is_contiguous() and acc.dtype in (torch.int32, torch.float32), (acc.dtype, acc.stride())
+    assert residual.dtype == torch.float32 and residual.stride(1) == 1, (residual.dtype, residual.stride())
+    rows, cols = acc.shape
+    out = torch.empty_like(residual, memory_format=torch.contiguous_format) if out is None else out
+    if out.stride() != residual.stride():  # one row stride for both in the C code
+        result, quantized = epilogue_layernorm(acc, row_scale, col_scale, bias, residual, weight, norm_bias, eps,
+                                               None, quantize)
+        return out.copy_(result), quantized
+    q = scale = None
+    if quantize is not None:
+        q = torch.empty(rows, cols, dtype=torch.uint8 if quantize else torch.int8)
+        scale = torch.empty(rows, dtype=torch.float32)
+    row_scale, weight, norm_bias = row_scale.contiguous(), weight.float().contiguous(), norm_bias.float().contiguous()
+    col_scale = None if col_scale is None else col_scale.contiguous()
+
+    if _lib.rk_epilogue_layernorm(acc.data_ptr(), int(acc.dtype == torch.int32), cols, rows, row_scale.data_ptr(),
+                                  _address(col_scale), _address(bias), residual.data_ptr(), residual.stride(0),
+                                  weight.data_ptr(), norm_bias.data_ptr(), eps, out.data_ptr(), _address(q),
+                                  _address(scale), int(bool(quantize))):
+        raise MemoryError("rk_epilogue_layernorm could not allocate its row buffers")
+    return out, (None if quantize is None else QuantizedRows(q, scale, bool(quantize)))
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:

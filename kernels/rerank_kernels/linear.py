@@ -275,9 +275,23 @@ def choose_cpu_gemms(shapes: list[GemmShape], dtype: torch.dtype, bias_gelu: Cal
                      "by_kind": report}
 
 
-def feed_forward(up, down, x: torch.Tensor) -> torch.Tensor:
-    """down(up(x)); between two int8 GEMMs with the C glue, up's epilogue quantizes its GELU
-    output row by row for down, so the (rows, intermediate) activation is never float32."""
+def linear_add_layernorm(linear, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor, eps: float, add_layernorm: Callable,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """add_layernorm(linear(x), residual, weight, bias, eps, out=out): an int8 GEMM ends in the
+    residual and the LayerNorm within its epilogue's one pass (Int8Linear.add_layernorm)."""
+    if isinstance(linear, Int8Linear):
+        return linear.add_layernorm(x, residual, weight, bias, eps, out)
+    return add_layernorm(linear(x), residual, weight, bias, eps, out=out)
+
+
+def feed_forward(up, down, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                 add_layernorm: Callable) -> torch.Tensor:
+    """x = LayerNorm(down(up(x)) + x), written over x (rows, hidden). Between two int8 GEMMs with
+    the C glue, up's epilogue quantizes its GELU output row by row for down, so the (rows,
+    intermediate) activation is never float32, and down's epilogue adds and normalizes."""
     if isinstance(up, Int8Linear) and isinstance(down, Int8Linear):
-        return down(up.quantized(x, down.input_offset))
-    return down(up(x))
+        hidden = up.quantized(x, down.input_offset)
+    else:
+        hidden = up(x)
+    return linear_add_layernorm(down, hidden, x, weight, bias, eps, add_layernorm, out=x)

@@ -24,6 +24,7 @@ import torch
 
 from rerank_kernels import int8_rows
 from rerank_kernels.int8_rows import QuantizedRows
+from rerank_kernels.layernorm import add_layernorm_inplace
 
 INT8_MAX = 127
 # oneDNN's int8 GEMMs on VNNI multiply unsigned by signed bytes: signed activations take a slow
@@ -138,9 +139,10 @@ def _as_quantized(x: torch.Tensor | QuantizedRows, offset: bool) -> QuantizedRow
 
 class Int8Linear:
     """What both candidates share: the weight quantized per output channel at load; per call the
-    input quantized per row (``input_offset``: the encoding the GEMM takes), the GEMM, then the
-    epilogue (row scale, bias, GELU). With the C glue (rerank_kernels.int8_rows) the epilogue is
-    one pass, and ``quantized`` hands the next int8 GEMM its input already quantized."""
+    input quantized per row (``input_offset``: the encoding the GEMM takes), the GEMM (``sums``),
+    then the epilogue (row scale, bias, GELU). With the C glue (rerank_kernels.int8_rows) the
+    epilogue is one pass, ``quantized`` hands the next int8 GEMM its input already quantized and
+    ``add_layernorm`` ends the GEMM with the residual and the LayerNorm in that same pass."""
 
     input_offset = False
 
@@ -151,17 +153,37 @@ class Int8Linear:
         self.gelu = gelu
         self.prepare(qw)
 
+    def sums(self, x: QuantizedRows) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The GEMM: (int32 sums, the weight's scale) or (float32 sums with the weight's scale, None)."""
+        raise NotImplementedError
+
     def __call__(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
-        return self.run(_as_quantized(x, self.input_offset), None)
+        return self._run(_as_quantized(x, self.input_offset), None)
 
     def quantized(self, x: torch.Tensor | QuantizedRows, offset: bool) -> QuantizedRows:
         """The output quantized per row for the next int8 GEMM (int8, or uint8 + 128 with ``offset``)."""
         if int8_rows.missing():
             return _as_quantized(self(x), offset)
-        return self.run(_as_quantized(x, self.input_offset), offset)
+        return self._run(_as_quantized(x, self.input_offset), offset)
 
-    def run(self, x: QuantizedRows, quantize: bool | None) -> torch.Tensor | QuantizedRows:
-        raise NotImplementedError
+    def add_layernorm(self, x: torch.Tensor | QuantizedRows, residual: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+        """LayerNorm(self(x) + residual) (rows, out_features) float32, into ``out`` when given (it may
+        be ``residual``): with the C glue in the GEMM's epilogue, else as Ops.add_layernorm does."""
+        if int8_rows.missing() or self.gelu:
+            return add_layernorm_inplace(self(x), residual, weight, bias, eps, out)
+        q = _as_quantized(x, self.input_offset)
+        sums, col_scale = self.sums(q)
+        return int8_rows.epilogue_layernorm(sums, q.scale, col_scale, self.bias, residual, weight, bias, eps, out)[0]
+
+    def _run(self, x: QuantizedRows, quantize: bool | None) -> torch.Tensor | QuantizedRows:
+        sums, col_scale = self.sums(x)
+        if int8_rows.missing():
+            # int32 -> float32, then the weight's scale in place: a multiply that promotes int32 to
+            # float goes through a casting loop, ~1.5x the time of the two vectorized passes
+            y = sums if col_scale is None else sums.float().mul_(col_scale)
+            return _epilogue(y, x.scale, self.bias, self.gelu)
+        return int8_rows.epilogue(sums, x.scale, col_scale, self.bias, self.gelu, quantize)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.out_features}, {'gelu' if self.gelu else 'none'})"
@@ -176,13 +198,11 @@ class OneDnnInt8Linear(Int8Linear):
         self.weight = ONEDNN_OPS.qlinear_prepack(qw, None)
         self.weight_zero_points = torch.zeros(self.out_features, dtype=torch.int64)
 
-    def run(self, x: QuantizedRows, quantize: bool | None) -> torch.Tensor | QuantizedRows:
+    def sums(self, x: QuantizedRows) -> tuple[torch.Tensor, None]:
         # activation scale 1, zero point 128: the int32 sums times the weight's scale, in fp32
-        y = ONEDNN_OPS.qlinear_pointwise(x.q, 1.0, ACTIVATION_OFFSET, self.weight, self.weight_scale,
-                                         self.weight_zero_points, None, 1.0, 0, torch.float32, "none", [], "")
-        if int8_rows.missing():
-            return _epilogue(y, x.scale, self.bias, self.gelu)
-        return int8_rows.epilogue(y, x.scale, None, self.bias, self.gelu, quantize)
+        return ONEDNN_OPS.qlinear_pointwise(x.q, 1.0, ACTIVATION_OFFSET, self.weight, self.weight_scale,
+                                            self.weight_zero_points, None, 1.0, 0, torch.float32, "none", [],
+                                            ""), None
 
 
 class IntMmLinear(Int8Linear):
@@ -191,11 +211,5 @@ class IntMmLinear(Int8Linear):
     def prepare(self, qw: torch.Tensor) -> None:
         self.weight_t = qw.t()  # (in, out), column-major: the layout _int_mm reads fastest
 
-    def run(self, x: QuantizedRows, quantize: bool | None) -> torch.Tensor | QuantizedRows:
-        acc = torch._int_mm(x.q, self.weight_t)
-        if int8_rows.missing():
-            # int32 -> float32, then the weight's scale in place: a multiply that promotes int32 to
-            # float goes through a casting loop, ~1.5x the time of the two vectorized passes
-            return _epilogue(acc.float().mul_(self.weight_scale), x.scale, self.bias, self.gelu)
-        return int8_rows.epilogue(acc, x.scale, self.weight_scale, self.bias, self.gelu, quantize)
-
+    def sums(self, x: QuantizedRows) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch._int_mm(x.q, self.weight_t), self.weight_scale

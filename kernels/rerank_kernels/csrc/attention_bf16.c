@@ -8,8 +8,8 @@
  * (pairs of adjacent elements in one 32-bit lane), then its queries are processed four rows at a
  * time: scores for every key (float32), exact softmax over the row (max, exp, sum), the
  * probabilities rounded to bfloat16, times V. An item is computed alone with the same
- * instructions whatever else is in the batch (batch invariance); the caller splits the items
- * over threads.
+ * instructions whatever else is in the batch (batch invariance); items are shared out over
+ * torch's OpenMP threads (see int8_rows.c).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -195,32 +195,42 @@ static RK_BF16 void attend_item(const float *q, int64_t ld_q, const float *k, co
     }
 }
 
-/* Items [item0, item1) of (sequence, head) pairs, item = sequence * heads + head. q, k, v:
+/* Every (sequence, head) of ``sequences`` sequences. q, k, v:
  * (tokens, heads, dim) views with rows ld_q (q) and ld (k, v) floats apart (heads and dim
  * contiguous); out
  * (total_q, heads, dim) with rows ld_out floats apart. dim: a multiple of 16, at most 256.
  * Returns 0, or -1 when a buffer could not be allocated. */
 RK_BF16 int rk_attention_bf16(const float *q, int64_t ld_q, const float *k, const float *v, int64_t ld, int64_t heads,
-                              int64_t dim, const int32_t *cu_q, const int32_t *cu_k, int64_t max_len_k,
-                              int64_t item0, int64_t item1, float scale, float *out, int64_t ld_out) {
+                              int64_t dim, const int32_t *cu_q, const int32_t *cu_k, int64_t sequences,
+                              int64_t max_len_k, float scale, float *out, int64_t ld_out) {
     const int64_t keys = (max_len_k + KEYS - 1) / KEYS * KEYS + KEYS;
-    uint32_t *kp = aligned_alloc(64, (size_t)(dim / 2) * keys * 4 + 64);
-    uint32_t *vp = aligned_alloc(64, (size_t)(keys / 2 + 1) * dim * 4 + 64);
-    float *scores = aligned_alloc(64, (size_t)ROWS * keys * 4 + 64);
-    uint32_t *probs = aligned_alloc(64, (size_t)ROWS * (keys / 2 + 16) * 4 + 64);
-    int status = kp && vp && scores && probs ? 0 : -1;
-    for (int64_t item = item0; item < item1 && status == 0; ++item) {
-        const int64_t s = item / heads, h = item % heads;
-        const int64_t q0 = cu_q[s], k0 = cu_k[s];
-        const int64_t len_q = cu_q[s + 1] - q0, len_k = cu_k[s + 1] - k0;
-        if (len_q == 0 || len_k == 0) continue;
-        attend_item(q + q0 * ld_q + h * dim, ld_q, k + k0 * ld + h * dim, v + k0 * ld + h * dim, ld, dim, len_q, len_k,
-                    scale, out + q0 * ld_out + h * dim, ld_out, kp, vp, scores, probs);
+    int status = 0;
+    /* items differ in cost (lengths): handed out one at a time, to whichever thread is free */
+#pragma omp parallel
+    {
+        uint32_t *kp = aligned_alloc(64, (size_t)(dim / 2) * keys * 4 + 64);
+        uint32_t *vp = aligned_alloc(64, (size_t)(keys / 2 + 1) * dim * 4 + 64);
+        float *scores = aligned_alloc(64, (size_t)ROWS * keys * 4 + 64);
+        uint32_t *probs = aligned_alloc(64, (size_t)ROWS * (keys / 2 + 16) * 4 + 64);
+        const int ok = kp && vp && scores && probs;
+        if (!ok) {
+#pragma omp atomic write
+            status = -1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < sequences * heads; ++item) {
+            const int64_t s = item / heads, h = item % heads;
+            const int64_t q0 = cu_q[s], k0 = cu_k[s];
+            const int64_t len_q = cu_q[s + 1] - q0, len_k = cu_k[s + 1] - k0;
+            if (!ok || len_q == 0 || len_k == 0) continue;
+            attend_item(q + q0 * ld_q + h * dim, ld_q, k + k0 * ld + h * dim, v + k0 * ld + h * dim, ld, dim, len_q,
+                        len_k, scale, out + q0 * ld_out + h * dim, ld_out, kp, vp, scores, probs);
+        }
+        free(kp);
+        free(vp);
+        free(scores);
+        free(probs);
     }
-    free(kp);
-    free(vp);
-    free(scores);
-    free(probs);
     return status;
 }
 

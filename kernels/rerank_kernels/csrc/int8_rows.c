@@ -4,9 +4,11 @@
  * GEMM while it is still in the cache. The torch versions in rerank_kernels/linear_int8.py make
  * three to eight passes over memory where these make one.
  *
- * Every function works on rows [r0, r1) and on each row alone, with the same instructions
- * whatever the row count, so a row's bytes never depend on the rest of its batch (batch
- * invariance); the caller splits the rows over threads.
+ * Every function works on each row alone, with the same instructions whatever the row count, so a
+ * row's bytes never depend on the rest of its batch (batch invariance). The rows are split over
+ * OpenMP threads: the same runtime and team as torch's (its libgomp.so.1, already loaded), so
+ * torch's threads, spinning after its last parallel region, are the ones that take the work
+ * instead of competing with another pool for the cores.
  *
  * Built by CMake into the wheel; AVX-512 (F, BW, DQ, VL) in the kernels, checked at run time by
  * rk_cpu_supported(). Elsewhere only rk_cpu_supported() exists and says 0.
@@ -16,6 +18,7 @@
 
 #define RK_INT8_MAX 127
 #define RK_OFFSET 128 /* uint8 activations with zero point 128 (oneDNN's fast int8 path) */
+#define MIN_PARALLEL_ROWS 16 /* fewer rows run on the calling thread: waking the team costs more */
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <float.h>
@@ -90,44 +93,120 @@ static inline RK_AVX512 void quantize_row(const float *x, int64_t n, int8_t *q, 
 }
 
 /* x (rows, ld) float32 -> q (rows, cols) int8 (uint8 + 128 with offset), scale (rows,). */
-RK_AVX512 void rk_quantize_rows(const float *x, int64_t ld, int64_t cols, int64_t r0, int64_t r1,
-                                int8_t *q, float *scale, int offset) {
-    for (int64_t r = r0; r < r1; ++r) quantize_row(x + r * ld, cols, q + r * cols, scale + r, offset);
+RK_AVX512 void rk_quantize_rows(const float *x, int64_t ld, int64_t cols, int64_t rows, int8_t *q, float *scale,
+                                int offset) {
+#pragma omp parallel for schedule(static) if (rows >= MIN_PARALLEL_ROWS)
+    for (int64_t r = 0; r < rows; ++r) quantize_row(x + r * ld, cols, q + r * cols, scale + r, offset);
 }
 
-/* The epilogue of one GEMM over rows [r0, r1):
+/* A thread's buffer for one row of cols floats (whole vectors), or NULL. */
+static float *row_buffer(int64_t cols) { return (float *)aligned_alloc(64, (size_t)((cols + 15) / 16) * 64); }
+
+/* One row of a GEMM's epilogue: y[j] = act((acc[j] * col_scale[j]) * rs + bias[j]); acc int32
+ * or float32, col_scale and bias NULL for none. Returns the row's absolute maximum. */
+static inline RK_AVX512 float epilogue_row(const void *acc, int acc_int32, int64_t cols, float row_scale,
+                                           const float *col_scale, const float *bias, int gelu, float *y) {
+    const __m512 rs = _mm512_set1_ps(row_scale);
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t j = 0; j < cols; j += 16) {
+        const __mmask16 m = tail_mask(cols - j);
+        __m512 v = acc_int32 ? _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, (const int32_t *)acc + j))
+                             : _mm512_maskz_loadu_ps(m, (const float *)acc + j);
+        if (col_scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, col_scale + j));
+        v = bias ? _mm512_fmadd_ps(v, rs, _mm512_maskz_loadu_ps(m, bias + j)) : _mm512_mul_ps(v, rs);
+        if (gelu) v = gelu_ps(v);
+        _mm512_mask_storeu_ps(y + j, m, v);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v)); /* lanes past the row are 0 (masked loads) */
+    }
+    return _mm512_reduce_max_ps(amax);
+}
+
+/* The epilogue of one GEMM over its rows:
  *   y[r, j] = act((acc[r, j] * col_scale[j]) * row_scale[r] + bias[j])
  * acc: int32 sums (acc_int32) or float32 (col_scale already applied: pass col_scale NULL);
  * col_scale, bias: NULL for none; gelu: act = exact GELU, else identity.
  * Output: y into out (rows, cols) float32 (may be acc itself when acc is float32), or with
  * qout the row quantized into qout (rows, cols) int8 (uint8 + 128 with qoffset) and qscale. */
-RK_AVX512 int rk_epilogue(const void *acc, int acc_int32, int64_t cols, int64_t r0, int64_t r1,
-                          const float *row_scale, const float *col_scale, const float *bias, int gelu,
-                          float *out, int8_t *qout, float *qscale, int qoffset) {
-    float *row = NULL;
-    if (qout) {
-        row = (float *)aligned_alloc(64, (size_t)((cols + 15) / 16) * 64);
-        if (!row) return -1;
+RK_AVX512 int rk_epilogue(const void *acc, int acc_int32, int64_t cols, int64_t rows, const float *row_scale,
+                          const float *col_scale, const float *bias, int gelu, float *out, int8_t *qout,
+                          float *qscale, int qoffset) {
+    const size_t width = acc_int32 ? sizeof(int32_t) : sizeof(float);
+    int status = 0;
+#pragma omp parallel if (rows >= MIN_PARALLEL_ROWS)
+    {
+        float *row = qout ? row_buffer(cols) : NULL;
+        if (qout && !row) {
+#pragma omp atomic write
+            status = -1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; ++r) {
+            if (qout && !row) continue;
+            float *y = qout ? row : out + r * cols;
+            const float amax = epilogue_row((const char *)acc + (size_t)(r * cols) * width, acc_int32, cols,
+                                            row_scale[r], col_scale, bias, gelu, y);
+            if (qout) quantize_row_max(row, cols, amax, qout + r * cols, qscale + r, qoffset);
+        }
+        free(row);
     }
-    for (int64_t r = r0; r < r1; ++r) {
-        float *y = qout ? row : out + r * cols;
-        const __m512 rs = _mm512_set1_ps(row_scale[r]);
-        __m512 amax = _mm512_setzero_ps(); /* for qout, tracked as the row is written */
+    return status;
+}
+
+/* The epilogue of a GEMM whose output joins the residual stream, over its rows:
+ *   out[r] = LayerNorm(act(acc[r] ...) + residual[r]) * gamma + beta
+ * with the epilogue's arguments as in rk_epilogue (no GELU here), the statistics in float32 over
+ * the row held in a buffer (mean, then the mean squared deviation). out may be residual itself
+ * (rows ld apart in both); with qout the normalized row is also quantized for the next GEMM. */
+RK_AVX512 int rk_epilogue_layernorm(const void *acc, int acc_int32, int64_t cols, int64_t rows,
+                                    const float *row_scale, const float *col_scale, const float *bias,
+                                    const float *residual, int64_t ld, const float *gamma, const float *beta,
+                                    float eps, float *out, int8_t *qout, float *qscale, int qoffset) {
+    const size_t width = acc_int32 ? sizeof(int32_t) : sizeof(float);
+    int status = 0;
+#pragma omp parallel if (rows >= MIN_PARALLEL_ROWS)
+    {
+    float *row = row_buffer(cols);
+    if (!row) {
+#pragma omp atomic write
+        status = -1;
+    }
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        if (!row) continue;
+        epilogue_row((const char *)acc + (size_t)(r * cols) * width, acc_int32, cols, row_scale[r], col_scale, bias,
+                     0, row);
+        const float *res = residual + r * ld;
+        __m512 sum = _mm512_setzero_ps();
         for (int64_t j = 0; j < cols; j += 16) {
             const __mmask16 m = tail_mask(cols - j);
-            __m512 v = acc_int32
-                ? _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, (const int32_t *)acc + r * cols + j))
-                : _mm512_maskz_loadu_ps(m, (const float *)acc + r * cols + j);
-            if (col_scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, col_scale + j));
-            v = bias ? _mm512_fmadd_ps(v, rs, _mm512_maskz_loadu_ps(m, bias + j)) : _mm512_mul_ps(v, rs);
-            if (gelu) v = gelu_ps(v);
-            _mm512_mask_storeu_ps(y + j, m, v);
-            amax = _mm512_max_ps(amax, _mm512_abs_ps(v)); /* lanes past the row are 0 (masked loads) */
+            const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, row + j), _mm512_maskz_loadu_ps(m, res + j));
+            _mm512_mask_storeu_ps(row + j, m, v);
+            sum = _mm512_add_ps(sum, v);
         }
-        if (qout) quantize_row_max(row, cols, _mm512_reduce_max_ps(amax), qout + r * cols, qscale + r, qoffset);
+        const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / (float)cols);
+        __m512 squares = _mm512_setzero_ps();
+        for (int64_t j = 0; j < cols; j += 16) {
+            const __mmask16 m = tail_mask(cols - j);
+            const __m512 d = _mm512_maskz_sub_ps(m, _mm512_loadu_ps(row + j), mean);
+            squares = _mm512_fmadd_ps(d, d, squares);
+        }
+        const float var = _mm512_reduce_add_ps(squares) / (float)cols;
+        const __m512 rstd = _mm512_set1_ps(1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(var + eps))));
+        float *o = out + r * ld;
+        __m512 amax = _mm512_setzero_ps();
+        for (int64_t j = 0; j < cols; j += 16) {
+            const __mmask16 m = tail_mask(cols - j);
+            const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), mean), rstd);
+            const __m512 v = _mm512_maskz_fmadd_ps(m, d, _mm512_maskz_loadu_ps(m, gamma + j),
+                                                   _mm512_maskz_loadu_ps(m, beta + j));
+            _mm512_mask_storeu_ps(o + j, m, v);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+        }
+        if (qout) quantize_row_max(o, cols, _mm512_reduce_max_ps(amax), qout + r * cols, qscale + r, qoffset);
     }
     free(row);
-    return 0;
+    }
+    return status;
 }
 
 /* exact GELU of n floats (tests compare erf_ps with torch.erf through it) */

@@ -33,6 +33,7 @@ from rerank_kernels.linear import (
     KEY_VALUE,
     QKV,
     feed_forward,
+    linear_add_layernorm,
 )
 from rerank_server.models.registry import (
     ROBERTA,
@@ -230,15 +231,14 @@ class CrossEncoder:
         # The views keep the fused (total, 3 * hidden) QKV alive: drop them before the FFN
         # (~400 MB at 64k tokens in fp16).
         del q, k, v, fused
-        attn = p.out(attn.reshape(-1, H))
-        x = ops.add_layernorm(attn, residual, p.attn_norm_weight, p.attn_norm_bias, c.layer_norm_eps)
+        x = linear_add_layernorm(p.out, attn.reshape(-1, H), residual, p.attn_norm_weight, p.attn_norm_bias,
+                                 c.layer_norm_eps, ops.add_layernorm)
         # The FFN in row slices: its (rows, intermediate) activation is the forward's largest
         # tensor; slices of FFN_ROWS keep it bounded while the GEMMs stay large enough. Each
-        # slice's LayerNorm is written over the rows it read (no second buffer, no copy).
+        # slice's LayerNorm is written over the rows it read (no second buffer).
         for start in range(0, x.shape[0], FFN_ROWS):
-            rows = x[start:start + FFN_ROWS]
-            down = feed_forward(p.up, p.down, rows)
-            ops.add_layernorm(down, rows, p.ffn_norm_weight, p.ffn_norm_bias, c.layer_norm_eps, out=rows)
+            feed_forward(p.up, p.down, x[start:start + FFN_ROWS], p.ffn_norm_weight, p.ffn_norm_bias,
+                         c.layer_norm_eps, ops.add_layernorm)
         return x
 
     def named_weights(self):
