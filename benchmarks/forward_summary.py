@@ -60,7 +60,10 @@ def cpu_targets(results: dict, rss: dict | None) -> dict:
         ours = entry["ours"]
         if "useful_fraction_of_gemm_rate" in ours:
             f = ours["useful_fraction_of_gemm_rate"]
-            targets[f"{wname}_ours_fp32_useful_fraction_of_best_fp32_gemm>={TARGET_GEMM_FRACTION}"] = {
+            # named by the dtype of ours (the run's first --dtype) and of the GEMM rate it is compared with
+            label = {"float32": "fp32", "bfloat16": "bf16"}.get(ours.get("gemm_reference_dtype", "float32"),
+                                                               ours.get("gemm_reference_dtype"))
+            targets[f"{wname}_ours_{label}_useful_fraction_of_best_{label}_gemm>={TARGET_GEMM_FRACTION}"] = {
                 "value": f, "pass": f >= TARGET_GEMM_FRACTION, "contended": ours["contended"]}
         ort = entry.get("onnxruntime")
         if ort is None:
