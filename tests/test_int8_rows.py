@@ -52,17 +52,22 @@ def reference(acc, row_scale, col_scale, bias, gelu):
     return torch.nn.functional.gelu(y) if gelu else y
 
 
+def gemm_sums(g: torch.Generator, rows: int, cols: int, int32: bool):
+    """A GEMM's output as the epilogue gets it: int32 sums with the weight's scale per column, or
+    float32 sums with it applied (col_scale None); and each row's activation scale."""
+    acc = (torch.randint(-2**20, 2**20, (rows, cols), generator=g, dtype=torch.int32) if int32
+           else torch.randn(rows, cols, generator=g) * 50)
+    row_scale = torch.rand(rows, generator=g) * 1e-2
+    return acc, row_scale, torch.rand(cols, generator=g) * 1e-3 if int32 else None
+
+
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("int32", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_epilogue_matches_float64(gelu, int32, with_bias, two_threads):
     g = torch.Generator().manual_seed(0)
-    rows, cols = 67, 333
-    acc = (torch.randint(-2**20, 2**20, (rows, cols), generator=g, dtype=torch.int32) if int32
-           else torch.randn(rows, cols, generator=g) * 50)
-    row_scale = torch.rand(rows, generator=g) * 1e-2
-    col_scale = torch.rand(cols, generator=g) * 1e-3 if int32 else None
-    bias = torch.randn(cols, generator=g) if with_bias else None
+    acc, row_scale, col_scale = gemm_sums(g, 67, 333, int32)
+    bias = torch.randn(333, generator=g) if with_bias else None
     expected = reference(acc, row_scale, col_scale, bias, gelu)
     got = int8_rows.epilogue(acc.clone(), row_scale, col_scale, bias, gelu)
     assert got.dtype == torch.float32
@@ -124,10 +129,7 @@ def test_the_torch_glue_can_be_chosen():
 def test_epilogue_layernorm_matches_float64(int32, two_threads):
     g = torch.Generator().manual_seed(4)
     rows, cols = 45, 200
-    acc = (torch.randint(-2**20, 2**20, (rows, cols), generator=g, dtype=torch.int32) if int32
-           else torch.randn(rows, cols, generator=g) * 50)
-    row_scale = torch.rand(rows, generator=g) * 1e-2
-    col_scale = torch.rand(cols, generator=g) * 1e-3 if int32 else None
+    acc, row_scale, col_scale = gemm_sums(g, rows, cols, int32)
     bias, residual = torch.randn(cols, generator=g), torch.randn(rows, cols, generator=g) * 3
     weight, norm_bias = torch.randn(cols, generator=g), torch.randn(cols, generator=g)
     h = reference(acc, row_scale, col_scale, bias, False) + residual.double()
