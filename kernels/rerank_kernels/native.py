@@ -14,8 +14,9 @@ LIBRARY = "librerank_cpu.so"
 @functools.cache
 def library() -> tuple[ctypes.CDLL | None, str | None]:
     """(the loaded library, None), or (None, why it is missing)."""
-    import rerank_kernels
     import torch  # noqa: F401  (its libgomp.so.1 first, so that the library's soname resolves to it)
+
+    import rerank_kernels
 
     found = [Path(d) / LIBRARY for d in rerank_kernels.__path__ if (Path(d) / LIBRARY).exists()]
     if not found:
