@@ -40,6 +40,7 @@ from benchmarks.measure import MachineLoad, cpu_facts, device_description, git_c
 from benchmarks.workloads import make_workloads
 from rerank_kernels import select_ops
 from rerank_kernels.cpu_memory import keep_freed_memory
+from rerank_kernels.int8_rows import QuantizedRows
 from rerank_kernels.linear_int8 import Int8Linear
 from rerank_server.checkpoint import write_random_checkpoint
 from rerank_server.config import default_max_batch_tokens
@@ -83,8 +84,8 @@ def timed_int8(name: str, linear: Int8Linear, tally: Tally) -> Int8Linear:
         def call(x, *args, **kwargs):
             with torch.profiler.record_function(name):
                 y = method(x, *args, **kwargs)
-            tally.flops[name] += 2.0 * x[0].shape[0] * x[0].shape[1] * linear.out_features if isinstance(
-                x, tuple) else 2.0 * x.shape[0] * x.shape[1] * linear.out_features
+            rows, cols = (x.q if isinstance(x, QuantizedRows) else x).shape
+            tally.flops[name] += 2.0 * rows * cols * linear.out_features
             return y
         return call
     # instance attributes: Int8Linear.__call__ goes through self._run

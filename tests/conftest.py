@@ -31,3 +31,15 @@ def live_server(tiny_checkpoint, tmp_path_factory):
                           "--max-documents", "50", "--max-request-bytes", "200000")
     yield server
     assert server.stop() == 0, server.log()
+
+
+@pytest.fixture
+def two_threads():
+    """torch on two threads for one test (the C kernels split their work over torch's threads),
+    then back to what it was."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

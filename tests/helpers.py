@@ -181,3 +181,11 @@ def assert_pairs_as_transformers(checkpoint: Path, truncation: str, max_lengths:
             assert [list(p) for p in pairs] == expected["input_ids"], max_length
             assert [[int(i >= p.type_start) for i in range(len(p))] for p in pairs] == expected["token_type_ids"]
             assert max(map(len, pairs)) == max_length
+
+
+def assert_engine_batch_invariant(engine, pairs: list) -> None:
+    """Each pair's score is bitwise the same alone and in other batches: the first five alone and
+    pairs 6-9 as a batch of their own, against all of ``pairs`` (at least 10) in one call."""
+    together = engine.forward(pairs)
+    assert [engine.forward([p])[0] for p in pairs[:5]] == together[:5]
+    assert engine.forward(pairs[6:10]) == together[6:10]

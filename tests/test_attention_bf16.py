@@ -22,8 +22,7 @@ def packed(lengths: list[int], heads: int = 4, dim: int = 32, seed: int = 0):
 
 @pytest.mark.parametrize("lengths", [[1], [2, 3], [16, 17, 31, 33], [5, 100, 1, 250, 64], [700]])
 @pytest.mark.parametrize("dim", [16, 64])
-def test_matches_sdpa_to_bfloat16_rounding(lengths, dim):
-    torch.set_num_threads(2)
+def test_matches_sdpa_to_bfloat16_rounding(lengths, dim, two_threads):
     q, k, v, cu = packed(lengths, dim=dim)
     scale = dim ** -0.5
     exact = varlen_attention_torch(q, k, v, cu, cu, max(lengths), max(lengths), scale)
@@ -44,8 +43,7 @@ def test_first_token_queries_against_all_keys():
     assert (ours - exact).abs().max() < 3e-2
 
 
-def test_a_sequence_does_not_depend_on_its_batch():
-    torch.set_num_threads(2)
+def test_a_sequence_does_not_depend_on_its_batch(two_threads):
     lengths = [33, 250, 1, 64, 17, 128]
     q, k, v, cu = packed(lengths, seed=3)
     whole = attention_bf16.varlen_attention_bf16(q, k, v, cu, cu, 250, 250, 0.125)

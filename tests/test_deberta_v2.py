@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_pairs_as_transformers, sentence
+from helpers import assert_engine_batch_invariant, assert_pairs_as_transformers, sentence
 from tokenizers import Tokenizer, models
 
 from rerank_kernels import native_bf16_missing
@@ -122,9 +122,7 @@ def test_batch_invariance_through_the_measured_gemms(tmp_path):
     engine = Engine.load(str(path), "cpu")
     assert any(kind.startswith("deberta_") for kind in engine.model.ops.choices["cpu_gemm"]["by_kind"])
     pairs = engine.tokenizer.encode_pairs(QUERY, documents(10, seed=6, longest=300))
-    together = engine.forward(pairs)
-    assert [engine.forward([p])[0] for p in pairs[:5]] == together[:5]
-    assert engine.forward(pairs[6:10]) == together[6:10]
+    assert_engine_batch_invariant(engine, pairs)
 
 
 def test_bf16_within_three_times_transformers_own_error(tmp_path):

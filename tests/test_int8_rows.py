@@ -17,14 +17,6 @@ from rerank_kernels.linear_int8 import ACTIVATION_OFFSET, IntMmLinear, OneDnnInt
 pytestmark = pytest.mark.skipif(int8_rows.missing() is not None, reason=f"C glue unavailable: {int8_rows.missing()}")
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("cols", [1, 7, 16, 17, 1031])
 def test_quantize_rows_equals_torch(cols, two_threads):
     x = torch.randn(101, cols, generator=torch.Generator().manual_seed(cols)) * 3

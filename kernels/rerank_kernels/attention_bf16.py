@@ -66,6 +66,8 @@ def varlen_attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
     heads, dim = q.shape[1], q.shape[2]
     out = torch.empty(q.shape[0], heads, dim, dtype=torch.float32)
     cu_q, cu_k = cu_seqlens_q.to(torch.int32).contiguous(), cu_seqlens_k.to(torch.int32).contiguous()
+    # the C code sizes its buffers by the longest key sequence: taken from cu_seqlens_k itself, so
+    # that a max_seqlen_k too small could never make it write past them
     sequences, max_len_k = cu_k.shape[0] - 1, int((cu_k[1:] - cu_k[:-1]).max()) if cu_k.shape[0] > 1 else 0
     if _lib.rk_attention_bf16(q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0), heads, dim,
                               cu_q.data_ptr(), cu_k.data_ptr(), sequences, max_len_k, scale, out.data_ptr(),
